@@ -1,0 +1,183 @@
+"""The blocks of CoAtNet (paper, Sec. 2 and eq. 4-5): stem, MBConv, Transformer, and their stages.
+
+Every block is pre-norm, x <- x + f(norm(x)). The first block of a stage may halve the resolution; its
+shortcut is then Proj(Pool(x)) and its residual branch sees the strided input.
+MBConv stages work on (B, C, H, W); Transformer stages on channels-last (B, H, W, C) views of the same
+memory, so moving between them costs no copy.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import DropPath, RelativeAttention2d, SqueezeExcite
+from .config import MBConvConfig, TransformerConfig
+
+
+def pool2x2(x: torch.Tensor, pool_type: str) -> torch.Tensor:
+    """2x2 pooling with stride 2 of a (B, C, H, W) map."""
+    return F.max_pool2d(x, 2) if pool_type == "max" else F.avg_pool2d(x, 2)
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C), a view
+
+
+def to_channels_first(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W), a view
+
+
+class BatchNormChannelsLast(nn.BatchNorm2d):
+    """BatchNorm over the last axis of (B, H, W, C): the paper's BatchNorm-in-Transformer ablation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return to_channels_last(super().forward(to_channels_first(x)))
+
+
+class Stem(nn.Module):
+    """S0: `depth` 3x3 convolutions, the first strided; BatchNorm + GELU between them."""
+
+    def __init__(self, in_chans: int, width: int, depth: int, stride: int, norm_eps: float = 1e-5):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            # No conv bias: the next block's pre-norm BatchNorm would cancel it.
+            layers.append(nn.Conv2d(in_chans if i == 0 else width, width, 3, stride if i == 0 else 1, 1,
+                                    bias=False))
+            if i < depth - 1:
+                layers += [nn.BatchNorm2d(width, eps=norm_eps), nn.GELU()]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class PatchStem(nn.Module):
+    """ViT-Rel's stem: non-overlapping patch_size x patch_size patches, linearly embedded."""
+
+    def __init__(self, in_chans: int, width: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, width, patch_size, patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class MBConvBlock(nn.Module):
+    """Pre-norm inverted bottleneck: 1x1 expand, depthwise kxk, squeeze-excite, 1x1 project (eq. 5).
+
+    (B, C_in, H, W) -> (B, C_out, H/stride, W/stride).
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, cfg: MBConvConfig, pool_type: str,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.stride, self.pool_type = stride, pool_type
+        self.shortcut = nn.Conv2d(in_chs, out_chs, 1) if (stride > 1 or in_chs != out_chs) else None
+        hidden = int(round((in_chs if cfg.expand_from == "input" else out_chs) * cfg.expand_ratio))
+        conv_stride, dw_stride = (stride, 1) if cfg.downsample == "conv1x1" else (1, stride)
+        self.pre_norm = nn.BatchNorm2d(in_chs, eps=cfg.norm_eps)
+        self.conv1 = nn.Conv2d(in_chs, hidden, 1, conv_stride, bias=False)
+        self.norm1 = nn.BatchNorm2d(hidden, eps=cfg.norm_eps)
+        self.conv2 = nn.Conv2d(hidden, hidden, cfg.kernel_size, dw_stride, cfg.kernel_size // 2, groups=hidden,
+                               bias=False)
+        self.norm2 = nn.BatchNorm2d(hidden, eps=cfg.norm_eps)
+        self.act = nn.GELU()
+        se_width = int(round((in_chs if cfg.se_from == "input" else hidden) * cfg.se_ratio))
+        self.se = SqueezeExcite(hidden, se_width) if se_width > 0 else nn.Identity()
+        self.conv3 = nn.Conv2d(hidden, out_chs, 1)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        if self.stride > 1:
+            shortcut = pool2x2(shortcut, self.pool_type)
+        if self.shortcut is not None:
+            shortcut = self.shortcut(shortcut)
+        x = self.act(self.norm1(self.conv1(self.pre_norm(x))))
+        x = self.act(self.norm2(self.conv2(x)))
+        x = self.conv3(self.se(x))
+        return shortcut + self.drop_path(x)
+
+
+class Mlp(nn.Module):
+    """The Transformer's feed-forward network on channels-last input."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def make_norm(kind: str, width: int, eps: float) -> nn.Module:
+    return nn.LayerNorm(width, eps=eps) if kind == "layernorm" else BatchNormChannelsLast(width, eps=eps)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm relative-attention block with FFN (eq. 4), on channels-last (B, H, W, C) maps.
+
+    Downsampling (stride 2): x <- Proj(Pool(x)) + Attention(Pool(Norm(x))). `feature_size` is the output
+    map's (H, W): it sizes the relative-position table.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, cfg: TransformerConfig, pool_type: str,
+                 feature_size: tuple[int, int], drop_path: float = 0.0):
+        super().__init__()
+        self.stride, self.pool_type = stride, pool_type
+        self.shortcut = nn.Linear(in_chs, out_chs) if (stride > 1 or in_chs != out_chs) else None
+        self.norm1 = make_norm(cfg.norm, in_chs, cfg.norm_eps)
+        self.attn = RelativeAttention2d(in_chs, out_chs, cfg.head_dim, feature_size, cfg.attention_bias)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = make_norm(cfg.norm, out_chs, cfg.norm_eps)
+        self.mlp = Mlp(out_chs, int(round(out_chs * cfg.mlp_ratio)))
+        self.drop_path2 = DropPath(drop_path)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return to_channels_last(pool2x2(to_channels_first(x), self.pool_type)) if self.stride > 1 else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self._pool(x)
+        if self.shortcut is not None:
+            shortcut = self.shortcut(shortcut)
+        x = shortcut + self.drop_path1(self.attn(self._pool(self.norm1(x))))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class Stage(nn.Module):
+    """A run of blocks of one type. Takes and returns (B, C, H, W); Transformer stages work on a
+    channels-last view inside."""
+
+    def __init__(self, blocks: list[nn.Module], channels_last: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.channels_last = channels_last
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = to_channels_last(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return to_channels_first(x) if self.channels_last else x
+
+
+def drop_path_rates(total_blocks: int, max_rate: float) -> list[float]:
+    """Stochastic depth rising linearly from 0 at the first block to max_rate at the last."""
+    if total_blocks <= 1:
+        return [max_rate] * total_blocks
+    return [max_rate * i / (total_blocks - 1) for i in range(total_blocks)]
+
+
+def feature_size(image_size: tuple[int, int], reduction: int) -> tuple[int, int]:
+    return (math.ceil(image_size[0] / reduction), math.ceil(image_size[1] / reduction))

@@ -1,0 +1,134 @@
+"""The CoAtNet network (paper, Sec. 3, Fig. 4): stem, four stages, final norm, pooled linear head."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers import RelativeAttention2d
+from .blocks import (BatchNormChannelsLast, MBConvBlock, PatchStem, Stage, Stem, TransformerBlock,
+                     drop_path_rates, feature_size, make_norm, to_channels_first, to_channels_last)
+from .config import CoAtNetConfig, check_image_size
+
+
+class CoAtNet(nn.Module):
+    """CoAtNet classifier. Input (B, in_chans, H, W) with H and W multiples of `config.reduction`
+    (32 for CoAtNet layouts); output logits (B, num_classes), or pooled features when num_classes=0."""
+
+    def __init__(self, config: CoAtNetConfig):
+        super().__init__()
+        self.config = config.validate()
+        cfg = config
+        self.in_chans, self.num_classes = cfg.in_chans, cfg.num_classes
+        specs = cfg.stage_specs()
+        if cfg.is_vit:
+            self.stem = PatchStem(cfg.in_chans, specs[0].width, cfg.patch_size)
+            in_chs = specs[0].width
+        else:
+            self.stem = Stem(cfg.in_chans, cfg.widths[0], cfg.depths[0], cfg.stem_stride, cfg.mbconv.norm_eps)
+            in_chs = cfg.widths[0]
+        rates = iter(drop_path_rates(sum(s.depth for s in specs), cfg.drop_path_rate))
+        stages = []
+        for spec in specs:
+            blocks = []
+            size = feature_size(cfg.image_size, spec.reduction)
+            for i in range(spec.depth):
+                stride = spec.stride if i == 0 else 1
+                if spec.block == "C":
+                    blocks.append(MBConvBlock(in_chs, spec.width, stride, cfg.mbconv, cfg.pool_type, next(rates)))
+                else:
+                    blocks.append(TransformerBlock(in_chs, spec.width, stride, cfg.transformer, cfg.pool_type,
+                                                   size, next(rates)))
+                in_chs = spec.width
+            stages.append(Stage(blocks, channels_last=spec.block == "T"))
+        self.stages = nn.ModuleList(stages)
+        self.stage_reductions = [s.reduction for s in specs]
+        self.num_features = in_chs
+        # NOTE: the paper does not name a final norm; pre-norm residual streams are never normalised
+        # otherwise, so (like ViT and timm) one norm of the last block's type precedes pooling.
+        last = specs[-1].block
+        self.norm = (make_norm(cfg.transformer.norm, in_chs, cfg.transformer.norm_eps) if last == "T"
+                     else BatchNormChannelsLast(in_chs, eps=cfg.mbconv.norm_eps))
+        self.head = nn.Linear(in_chs, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+
+    # -- input checks ------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"expected a (B, C, H, W) image batch, got a tensor of shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} "
+                             f"(build the model with in_chans={x.shape[1]} to accept them)")
+        check_image_size(tuple(x.shape[-2:]), self.config.reduction)
+
+    # -- the standard surface ----------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> normalised last feature map (B, num_features, H/32, W/32)."""
+        self._check_input(x)
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return to_channels_first(self.norm(to_channels_last(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, C, h, w) feature map -> global average pool -> (B, C) or logits (B, num_classes)."""
+        x = x.mean((2, 3))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps (B, C, H/r, W/r) after the stem and after each stage, r = 2, 4, 8, 16, 32 for the
+        CoAtNet layouts (a split stage reports once, after its Transformer part); the last is normalised."""
+        self._check_input(x)
+        x = self.stem(x)
+        maps = [] if self.config.is_vit else [x]
+        reductions = self.stage_reductions
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i + 1 == len(self.stages):
+                x = to_channels_first(self.norm(to_channels_last(x)))
+            if i + 1 == len(self.stages) or reductions[i + 1] != reductions[i]:
+                maps.append(x)
+        return maps
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.config = self.config.replace(num_classes=num_classes)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            _init_weights(self.head)
+            self.head.to(self.norm.weight.device)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters to exclude from weight decay: bias tables, norm weights, all biases."""
+        return {name for name, p in self.named_parameters()
+                if p.ndim <= 1 or name.endswith("relative_bias_table")}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """Resize every relative-position table (bilinearly) to the maps of a new input size."""
+        cfg = self.config.replace(img_size=img_size)
+        check_image_size(cfg.image_size, cfg.reduction, what="img_size")
+        self.config = cfg
+        for stage, reduction in zip(self.stages, self.stage_reductions):
+            for m in stage.modules():
+                if isinstance(m, RelativeAttention2d):
+                    m.set_feature_size(feature_size(cfg.image_size, reduction))
+
+    def summary(self) -> dict[str, Any]:
+        return {"params": sum(p.numel() for p in self.parameters()), "layout": self.config.layout,
+                "img_size": self.config.image_size, "num_classes": self.num_classes}
+
+
+def _init_weights(m: nn.Module) -> None:
+    # Truncated-normal linears as in ViT; convolutions keep PyTorch's fan-in default.
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,79 @@
+"""Named variants and the model registry.
+
+Each paper variant is one row of Table 3 of the paper (arXiv 2106.04803v2): depths and widths of
+S0..S4 and the attention head size. Parameter and multiply-add counts are held to the paper's by tests.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .coatnet import CoAtNet
+from .config import CoAtNetConfig, TransformerConfig
+
+_REGISTRY: dict[str, Callable[[], CoAtNetConfig]] = {}
+_DOCS: dict[str, str] = {}
+
+
+def register(name: str, doc: str = "") -> Callable:
+    def wrap(fn: Callable[[], CoAtNetConfig]) -> Callable[[], CoAtNetConfig]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        _DOCS[name] = doc
+        return fn
+    return wrap
+
+
+def _paper(depths, widths, head_dim, layout="C-C-T-T") -> Callable[[], CoAtNetConfig]:
+    return lambda: CoAtNetConfig(depths=depths, widths=widths, layout=layout,
+                                 transformer=TransformerConfig(head_dim=head_dim))
+
+
+# name: (depths S0..S4, widths S0..S4, head_dim, layout)        paper Table 3
+PAPER_VARIANTS: dict[str, tuple] = {
+    "coatnet_0": ((2, 2, 3, 5, 2), (64, 96, 192, 384, 768), 32, "C-C-T-T"),
+    "coatnet_1": ((2, 2, 6, 14, 2), (64, 96, 192, 384, 768), 32, "C-C-T-T"),
+    "coatnet_2": ((2, 2, 6, 14, 2), (128, 128, 256, 512, 1024), 32, "C-C-T-T"),
+    "coatnet_3": ((2, 2, 6, 14, 2), (192, 192, 384, 768, 1536), 32, "C-C-T-T"),
+    "coatnet_4": ((2, 2, 12, 28, 2), (192, 192, 384, 768, 1536), 32, "C-C-T-T"),
+    "coatnet_5": ((2, 2, 12, 28, 2), (192, 256, 512, 1280, 2048), 64, "C-C-T-T"),
+    # S3 split: 8 MBConv blocks at stride 2, then 42 Transformer blocks at stride 1 and double width.
+    "coatnet_6": ((2, 2, 4, (8, 42), 2), (192, 192, 384, (768, 1536), 2048), 128, "C-C-CT-T"),
+    "coatnet_7": ((2, 2, 4, (8, 42), 2), (192, 256, 512, (1024, 2048), 3072), 128, "C-C-CT-T"),
+}
+for _name, (_d, _w, _h, _l) in PAPER_VARIANTS.items():
+    register(_name, f"paper Table 3: depths {_d}, widths {_w}, head_dim {_h}")(_paper(_d, _w, _h, _l))
+
+
+@register("coatnet_pico", "small preset for 32-64 px images and CPUs (5.3M parameters, 0.83 GMACs at 224)")
+def coatnet_pico() -> CoAtNetConfig:
+    # Half of CoAtNet-0's widths and fewer blocks; NOTE: not a paper variant.
+    return CoAtNetConfig(depths=(2, 2, 2, 3, 2), widths=(32, 48, 96, 192, 384), layout="C-C-T-T",
+                         transformer=TransformerConfig(head_dim=32), img_size=64)
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def describe_model(name: str) -> str:
+    return _DOCS.get(name, "")
+
+
+def get_config(name: str, **overrides: Any) -> CoAtNetConfig:
+    """The named variant's config with overrides applied (None overrides ignored), validated."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _REGISTRY[name]().replace(**overrides).validate()
+
+
+def create_model(name: str, pretrained: str | None = None, **overrides: Any) -> CoAtNet:
+    """Build a registered variant. `overrides` replace config fields (flat or dotted names; None is
+    ignored); `pretrained` is a weights file to load."""
+    model = CoAtNet(get_config(name, **overrides))
+    if pretrained is not None:
+        from .weights import load_pretrained
+
+        load_pretrained(model, pretrained)
+    return model

@@ -1,0 +1,74 @@
+"""Loading and saving model weights as safetensors (never pickle)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write the model's state dict to `path` atomically (temporary file, fsync, rename)."""
+    from ..utils import atomic_write
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_write(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, or from a .pth/.bin read with torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for malformed headers
+            raise ValueError(f"{path} is not a valid safetensors file ({e})") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} could not be read as plain tensors (refusing to unpickle code): "
+                         f"{str(e).splitlines()[0]}") from None
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, strict_head: bool = False) -> None:
+    """Load weights into `model`. Relative-position tables of another size are resized. A classifier
+    whose class count differs is dropped with a message (unless strict_head). Any other missing or
+    unexpected key is an error: a load never silently leaves weights at their initial values."""
+    state = read_state_dict(path)
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    own = model.state_dict()
+    head_keys = [k for k in own if k.startswith("head.")]
+    mismatched_head = [k for k in head_keys if k in state and state[k].shape != own[k].shape]
+    if mismatched_head:
+        if strict_head:
+            raise ValueError(f"{path}: classifier shape {tuple(state[mismatched_head[0]].shape)} does not "
+                             f"match the model's {tuple(own[mismatched_head[0]].shape)}")
+        print(f"note: {path}: classifier for {state[mismatched_head[0]].shape[0]} classes dropped; "
+              f"the model keeps its new head for {model.num_classes} classes")
+        for k in head_keys:
+            state.pop(k, None)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise ValueError(f"{path} does not fit this architecture: {detail[0] if detail else e}") from None
+    missing = [k for k in missing if not (mismatched_head and k in head_keys)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise ValueError(f"{path} does not fit this architecture: {'; '.join(parts)} keys")
