@@ -103,7 +103,7 @@ def train(cfg: TrainConfig) -> dict:
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-    micro = max(1, -(-(cfg.micro_batch_size or cfg.batch_size) // 1))
+    micro = cfg.micro_batch_size or cfg.batch_size  # per-process images per forward/backward
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "sums": [0.0, 0.0, 0.0, 0.0],
                 "best_val_top1": None, "best_epoch": None, "skipped_images": [], "nonfinite_steps": []}
     records: list[dict] = []
