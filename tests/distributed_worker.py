@@ -30,9 +30,11 @@ def tiny_model() -> CoAtNet:
 
 
 def global_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`steps` global batches of GLOBAL_BATCH images, the last of 2 (like an epoch's remainder): with 2 ranks
+    it leaves rank 1 without samples for that step."""
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g), torch.randint(0, 5, (GLOBAL_BATCH,), generator=g))
-            for _ in range(steps)]
+    sizes = [GLOBAL_BATCH] * (steps - 1) + [2]
+    return [(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 5, (n,), generator=g)) for n in sizes]
 
 
 def train_steps(model: torch.nn.Module, steps: int, env: D.DistributedEnv) -> list[float]:
@@ -41,11 +43,11 @@ def train_steps(model: torch.nn.Module, steps: int, env: D.DistributedEnv) -> li
     losses = []
     for x, y in global_batches(steps):
         sl = D.rank_slice(len(x), env.rank, env.world_size)
-        loss = torch.nn.functional.cross_entropy(model(x[sl]), y[sl])
+        loss_sum = torch.nn.functional.cross_entropy(model(x[sl]), y[sl], reduction="sum")
         opt.zero_grad(set_to_none=True)
-        (loss * D.loss_scale(len(x[sl]), len(x), env.world_size)).backward()
+        (loss_sum * (env.world_size / len(x))).backward()  # = mean over the slice * loss_scale(...)
         opt.step()
-        sums = D.all_reduce_sums({"loss": loss.item() * len(x[sl]), "n": len(x[sl])})
+        sums = D.all_reduce_sums({"loss": loss_sum.item(), "n": len(x[sl])})
         losses.append(sums["loss"] / sums["n"])
     return losses, opt
 
@@ -58,12 +60,13 @@ def _save(path: Path, state: dict[str, torch.Tensor]) -> None:
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
-    env = D.init_distributed("cpu")
+    env = D.init_distributed()
     results: dict = {"world_size": env.world_size, "backend": env.backend}
 
     # Collectives and the batch slicer.
     sums = D.all_reduce_sums({"rank": env.rank, "one": 1.0})
     results["sum_of_ranks"], results["count"] = sums["rank"], sums["one"]
+    results["list_sums"] = D.all_reduce_sums([1.0, env.rank + 0.5])
     results["broadcast"] = D.broadcast_object(f"from-{env.rank}")
     sl = D.rank_slice(GLOBAL_BATCH, env.rank, env.world_size)
     gathered = [None] * env.world_size
@@ -99,18 +102,18 @@ def main(out: Path) -> None:
         results[f"syncbn_{layout}_dweight_sum"] = [dw[f"dw{i}"] for i in range(4)]
 
     # DDP with synchronized BatchNorm.
-    model = D.wrap_ddp(D.convert_sync_batchnorm(tiny_model()), env)
-    results["ddp_losses"], _ = train_steps(model, 3, env)
+    model = D.wrap_model(tiny_model())
+    results["ddp_losses"], _ = train_steps(model, 4, env)
     state = D.full_model_state(model)
     if env.is_main:
         _save(out / "ddp.safetensors", state)
 
     # FSDP2 with activation checkpointing, then gather the full model and optimizer states.
-    model = D.apply_fsdp(D.convert_sync_batchnorm(tiny_model()), env, grad_checkpointing=True)
+    model = D.apply_fsdp(D.convert_sync_batchnorm(tiny_model()), grad_checkpointing=True)
     results["fsdp_sharded"] = D.is_sharded(model)
     local = sum(p.to_local().numel() for p in model.parameters())
     results["fsdp_local_params"] = D.all_reduce_sums({"n": local})["n"] / env.world_size
-    results["fsdp_losses"], opt = train_steps(model, 3, env)
+    results["fsdp_losses"], opt = train_steps(model, 4, env)
     state = D.full_model_state(model)
     optim_state = D.full_optimizer_state(model, opt)
     if env.is_main:
@@ -121,7 +124,7 @@ def main(out: Path) -> None:
     # holds): one more step must equal continuing the original.
     full = D.broadcast_object({k: v for k, v in state.items()} if env.is_main else None)
     full_opt = D.broadcast_object(optim_state if env.is_main else None)
-    resumed = D.apply_fsdp(D.convert_sync_batchnorm(tiny_model()), env, grad_checkpointing=False)
+    resumed = D.apply_fsdp(D.convert_sync_batchnorm(tiny_model()), grad_checkpointing=False)
     opt2 = torch.optim.AdamW(resumed.parameters(), lr=1e-2, weight_decay=0.05)
     D.load_full_state(resumed, full, opt2, full_opt)
     results["resumed_equal"] = all(torch.equal(a, b) for a, b in

@@ -114,7 +114,9 @@ class RelativeAttention2d(nn.Module):
             self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         )  # each (B, heads, N, head_dim)
         bias = None if self.bias_mode == "none" else self.bias((H, W)).to(q.dtype)  # (heads, N, N)
-        if reference or self.bias_mode == "relative_post":
+        # An empty batch (a process left without samples in an epoch's last step) takes the reference path:
+        # fused attention gives the bias table no gradient then, and data-parallel ranks must all reduce it.
+        if reference or self.bias_mode == "relative_post" or B == 0:
             attn = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, heads, N, N)
             if self.bias_mode == "relative":
                 attn = attn + bias

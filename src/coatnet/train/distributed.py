@@ -14,10 +14,11 @@ What remains is floating-point reordering of sums (relative differences ~1e-6 pe
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ class DistributedEnv:
     rank: int = 0  # index of this process among all processes (0 writes files and prints)
     world_size: int = 1  # number of processes in the run
     local_rank: int = 0  # index of this process on its machine: picks its GPU
-    backend: str = ""  # "gloo" (CPU), "nccl" (GPU), or "" for a single process without a process group
+    backend: str = ""  # "gloo" (CPU only), "cpu:gloo,cuda:nccl" (GPUs), "" (one process, no process group)
 
     @property
     def is_distributed(self) -> bool:
@@ -42,10 +43,6 @@ class DistributedEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    def device(self, device_type: str) -> torch.device:
-        """The device this process trains on: GPU `local_rank` for "cuda", else the device type as given."""
-        return torch.device("cuda", self.local_rank) if device_type == "cuda" else torch.device(device_type)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -58,9 +55,11 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
 
 
-def init_distributed(device_type: str = "cpu", timeout_s: float = 1800.0) -> DistributedEnv:
-    """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on GPU) and return
-    this process's place in it. A single process (WORLD_SIZE unset or 1) creates no group."""
+def init_distributed(timeout_s: float = 1800.0) -> DistributedEnv:
+    """Join the process group torchrun describes in the environment and return this process's place in it.
+    A single process (WORLD_SIZE unset or 1) creates no group. Collectives on CPU tensors go through gloo and
+    on CUDA tensors through NCCL, so the device stays the runtime's decision; each process's default GPU is
+    the one numbered LOCAL_RANK."""
     if dist.is_available() and dist.is_initialized():
         return current_env()
     world_size = _env_int("WORLD_SIZE", 1)
@@ -71,16 +70,22 @@ def init_distributed(device_type: str = "cpu", timeout_s: float = 1800.0) -> Dis
         raise RuntimeError("this PyTorch build has no torch.distributed; cannot train with several processes")
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} is outside 0..WORLD_SIZE-1={world_size - 1}")
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if device_type == "cuda":
+    backend = "gloo"
+    if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s); "
                              f"use --nproc-per-node {torch.cuda.device_count()} or fewer")
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
-    else:
-        dist.init_process_group("gloo", timeout=timeout)
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    atexit.register(destroy_distributed)
     return current_env()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process, joining torchrun's process group on first use."""
+    env = init_distributed()
+    return env.rank, env.world_size
 
 
 def current_env() -> DistributedEnv:
@@ -101,14 +106,14 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def is_main_process() -> bool:
+def is_main() -> bool:
     """True on rank 0, and in a single process: the one process that writes files and prints."""
     return not _active() or dist.get_rank() == 0
 
 
 def print_main(*args: Any, **kwargs: Any) -> None:
     """print() on rank 0 only."""
-    if is_main_process():
+    if is_main():
         print(*args, **kwargs)
 
 
@@ -127,43 +132,48 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def _collective_device() -> torch.device:
-    # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
-    """Sum each value over all ranks (in float64, so counts stay exact). Metrics are reduced as sums
-    (loss x samples, correct predictions, samples) and divided afterwards, never averaged as ratios."""
-    if not _active() or not values:
-        return {k: float(v) for k, v in values.items()}
-    keys = list(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, t.cpu().tolist()))
+def all_reduce_sums(values: list[float] | dict[str, float]) -> list[float] | dict[str, float]:
+    """Sum each value over all ranks (in float64 on CPU, so counts stay exact); a list or a dict of floats
+    in, the same out. Metrics are reduced as sums (loss x samples, correct predictions, samples) and divided
+    afterwards, never averaged as ratios."""
+    keys = list(values) if isinstance(values, dict) else None
+    flat = [float(values[k]) for k in keys] if keys is not None else [float(v) for v in values]
+    if _active() and flat:
+        t = torch.tensor(flat, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        flat = t.tolist()
+    return dict(zip(keys, flat)) if keys is not None else flat
 
 
 def all_reduce_max(value: float) -> float:
     """The largest of one number over all ranks (e.g. peak memory)."""
     if not _active():
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    t = torch.tensor([float(value)], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
 
 # -- the rank's slice of each global batch ------------------------------------------------------------------
 def rank_slice(global_size: int, rank: int, world_size: int) -> slice:
-    """Contiguous slice of a global batch of `global_size` samples that rank `rank` trains on. Sizes differ
-    by at most one (the first ranks take the remainder); together the slices cover the batch in order."""
+    """Contiguous slice of a global batch of `global_size` samples that rank `rank` trains on.
+
+    Slices start at even offsets, because Mixup/CutMix pair neighbours (0, 1), (2, 3), ... of a batch; the
+    pairs are spread as evenly as possible, so sizes differ by at most two. Together the slices cover the
+    batch in order. A rank's slice is empty when the batch has fewer than 2 * world_size - 1 samples (the last
+    batch of an epoch may): that rank still runs the step on zero samples, so the collectives match."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-    if global_size < world_size:
-        raise ValueError(f"a global batch of {global_size} sample(s) cannot be split over {world_size} "
-                         f"processes; use a batch size of at least {world_size}")
-    base, extra = divmod(global_size, world_size)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (1 if rank < extra else 0))
+    pairs = (global_size + 1) // 2  # the last "pair" is a single sample when global_size is odd
+    base, extra = divmod(pairs, world_size)
+    first = rank * base + min(rank, extra)
+    last = first + base + (1 if rank < extra else 0)
+    return slice(min(2 * first, global_size), min(2 * last, global_size))
+
+
+def shard(global_batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s part of a global batch of sample indices (see `rank_slice`)."""
+    return global_batch[rank_slice(len(global_batch), rank, world)]
 
 
 def loss_scale(local_size: int, global_size: int, world_size: int) -> float:
@@ -171,21 +181,6 @@ def loss_scale(local_size: int, global_size: int, world_size: int) -> float:
     gradient averaging in DDP/FSDP computes) equals the mean loss over the global batch:
     mean_r(scale_r * mean_r) = sum_r(local_r * mean_r) / global_size."""
     return world_size * local_size / global_size
-
-
-class RankSliceBatchSampler:
-    """Wraps a sampler of global batches (lists of sample indices) and yields this rank's slice of each.
-    Every rank must wrap the same global sampler (same seed) so that the slices tile each batch."""
-
-    def __init__(self, global_batches: Iterable[Sequence[int]], rank: int, world_size: int):
-        self.global_batches, self.rank, self.world_size = global_batches, rank, world_size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.global_batches:
-            yield list(batch[rank_slice(len(batch), self.rank, self.world_size)])
-
-    def __len__(self) -> int:
-        return len(self.global_batches)  # type: ignore[arg-type]
 
 
 # -- synchronized BatchNorm ----------------------------------------------------------------------------------
@@ -204,7 +199,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         shape = [1, -1] + [1] * (x.ndim - 2)
         xf = x.float()
         count = torch.full((x.shape[1],), x.numel() // x.shape[1], dtype=torch.float32, device=x.device)
-        var_local, mean_local = torch.var_mean(xf, dim=dims, correction=0)
+        if x.numel() > 0:
+            var_local, mean_local = torch.var_mean(xf, dim=dims, correction=0)
+        else:  # a rank with no samples this step contributes nothing (not NaN)
+            var_local = mean_local = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
         stats = torch.stack([count, mean_local, var_local * count])  # (3, C)
         world = dist.get_world_size(group)
         gathered = [torch.empty_like(stats) for _ in range(world)]
@@ -290,18 +288,18 @@ class SyncBatchNormChannelsLast(SyncBatchNorm):
 
 
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d of `model` (in place) by a SyncBatchNorm of the same layout, keeping its
-    parameters, statistics and state-dict keys. LayerNorm (the Transformer blocks) needs no synchronization."""
+    """Replace every BatchNorm2d of `model` (in place) by a SyncBatchNorm of the same layout. The new layers
+    hold the very same Parameter and buffer objects, so an optimizer built before the conversion still
+    updates them, and state-dict keys do not change. LayerNorm (the Transformer blocks) needs no
+    synchronization."""
     from ..models.blocks import BatchNormChannelsLast
 
     for name, child in list(model.named_children()):
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SyncBatchNorm):
             cls = SyncBatchNormChannelsLast if isinstance(child, BatchNormChannelsLast) else SyncBatchNorm
-            new = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            like = child.weight if child.affine else child.running_mean
-            if like is not None:
-                new.to(device=like.device, dtype=like.dtype)
-            new.load_state_dict(child.state_dict())
+            new = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
+                      device="meta")
+            new._parameters, new._buffers = child._parameters, child._buffers
             new.train(child.training)
             setattr(model, name, new)
         else:
@@ -319,9 +317,10 @@ def broadcast_module_state(model: nn.Module, src: int = 0) -> None:
             dist.broadcast(t.data, src=src)
 
 
-def wrap_ddp(model: nn.Module, env: DistributedEnv) -> nn.Module:
-    """DistributedDataParallel around `model` (already on its device); the model itself in one process."""
-    if not env.is_distributed:
+def wrap_ddp(model: nn.Module) -> nn.Module:
+    """DistributedDataParallel around `model` (already on its device); the model itself in one process.
+    DDP copies rank 0's weights to every rank when it is built and averages gradients in backward."""
+    if not _active():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -329,7 +328,17 @@ def wrap_ddp(model: nn.Module, env: DistributedEnv) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def apply_fsdp(model: nn.Module, env: DistributedEnv, grad_checkpointing: bool = True,
+def wrap_model(model: nn.Module, sync_batchnorm: bool = True) -> nn.Module:
+    """The module to train with: in one process `model` itself; across processes DDP around it, with its
+    BatchNorms synchronized (in place, keeping its parameters) unless `sync_batchnorm` is False."""
+    if not _active():
+        return model
+    if sync_batchnorm:
+        convert_sync_batchnorm(model)
+    return wrap_ddp(model)
+
+
+def apply_fsdp(model: nn.Module, grad_checkpointing: bool = True,
                param_dtype: torch.dtype | None = None) -> nn.Module:
     """Shard `model` (a CoAtNet, already on its device) with FSDP2 `fully_shard`: one unit per block, so
     only one block's full weights exist at a time, and the root unit for stem, final norm and head.
