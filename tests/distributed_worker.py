@@ -39,7 +39,9 @@ def global_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def train_steps(model: torch.nn.Module, steps: int, env: D.DistributedEnv) -> list[float]:
     """AdamW steps on this rank's slice of each global batch; returns the global mean loss of each step."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    from coatnet.train.optim import param_groups
+
+    opt = torch.optim.AdamW(param_groups(D.unwrap(model), 0.05), lr=1e-2)
     losses = []
     for x, y in global_batches(steps):
         sl = D.rank_slice(len(x), env.rank, env.world_size)
@@ -125,7 +127,9 @@ def main(out: Path) -> None:
     full = D.broadcast_object({k: v for k, v in state.items()} if env.is_main else None)
     full_opt = D.broadcast_object(optim_state if env.is_main else None)
     resumed = D.apply_fsdp(D.convert_sync_batchnorm(tiny_model()), grad_checkpointing=False)
-    opt2 = torch.optim.AdamW(resumed.parameters(), lr=1e-2, weight_decay=0.05)
+    from coatnet.train.optim import param_groups
+
+    opt2 = torch.optim.AdamW(param_groups(resumed, 0.05), lr=1e-2)
     D.load_full_state(resumed, full, opt2, full_opt)
     results["resumed_equal"] = all(torch.equal(a, b) for a, b in
                                    zip(D.full_model_state(resumed).values(), state.values()))

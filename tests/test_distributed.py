@@ -38,16 +38,12 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> su
     return proc
 
 
-def weights_rel_err(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
-    """|got - ref| / |ref| over all floating-point tensors of a state dict taken as one vector.
-
-    Not per tensor: some parameters have a gradient that is zero in exact arithmetic (an MBConv block's pre-norm
-    bias, which the bias-free 1x1 convolution and BatchNorm after it cancel; the attention key bias, to which
-    softmax is invariant). AdamW divides their roundoff-sized gradients by their own magnitude, so they move by
-    up to lr per step in a direction set by summation order, in one process as in two."""
-    keys = [k for k in ref if ref[k].is_floating_point()]
-    diff = torch.cat([(got[k].double() - ref[k].double()).flatten() for k in keys])
-    return float(diff.norm() / torch.cat([ref[k].double().flatten() for k in keys]).norm())
+def worst_rel_err(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """Largest |got - ref| / |ref| over the floating-point tensors of a state dict, and its key."""
+    errs = {k: float((got[k].double() - ref[k].double()).norm() / ref[k].double().norm().clamp_min(1e-12))
+            for k in ref if ref[k].is_floating_point()}
+    key = max(errs, key=errs.get)
+    return errs[key], key
 
 
 # -- one process ---------------------------------------------------------------------------------------------
@@ -161,8 +157,8 @@ def test_two_processes_reproduce_one_process_with_the_same_global_batch(two_proc
     got = load_file(str(out / f"{mode}.safetensors"))
     assert got.keys() == state.keys()
     assert r[f"{mode}_losses"] == pytest.approx(losses, rel=1e-5)
-    err = weights_rel_err(got, state)
-    assert err < 1e-3, f"relative weight difference {err:.2e}"
+    err, key = worst_rel_err(got, state)
+    assert err < 1e-4, f"relative difference {err:.2e} in {key}"
 
 
 @pytest.mark.slow
@@ -173,7 +169,8 @@ def test_fsdp_shards_parameters_and_gathers_whole_states(two_process_run, one_pr
     assert r["fsdp_sharded"] is True
     # each rank holds about half of every parameter (dim-0 shards, padded when odd)
     assert n_params / 2 <= r["fsdp_local_params"] < n_params / 2 + 500
-    assert r["fsdp_optim_exp_avg_numel"] == n_params
+    redundant = _worker_module().tiny_model().redundant_parameters()  # not optimized: see CoAtNet
+    assert r["fsdp_optim_exp_avg_numel"] == n_params - sum(state[k].numel() for k in redundant)
     assert r["resumed_equal"] is True
 
 

@@ -146,18 +146,23 @@ def build_config(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     from ..train import train
+    from ..train.distributed import broadcast_object, init_distributed, is_main
     from ..train.recipes import describe_recipe, list_recipes
 
     if args.list_recipes:
         for name in list_recipes():
             print(f"{name}: {describe_recipe(name)}")
         return 0
+    # Under torchrun every process runs this; the run folder named by rank 0's clock is everyone's.
+    init_distributed()
     cfg = build_config(args).validate()
-    if not cfg.quiet:
+    cfg = cfg.replace(out=broadcast_object(cfg.out))
+    if not cfg.quiet and is_main():
         print(f"run folder: {cfg.out}  (model {cfg.model}, data {cfg.data}, {cfg.epochs} epochs, "
               f"batch {cfg.batch_size}, recipe {cfg.recipe or '-'})", flush=True)
     result = train(cfg)
-    print(json.dumps(result))
+    if is_main():
+        print(json.dumps(result))
     return 0
 
 

@@ -107,6 +107,14 @@ class CoAtNet(nn.Module):
         return {name for name, p in self.named_parameters()
                 if p.ndim <= 1 or name.endswith("relative_bias_table")}
 
+    def redundant_parameters(self) -> set[str]:
+        """Names of parameters whose gradient is zero in exact arithmetic, for optimizers to leave alone: the
+        bias of an MBConv block's pre-norm BatchNorm, which the bias-free 1x1 convolution and the BatchNorm
+        after it cancel. AdamW would turn the roundoff in their gradients into lr-sized steps."""
+        return {name for name, _ in self.named_parameters()
+                if ".blocks." in name and name.endswith("pre_norm.bias")
+                and isinstance(self.get_submodule(name.rsplit(".", 2)[0]), MBConvBlock)}
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable

@@ -176,6 +176,20 @@ def shard(global_batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return global_batch[rank_slice(len(global_batch), rank, world)]
 
 
+def split_micro_batches(local: torch.Tensor, global_size: int, world_size: int, micro: int) -> list[torch.Tensor]:
+    """This rank's slice `local` of a global batch cut into micro-batches of `micro` samples. Every rank
+    gets the same number of micro-batches (that of the largest slice, rank 0's), the last ones possibly
+    empty, because each forward and backward is a collective (SyncBatchNorm, gradient reduction)."""
+    largest = len(range(global_size)[rank_slice(global_size, 0, world_size)])
+    count = max(1, -(-largest // micro))
+    return [local[i * micro:(i + 1) * micro] for i in range(count)]
+
+
+def local_threads() -> int:
+    """CPU threads for this process: the machine's cores shared by the processes torchrun started on it."""
+    return max(1, (os.cpu_count() or 1) // max(1, _env_int("LOCAL_WORLD_SIZE", 1)))
+
+
 def loss_scale(local_size: int, global_size: int, world_size: int) -> float:
     """Factor on a rank's mean loss over its slice such that the mean over ranks of the scaled losses (what
     gradient averaging in DDP/FSDP computes) equals the mean loss over the global batch:
@@ -325,7 +339,13 @@ def wrap_ddp(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # No buffer broadcast: with SyncBatchNorm the running statistics agree on every rank already, and
+    # evaluation may run a different number of forwards per rank.
+    import inspect
+
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+               inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
 def wrap_model(model: nn.Module, sync_batchnorm: bool = True) -> nn.Module:

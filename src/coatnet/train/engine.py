@@ -26,7 +26,8 @@ from ..models import count_params, create_model
 from ..utils import atomic_write
 from .checkpoint import load_train_state, save_train_state, save_weights_checkpoint, state_path, weights_path
 from .config import TrainConfig
-from .distributed import all_reduce_sums, barrier, is_main, rank_and_world, shard, wrap_model
+from .distributed import (all_reduce_sums, barrier, is_main, local_threads, rank_and_world, shard,
+                          split_micro_batches, wrap_model)
 from .evaluate import evaluate, subset_indices
 from .metrics import plot_curves, read_metrics, write_metrics
 from .optim import WeightEMA, build_optimizer
@@ -76,7 +77,7 @@ def train(cfg: TrainConfig) -> dict:
     cfg = cfg.validate()
     t_start = time.time()
     rank, world = rank_and_world()
-    runtime = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads,
+    runtime = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads or local_threads(),
                             cfg.deterministic)
     train_src, val_src, spec = build_data(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.img_size,
                                           cfg.crop_fraction, cfg.seed)
@@ -110,7 +111,8 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out) if cfg.out else None
 
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        if is_main():  # the only process that writes the run folder
+            out.mkdir(parents=True, exist_ok=True)
         if cfg.resume and state_path(out).is_file():
             state = load_train_state(state_path(out))
             model.load_state_dict(state["model"])
@@ -120,6 +122,8 @@ def train(cfg: TrainConfig) -> dict:
                     raise ValueError(f"{out}: the checkpoint has no EMA weights but ema_decay={cfg.ema_decay}")
                 ema.state = {k: v.to(runtime.device) for k, v in state["ema"].items()}
             progress = state["progress"]
+            if rank != 0:  # the checkpoint holds the running sums of all processes: count them once
+                progress["sums"] = [0.0] * len(progress["sums"])
             records = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= progress["epoch"]]
             _log(cfg, f"resuming {out} at epoch {progress['epoch'] + 1}, step {progress['global_step']}", err=True)
         elif cfg.resume:
@@ -138,12 +142,15 @@ def train(cfg: TrainConfig) -> dict:
                 "run": {"data": cfg.data, "data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction,
                         "seed": cfg.seed, "model": cfg.model}}
 
-    def save_last(epoch_metrics: dict | None) -> None:
+    def save_last(epoch_metrics: dict | None, mid_epoch: bool = False) -> None:
+        # Mid-epoch (all processes call): the epoch's running sums of every process go into the checkpoint,
+        # so a run resumed with another number of processes reports the same epoch metrics.
+        saved = dict(progress, sums=all_reduce_sums(progress["sums"])) if mid_epoch else progress
         if out is None or not is_main():
             return
         weights = ema.state if ema is not None else model.state_dict()
         # State first: the weights file is for eval/predict, the state file alone resumes.
-        save_train_state(state_path(out), model.state_dict(), ema.state if ema else None, optimizer, progress)
+        save_train_state(state_path(out), model.state_dict(), ema.state if ema else None, optimizer, saved)
         save_weights_checkpoint(weights_path(out, "last"), weights, checkpoint_info(epoch_metrics))
 
     def result(stopped: bool = False) -> dict:
@@ -167,7 +174,7 @@ def train(cfg: TrainConfig) -> dict:
         start = progress["step_in_epoch"]
         micro_batches, n_micro = [], []
         for gb in global_batches[start:]:
-            parts = list(shard(gb, rank, world).split(micro))
+            parts = split_micro_batches(shard(gb, rank, world), len(gb), world, micro)
             micro_batches += parts
             n_micro.append(len(parts))
         batches = train_src.batches(micro_batches, spec, True, aug, cfg.seed, epoch, workers, cfg.strict)
@@ -190,7 +197,7 @@ def train(cfg: TrainConfig) -> dict:
                     progress["skipped_images"] += batch.failed
                     for path in batch.failed:
                         _log(cfg, f"warning: skipped unreadable image {path}", err=True)
-                if len(batch.labels) == 0:
+                if len(batch.labels) == 0 and world == 1:  # across processes every forward is collective
                     continue
                 x, targets = _train_inputs(batch, aug, spec, num_classes, cfg.seed, epoch)
                 x, targets = runtime.inputs(x), targets.to(runtime.device)
@@ -202,7 +209,10 @@ def train(cfg: TrainConfig) -> dict:
                 loss_sum += per_sample.sum().item()
                 correct += (logits.argmax(-1).cpu() == batch.labels).sum().item()
                 n += len(batch.labels)
-            if not math.isfinite(loss_sum):
+            finite = math.isfinite(loss_sum)
+            if world > 1:  # every process must take the same decision
+                finite = all_reduce_sums([0.0 if finite else 1.0])[0] == 0.0
+            if not finite:
                 where = f"step {step} (epoch {epoch + 1}, batch {step_in_epoch + 1}/{len(global_batches)})"
                 if not cfg.skip_nonfinite:
                     raise NonFiniteLossError(f"non-finite loss at {where}; lower --lr, or pass --skip-nonfinite")
@@ -226,10 +236,10 @@ def train(cfg: TrainConfig) -> dict:
             bar.update(1)
             last_of_epoch = step_in_epoch + 1 == len(global_batches)
             if not last_of_epoch and cfg.save_every and progress["global_step"] % cfg.save_every == 0:
-                save_last(records[-1] if records else None)
+                save_last(records[-1] if records else None, mid_epoch=True)
             if cfg.stop_at_step and progress["global_step"] >= cfg.stop_at_step and not last_of_epoch:
                 bar.close()
-                save_last(records[-1] if records else None)
+                save_last(records[-1] if records else None, mid_epoch=True)
                 return result(stopped=True)
         bar.close()
         train_seconds = time.time() - t_train
