@@ -177,7 +177,10 @@ def train(cfg: TrainConfig) -> dict:
             parts = split_micro_batches(shard(gb, rank, world), len(gb), world, micro)
             micro_batches += parts
             n_micro.append(len(parts))
-        batches = train_src.batches(micro_batches, spec, True, aug, cfg.seed, epoch, workers, cfg.strict)
+        # A streaming source (shards) reads this process's own stream: on resume, skip what it already read.
+        skip = ({"skip": sum(len(shard(gb, rank, world)) for gb in global_batches[:start])}
+                if getattr(train_src, "streams", False) else {})
+        batches = train_src.batches(micro_batches, spec, True, aug, cfg.seed, epoch, workers, cfg.strict, **skip)
         model.train()
         bar = tqdm(total=len(global_batches), initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and is_main()), leave=False, file=sys.stderr, dynamic_ncols=True)
