@@ -46,6 +46,10 @@ def runs(tmp_path_factory):
     # Two processes stop mid-epoch; one process finishes the run.
     coatnet(*ARGS, "--out", str(root / "resumed"), "--stop-at-step", "3", nproc=2)
     out["resumed"] = coatnet("train", "--resume", str(root / "resumed"), "--stop-at-step", "1000", "--no-progress")
+    # Sharded (FSDP) in two processes until mid-epoch, then replicated in one.
+    coatnet(*ARGS, "--out", str(root / "fsdp"), "--stop-at-step", "3", "--fsdp", nproc=2)
+    out["fsdp"] = coatnet("train", "--resume", str(root / "fsdp"), "--stop-at-step", "1000", "--no-fsdp",
+                          "--no-progress")
     return root, out
 
 
@@ -86,3 +90,12 @@ def test_a_run_resumes_with_another_number_of_processes(runs):
     a = [json.loads(line) for line in (root / "one" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (root / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert b[0]["train_loss"] == pytest.approx(a[0]["train_loss"], rel=1e-4)
+
+
+def test_fsdp_trains_the_same_weights_and_its_checkpoint_resumes_unsharded(runs):
+    root, out = runs
+    one = load_file(str(root / "one" / "checkpoint-last.safetensors"))
+    fsdp = load_file(str(root / "fsdp" / "checkpoint-last.safetensors"))
+    err, key = worst_rel_err(fsdp, one)
+    assert err < 1e-3, f"relative difference {err:.2e} in {key}"
+    assert json.loads((root / "fsdp" / "config.json").read_text())["fsdp"] is False  # as resumed

@@ -413,6 +413,33 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def full_optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer.state_dict()` with whole tensors on CPU (its format: states keyed by parameter position).
+    Collective when the parameters are sharded: every rank calls it, every rank receives the tensors."""
+    from torch.distributed.tensor import DTensor
+
+    sd = optimizer.state_dict()
+    state = {pid: {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+                   if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+             for pid, st in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def shard_optimizer_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """The inverse of `full_optimizer_state_dict` for this optimizer's parameters: each whole state tensor
+    shaped like its (sharded) parameter becomes this rank's shard, ready for `optimizer.load_state_dict`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for pid, st in state_dict["state"].items():
+        p = params[int(pid)]
+        state[pid] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                      if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                      for k, v in st.items()}
+    return {"state": state, "param_groups": state_dict["param_groups"]}
+
+
 def load_full_state(model: nn.Module, model_state: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer | None = None, optimizer_state: dict | None = None) -> None:
     """Load whole (unsharded) states, as written by a run with any number of processes, into a model that

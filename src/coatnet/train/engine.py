@@ -26,8 +26,9 @@ from ..models import count_params, create_model
 from ..utils import atomic_write
 from .checkpoint import load_train_state, save_train_state, save_weights_checkpoint, state_path, weights_path
 from .config import TrainConfig
-from .distributed import (all_reduce_sums, barrier, is_main, local_threads, rank_and_world, shard,
-                          split_micro_batches, wrap_model)
+from .distributed import (all_reduce_sums, apply_fsdp, barrier, convert_sync_batchnorm, full_model_state,
+                          full_optimizer_state_dict, is_main, load_full_state, local_threads, rank_and_world, shard,
+                          shard_optimizer_state_dict, split_micro_batches, wrap_model)
 from .evaluate import evaluate, subset_indices
 from .metrics import plot_curves, read_metrics, write_metrics
 from .optim import WeightEMA, build_optimizer
@@ -94,10 +95,13 @@ def train(cfg: TrainConfig) -> dict:
                          drop_path_rate=cfg.drop_path)
     n_params = count_params(model)
     runtime.prepare(model)
+    if cfg.fsdp:  # sharding replaces the parameters: before the optimizer sees them
+        apply_fsdp(convert_sync_batchnorm(model) if cfg.sync_bn else model, grad_checkpointing=True,
+                   param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     eval_model = copy.deepcopy(model) if ema is not None else model
-    net = runtime.compiled(wrap_model(model))
+    net = runtime.compiled(model if cfg.fsdp else wrap_model(model, cfg.sync_bn))
     eval_net = runtime.compiled(eval_model) if ema is not None else net
     aug = augment_config(cfg)
 
@@ -115,8 +119,12 @@ def train(cfg: TrainConfig) -> dict:
             out.mkdir(parents=True, exist_ok=True)
         if cfg.resume and state_path(out).is_file():
             state = load_train_state(state_path(out))
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            if cfg.fsdp:  # whole states, written by any number of processes, into this sharding
+                load_full_state(model, state["model"])
+                optimizer.load_state_dict(shard_optimizer_state_dict(optimizer, state["optimizer"]))
+            else:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
             if ema is not None:
                 if state["ema"] is None:
                     raise ValueError(f"{out}: the checkpoint has no EMA weights but ema_decay={cfg.ema_decay}")
@@ -142,16 +150,23 @@ def train(cfg: TrainConfig) -> dict:
                 "run": {"data": cfg.data, "data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction,
                         "seed": cfg.seed, "model": cfg.model}}
 
-    def save_last(epoch_metrics: dict | None, mid_epoch: bool = False) -> None:
-        # Mid-epoch (all processes call): the epoch's running sums of every process go into the checkpoint,
-        # so a run resumed with another number of processes reports the same epoch metrics.
+    def save_last(epoch_metrics: dict | None, mid_epoch: bool = False) -> dict | None:
+        """Write the last checkpoint (all processes call: gathering sharded states and the running sums is
+        collective); returns the weights written, on the main process."""
+        if out is None:
+            return None
+        # Mid-epoch: the epoch's running sums of every process go into the checkpoint, so a run resumed
+        # with another number of processes reports the same epoch metrics.
         saved = dict(progress, sums=all_reduce_sums(progress["sums"])) if mid_epoch else progress
-        if out is None or not is_main():
-            return
-        weights = ema.state if ema is not None else model.state_dict()
+        model_state = full_model_state(model) if cfg.fsdp else model.state_dict()
+        optim_state = full_optimizer_state_dict(optimizer) if cfg.fsdp else optimizer
+        if not is_main():
+            return None
+        weights = ema.state if ema is not None else model_state
         # State first: the weights file is for eval/predict, the state file alone resumes.
-        save_train_state(state_path(out), model.state_dict(), ema.state if ema else None, optimizer, saved)
+        save_train_state(state_path(out), model_state, ema.state if ema else None, optim_state, saved)
         save_weights_checkpoint(weights_path(out, "last"), weights, checkpoint_info(epoch_metrics))
+        return weights
 
     def result(stopped: bool = False) -> dict:
         last = records[-1] if records else {}
@@ -263,10 +278,9 @@ def train(cfg: TrainConfig) -> dict:
         improved = progress["best_val_top1"] is None or rec["val_top1"] > progress["best_val_top1"]
         if improved:
             progress.update(best_val_top1=rec["val_top1"], best_epoch=epoch + 1)
+        weights = save_last(rec)
         if out is not None and is_main():
-            save_last(rec)
             if improved:
-                weights = ema.state if ema is not None else model.state_dict()
                 save_weights_checkpoint(weights_path(out, "best"), weights, checkpoint_info(rec))
             write_metrics(out / "metrics.jsonl", records)
             plot_curves(records, out / "curves.png")
