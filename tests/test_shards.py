@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from coatnet.cli import main
-from coatnet.data import build_data
-from coatnet.data.shards import ShardSource, write_shards
-from coatnet.data.transforms import AugmentConfig
+pytest.importorskip("webdataset")
+
+from coatnet.cli import main  # noqa: E402
+from coatnet.data import build_data  # noqa: E402
+from coatnet.data.shards import ShardSource, write_shards  # noqa: E402
+from coatnet.data.transforms import AugmentConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,14 @@ INDEX_FILE = "shards.json"
 FORMAT = "coatnet-shards-v1"
 
 
+def _webdataset():
+    try:
+        import webdataset
+    except ImportError:
+        raise ImportError("tar shards need the webdataset package: pip install 'coatnet[shards]'") from None
+    return webdataset
+
+
 def is_shard_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / INDEX_FILE).is_file()
 
@@ -43,9 +51,9 @@ def write_shards(image_folder: str | os.PathLike, out: str | os.PathLike, shard_
     seeded `val_fraction`, as `coatnet train --data` reads them) as tar shards of `shard_size` samples.
     Training samples are shuffled (seeded) before sharding so each shard mixes the classes. Returns the
     index written to out/shards.json (written last: a folder with it is complete)."""
-    import webdataset as wds
-
     from ..utils import atomic_write
+
+    wds = _webdataset()
 
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size} must be positive")
@@ -88,7 +96,7 @@ def read_index(folder: str | os.PathLike) -> dict:
 
 def _read_shard(path: Path) -> list[tuple[int, bytes, int]]:
     """All samples of one tar shard, in file order: (key as int, image bytes, label)."""
-    import webdataset as wds
+    wds = _webdataset()
 
     samples = []
     stream = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=lambda urls: urls,
