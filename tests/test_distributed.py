@@ -198,3 +198,27 @@ def test_an_empty_batch_gives_every_parameter_a_zero_gradient():
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []
     assert all(p.grad.abs().sum() == 0 for p in model.parameters())
+
+
+def test_drop_path_masks_follow_the_sample_not_its_position_in_the_batch():
+    from coatnet.data.random import uniform
+    from coatnet.layers import DropPath, drop_path_noise
+
+    layer = DropPath(0.5, stream=3).train()
+    x = torch.ones(8, 2, 3, 3)
+    idx = torch.arange(100, 108)
+    with drop_path_noise(lambda b, s: uniform(0, 7, idx[-b:], s)):
+        whole = layer(x)
+        tail = layer(x[4:])  # the last four samples, computed on their own (another process's slice)
+    kept = whole.flatten(1).amax(1) > 0
+    assert 0 < int(kept.sum()) < 8
+    torch.testing.assert_close(tail, whole[4:])
+    torch.testing.assert_close(whole[kept], torch.full_like(whole[kept], 2.0))  # survivors rescaled by 1/keep
+
+
+def test_each_drop_path_layer_of_a_model_has_its_own_stream():
+    from coatnet.layers import DropPath
+    from coatnet.models import create_model
+
+    streams = [m.stream for m in create_model("coatnet_pico", drop_path_rate=0.1).modules() if isinstance(m, DropPath)]
+    assert streams == list(range(len(streams))) and len(streams) > 10

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import RelativeAttention2d
+from ..layers import DropPath, RelativeAttention2d
 from .blocks import (BatchNormChannelsLast, MBConvBlock, PatchStem, Stage, Stem, TransformerBlock,
                      drop_path_rates, feature_size, make_norm, to_channels_first, to_channels_last)
 from .config import CoAtNetConfig, check_image_size
@@ -52,6 +52,8 @@ class CoAtNet(nn.Module):
                      else BatchNormChannelsLast(in_chs, eps=cfg.mbconv.norm_eps))
         self.head = nn.Linear(in_chs, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
+        for stream, m in enumerate(m for m in self.modules() if isinstance(m, DropPath)):
+            m.stream = stream  # each stochastic-depth layer draws its own random stream
 
     # -- input checks ------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:

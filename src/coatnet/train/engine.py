@@ -14,14 +14,16 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..data import build_data
-from ..data.random import mix_int, permutation
+from ..data.random import mix_int, permutation, uniform
 from ..data.transforms import AugmentConfig, mix_batch, normalize, rand_augment
+from ..layers import drop_path_noise
 from ..models import count_params, create_model
 from ..utils import atomic_write
 from .checkpoint import load_train_state, save_train_state, save_weights_checkpoint, state_path, weights_path
@@ -54,6 +56,12 @@ def _train_inputs(batch, aug: AugmentConfig, spec, num_classes: int, seed: int, 
     x = normalize(x, spec.mean, spec.std)
     mixing = aug if aug.enabled else AugmentConfig(enabled=False, label_smoothing=aug.label_smoothing)
     return mix_batch(x, batch.labels, num_classes, seed, epoch, batch.indices, mixing)
+
+
+def _drop_path_uniforms(seed: int, step: int, indices: torch.Tensor, batch: int, stream: int) -> torch.Tensor:
+    """Uniforms for stochastic depth layer `stream`, one per sample: a function of (seed, step, sample index)."""
+    assert batch == len(indices), "stochastic depth needs one sample index per image of the batch"
+    return uniform(seed, step, indices, 0xD900 + stream)
 
 
 def _log(cfg: TrainConfig, msg: str, err: bool = False) -> None:
@@ -206,7 +214,7 @@ def train(cfg: TrainConfig) -> dict:
             lr = lr_at(step, cfg.lr, total_steps, warmup_steps, cfg.min_lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(mix_int(cfg.seed, step, 0xD809))  # stochastic depth: a function of the step
+            torch.manual_seed(mix_int(cfg.seed, step, 0xD809))  # any other randomness: a function of the step
             optimizer.zero_grad(set_to_none=True)
             loss_sum = correct = n = 0.0
             for _ in range(n_micro[step_in_epoch - start]):
@@ -219,11 +227,15 @@ def train(cfg: TrainConfig) -> dict:
                     continue
                 x, targets = _train_inputs(batch, aug, spec, num_classes, cfg.seed, epoch)
                 x, targets = runtime.inputs(x), targets.to(runtime.device)
-                with runtime.autocast():
-                    logits = net(x)
-                per_sample = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
-                # Sum over the global batch divided by its size; DDP averages over ranks, hence * world.
-                (per_sample.sum() * (world / len(gb))).backward()
+                # Stochastic depth masks keyed by (seed, step, sample): the same whatever process or
+                # micro-batch a sample lands in; backward too, where checkpointing recomputes them.
+                noise = partial(_drop_path_uniforms, cfg.seed, step, batch.indices)
+                with drop_path_noise(noise):
+                    with runtime.autocast():
+                        logits = net(x)
+                    per_sample = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+                    # Sum over the global batch divided by its size; DDP averages over ranks, hence * world.
+                    (per_sample.sum() * (world / len(gb))).backward()
                 loss_sum += per_sample.sum().item()
                 correct += (logits.argmax(-1).cpu() == batch.labels).sum().item()
                 n += len(batch.labels)
