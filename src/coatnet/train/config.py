@@ -26,12 +26,12 @@ class TrainConfig:
     model: str = "coatnet_nano"  # registered variant (coatnet.list_models())
     drop_path: float = 0.0  # stochastic depth: maximum rate, reached at the last block
     # -- optimisation --
-    epochs: int = 6  # passes over the training set
+    epochs: int = 8  # passes over the training set
     batch_size: int = 128  # global batch per optimizer step (all processes and accumulation together)
     micro_batch_size: Optional[int] = None  # images per forward/backward; smaller accumulates gradients
-    lr: float = 3e-3  # peak learning rate (AdamW)
+    lr: float = 2e-3  # peak learning rate (AdamW)
     min_lr: float = 1e-5  # floor the schedule decays to
-    warmup_epochs: float = 0.5  # linear warmup from 0 (fractions of an epoch allowed)
+    warmup_epochs: float = 0.3  # linear warmup from 0 (fractions of an epoch allowed)
     schedule: str = "cosine"  # decay after warmup: "cosine" or "linear"
     weight_decay: float = 0.05  # AdamW decoupled decay; never on norms, biases, bias tables
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
@@ -39,7 +39,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # exponential moving average of weights per step (0: off); evaluation uses it
     # -- augmentation --
     augment: bool = True  # False: no random augmentation at all (train images get the eval transform)
-    crop_scale: tuple[float, float] = (0.35, 1.0)  # random resized crop area range (paper/ImageNet: 0.08..1)
+    crop_scale: tuple[float, float] = (0.7, 1.0)  # random resized crop area range (paper/ImageNet: 0.08..1)
     hflip: float = 0.5  # horizontal flip probability
     randaugment_n: int = 0  # RandAugment ops per image (paper: 2); 0: off
     randaugment_m: float = 15.0  # RandAugment magnitude, 0..30 (paper: 15)
