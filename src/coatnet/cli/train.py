@@ -10,7 +10,7 @@ from . import CliError
 
 # Settings that may change when resuming a run (the rest would change what is being resumed).
 _RESUME_CHANGEABLE = {"epochs", "device", "threads", "workers", "progress", "quiet", "stop_at_step", "save_every",
-                      "eval_batch_size", "strict", "skip_nonfinite"}
+                      "eval_batch_size", "strict", "skip_nonfinite", "fsdp"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--channels-last", action="store_const", const=True, default=S)
     g.add_argument("--compile", action="store_const", const=True, default=S, help="torch.compile the model")
     g.add_argument("--threads", type=int, default=S, help="CPU threads (default: all)")
+    g.add_argument("--fsdp", action="store_const", const=True, default=S,
+                   help="under torchrun: shard weights, gradients and optimizer states, recompute activations")
+    g.add_argument("--no-fsdp", dest="fsdp", action="store_const", const=False, default=S,
+                   help="replicate the model (DDP): e.g. to resume an --fsdp run in fewer processes")
+    g.add_argument("--no-sync-bn", dest="sync_bn", action="store_const", const=False, default=S,
+                   help="under torchrun: BatchNorm statistics of each process's slice only")
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--deterministic", action="store_const", const=True, default=S,
                    help="deterministic kernels (resumed == uninterrupted)")
@@ -146,18 +152,23 @@ def build_config(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     from ..train import train
+    from ..train.distributed import broadcast_object, init_distributed, is_main
     from ..train.recipes import describe_recipe, list_recipes
 
     if args.list_recipes:
         for name in list_recipes():
             print(f"{name}: {describe_recipe(name)}")
         return 0
+    # Under torchrun every process runs this; the run folder named by rank 0's clock is everyone's.
+    init_distributed()
     cfg = build_config(args).validate()
-    if not cfg.quiet:
+    cfg = cfg.replace(out=broadcast_object(cfg.out))
+    if not cfg.quiet and is_main():
         print(f"run folder: {cfg.out}  (model {cfg.model}, data {cfg.data}, {cfg.epochs} epochs, "
               f"batch {cfg.batch_size}, recipe {cfg.recipe or '-'})", flush=True)
     result = train(cfg)
-    print(json.dumps(result))
+    if is_main():
+        print(json.dumps(result))
     return 0
 
 

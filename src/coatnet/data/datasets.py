@@ -93,21 +93,28 @@ class _FolderDataset(torch.utils.data.Dataset):
             img = load_image(path, self.spec.in_chans)
         except Exception:  # unreadable or corrupt: reported by the collate function
             return None, label, i, path
-        s = self.spec.img_size
-        width, height = img.size
-        flip = False
-        if self.train and self.aug.enabled:
-            boxes, flips = crop_params(self.seed, self.epoch, torch.tensor([i]), height, width, self.aug)
-            x0, y0, w, h = boxes[0].tolist()
-            flip = bool(flips[0])
-        else:
-            x0, y0, w, h = center_crop_box(height, width, self.spec.crop_fraction, s, s)
-        img = img.resize((s, s), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
-        if flip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        arr = torch.from_numpy(np.array(img, dtype=np.uint8))
-        arr = arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
-        return arr.contiguous(), label, i, path
+        return transform_image(img, i, self.spec, self.train, self.aug, self.seed, self.epoch), label, i, path
+
+
+def transform_image(img: Image.Image, index: int, spec: DataSpec, train: bool, aug: AugmentConfig, seed: int,
+                    epoch: int) -> torch.Tensor:
+    """A decoded image -> uint8 (C, S, S): the train crop and flip of sample `index` (a function of seed,
+    epoch and index) or the eval centre crop, resized to S = spec.img_size."""
+    s = spec.img_size
+    width, height = img.size
+    flip = False
+    if train and aug.enabled:
+        boxes, flips = crop_params(seed, epoch, torch.tensor([index]), height, width, aug)
+        x0, y0, w, h = boxes[0].tolist()
+        flip = bool(flips[0])
+    else:
+        x0, y0, w, h = center_crop_box(height, width, spec.crop_fraction, s, s)
+    img = img.resize((s, s), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = torch.from_numpy(np.array(img, dtype=np.uint8))
+    arr = arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
+    return arr.contiguous()
 
 
 def _collate(items) -> tuple:
@@ -195,8 +202,8 @@ def scan_image_folder(root: str | os.PathLike, val_fraction: float, seed: int
 
 def build_data(data: str, data_dir: str | None = None, val_fraction: float = 0.1, img_size: int | None = None,
                crop_fraction: float | None = None, seed: int = 0):
-    """(train source, val source, DataSpec) for `data`: "fashion-mnist" (val = the 10,000 test images)
-    or an image folder path."""
+    """(train source, val source, DataSpec) for `data`: "fashion-mnist" (val = the 10,000 test images),
+    an image folder path, or a folder of tar shards written by `coatnet shards`."""
     if data == "fashion-mnist":
         root = data_dir or DEFAULT_FASHION_MNIST_DIR
         sources = []
@@ -210,6 +217,10 @@ def build_data(data: str, data_dir: str | None = None, val_fraction: float = 0.1
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"--data {data!r}: no such folder (use 'fashion-mnist' or an image folder)")
+    from .shards import build_shard_data, is_shard_folder
+
+    if is_shard_folder(path):  # written by `coatnet shards`
+        return build_shard_data(path, img_size, crop_fraction)
     train, val, classes = scan_image_folder(path, val_fraction, seed)
     spec = DataSpec(str(path), tuple(classes), 3, img_size or 224, 0.875 if crop_fraction is None else crop_fraction,
                     IMAGENET_MEAN, IMAGENET_STD)

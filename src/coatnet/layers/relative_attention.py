@@ -103,6 +103,16 @@ class RelativeAttention2d(nn.Module):
             with torch.no_grad():
                 self.frozen_bias = gather_bias(self.relative_bias_table, self.feature_size).contiguous()
 
+    def _qkv_bias(self) -> torch.Tensor | None:
+        # NOTE: the key bias is left out. Softmax is invariant to it (it adds q_i . b_k to every logit of row
+        # i), so its gradient is zero in exact arithmetic; AdamW would turn the roundoff left in that gradient
+        # into lr-sized steps that differ with summation order (e.g. between 1 and N processes).
+        b = self.qkv.bias
+        if b is None:
+            return None
+        n = b.shape[0] // 3
+        return torch.cat((b[:n], torch.zeros_like(b[n:2 * n]), b[2 * n:]))
+
     def bias(self, size: tuple[int, int]) -> torch.Tensor:
         if self.frozen_bias is not None and size == self.feature_size:
             return self.frozen_bias
@@ -111,10 +121,12 @@ class RelativeAttention2d(nn.Module):
     def forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
         B, H, W, _ = x.shape
         q, k, v = (
-            self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            F.linear(x, self.qkv.weight, self._qkv_bias()).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         )  # each (B, heads, N, head_dim)
         bias = None if self.bias_mode == "none" else self.bias((H, W)).to(q.dtype)  # (heads, N, N)
-        if reference or self.bias_mode == "relative_post":
+        # An empty batch (a process left without samples in an epoch's last step) takes the reference path:
+        # fused attention gives the bias table no gradient then, and data-parallel ranks must all reduce it.
+        if reference or self.bias_mode == "relative_post" or B == 0:
             attn = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, heads, N, N)
             if self.bias_mode == "relative":
                 attn = attn + bias

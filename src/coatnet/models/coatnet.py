@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import RelativeAttention2d
+from ..layers import DropPath, RelativeAttention2d
 from .blocks import (BatchNormChannelsLast, MBConvBlock, PatchStem, Stage, Stem, TransformerBlock,
                      drop_path_rates, feature_size, make_norm, to_channels_first, to_channels_last)
 from .config import CoAtNetConfig, check_image_size
@@ -52,6 +52,8 @@ class CoAtNet(nn.Module):
                      else BatchNormChannelsLast(in_chs, eps=cfg.mbconv.norm_eps))
         self.head = nn.Linear(in_chs, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
+        for stream, m in enumerate(m for m in self.modules() if isinstance(m, DropPath)):
+            m.stream = stream  # each stochastic-depth layer draws its own random stream
 
     # -- input checks ------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
@@ -106,6 +108,14 @@ class CoAtNet(nn.Module):
         """Names of parameters to exclude from weight decay: bias tables, norm weights, all biases."""
         return {name for name, p in self.named_parameters()
                 if p.ndim <= 1 or name.endswith("relative_bias_table")}
+
+    def redundant_parameters(self) -> set[str]:
+        """Names of parameters whose gradient is zero in exact arithmetic, for optimizers to leave alone: the
+        bias of an MBConv block's pre-norm BatchNorm, which the bias-free 1x1 convolution and the BatchNorm
+        after it cancel. AdamW would turn the roundoff in their gradients into lr-sized steps."""
+        return {name for name, _ in self.named_parameters()
+                if ".blocks." in name and name.endswith("pre_norm.bias")
+                and isinstance(self.get_submodule(name.rsplit(".", 2)[0]), MBConvBlock)}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:

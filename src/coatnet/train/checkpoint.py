@@ -59,12 +59,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 
 def save_train_state(path: str | os.PathLike, model_state: dict, ema_state: dict | None,
-                     optimizer: torch.optim.Optimizer, progress: dict) -> None:
-    """Everything needed to resume, in one safetensors file (no pickle)."""
+                     optimizer: torch.optim.Optimizer | dict, progress: dict) -> None:
+    """Everything needed to resume, in one safetensors file (no pickle). `optimizer` may also be given as
+    its state dict (whole tensors gathered from sharded processes)."""
     tensors = {f"model.{k}": v for k, v in model_state.items()}
     if ema_state is not None:
         tensors.update({f"ema.{k}": v for k, v in ema_state.items()})
-    opt = optimizer.state_dict()
+    opt = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     scalars: dict[str, dict] = {}
     for pid, st in opt["state"].items():
         for name, value in st.items():

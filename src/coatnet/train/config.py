@@ -51,7 +51,9 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     channels_last: bool = False  # NHWC memory format for the convolutions
     compile: bool = False  # torch.compile the model
-    threads: Optional[int] = None  # CPU threads for torch (None: all CPUs)
+    threads: Optional[int] = None  # CPU threads for torch (None: all CPUs, shared by torchrun's local processes)
+    fsdp: bool = False  # under torchrun: shard weights, gradients, AdamW states (FSDP2) + activation checkpointing
+    sync_bn: bool = True  # under torchrun: BatchNorm statistics over the global batch, not each process's slice
     seed: int = 0  # model init, data order, subsets, augmentation
     deterministic: bool = False  # deterministic kernels: a resumed run then equals an uninterrupted one
     eval_batch_size: int = 500  # images per evaluation forward
@@ -101,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"crop_scale={self.crop_scale} must satisfy 0 < low <= high <= 1")
         if self.img_size is not None and (self.img_size < 32 or self.img_size % 32):
             raise ValueError(f"img_size={self.img_size} must be a positive multiple of 32")
+        if self.fsdp and self.ema_decay > 0:
+            raise ValueError("fsdp does not keep an EMA of sharded weights: drop ema_decay (--ema-decay) or fsdp")
         if self.resume and not self.out:
             raise ValueError("resume needs the run folder (out)")
         return self

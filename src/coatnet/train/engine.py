@@ -14,19 +14,23 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..data import build_data
-from ..data.random import mix_int, permutation
+from ..data.random import mix_int, permutation, uniform
 from ..data.transforms import AugmentConfig, mix_batch, normalize, rand_augment
+from ..layers import drop_path_noise
 from ..models import count_params, create_model
 from ..utils import atomic_write
 from .checkpoint import load_train_state, save_train_state, save_weights_checkpoint, state_path, weights_path
 from .config import TrainConfig
-from .distributed import all_reduce_sums, barrier, is_main, rank_and_world, shard, wrap_model
+from .distributed import (all_reduce_sums, apply_fsdp, barrier, convert_sync_batchnorm, full_model_state,
+                          full_optimizer_state_dict, is_main, load_full_state, local_threads, rank_and_world, shard,
+                          shard_optimizer_state_dict, split_micro_batches, wrap_model)
 from .evaluate import evaluate, subset_indices
 from .metrics import plot_curves, read_metrics, write_metrics
 from .optim import WeightEMA, build_optimizer
@@ -54,6 +58,12 @@ def _train_inputs(batch, aug: AugmentConfig, spec, num_classes: int, seed: int, 
     return mix_batch(x, batch.labels, num_classes, seed, epoch, batch.indices, mixing)
 
 
+def _drop_path_uniforms(seed: int, step: int, indices: torch.Tensor, batch: int, stream: int) -> torch.Tensor:
+    """Uniforms for stochastic depth layer `stream`, one per sample: a function of (seed, step, sample index)."""
+    assert batch == len(indices), "stochastic depth needs one sample index per image of the batch"
+    return uniform(seed, step, indices, 0xD900 + stream)
+
+
 def _log(cfg: TrainConfig, msg: str, err: bool = False) -> None:
     if is_main() and (err or not cfg.quiet):
         print(msg, file=sys.stderr if err else sys.stdout, flush=True)
@@ -76,7 +86,7 @@ def train(cfg: TrainConfig) -> dict:
     cfg = cfg.validate()
     t_start = time.time()
     rank, world = rank_and_world()
-    runtime = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads,
+    runtime = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads or local_threads(),
                             cfg.deterministic)
     train_src, val_src, spec = build_data(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.img_size,
                                           cfg.crop_fraction, cfg.seed)
@@ -93,10 +103,13 @@ def train(cfg: TrainConfig) -> dict:
                          drop_path_rate=cfg.drop_path)
     n_params = count_params(model)
     runtime.prepare(model)
+    if cfg.fsdp:  # sharding replaces the parameters: before the optimizer sees them
+        apply_fsdp(convert_sync_batchnorm(model) if cfg.sync_bn else model, grad_checkpointing=True,
+                   param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     eval_model = copy.deepcopy(model) if ema is not None else model
-    net = runtime.compiled(wrap_model(model))
+    net = runtime.compiled(model if cfg.fsdp else wrap_model(model, cfg.sync_bn))
     eval_net = runtime.compiled(eval_model) if ema is not None else net
     aug = augment_config(cfg)
 
@@ -110,16 +123,23 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out) if cfg.out else None
 
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        if is_main():  # the only process that writes the run folder
+            out.mkdir(parents=True, exist_ok=True)
         if cfg.resume and state_path(out).is_file():
             state = load_train_state(state_path(out))
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            if cfg.fsdp:  # whole states, written by any number of processes, into this sharding
+                load_full_state(model, state["model"])
+                optimizer.load_state_dict(shard_optimizer_state_dict(optimizer, state["optimizer"]))
+            else:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
             if ema is not None:
                 if state["ema"] is None:
                     raise ValueError(f"{out}: the checkpoint has no EMA weights but ema_decay={cfg.ema_decay}")
                 ema.state = {k: v.to(runtime.device) for k, v in state["ema"].items()}
             progress = state["progress"]
+            if rank != 0:  # the checkpoint holds the running sums of all processes: count them once
+                progress["sums"] = [0.0] * len(progress["sums"])
             records = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= progress["epoch"]]
             _log(cfg, f"resuming {out} at epoch {progress['epoch'] + 1}, step {progress['global_step']}", err=True)
         elif cfg.resume:
@@ -138,13 +158,23 @@ def train(cfg: TrainConfig) -> dict:
                 "run": {"data": cfg.data, "data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction,
                         "seed": cfg.seed, "model": cfg.model}}
 
-    def save_last(epoch_metrics: dict | None) -> None:
-        if out is None or not is_main():
-            return
-        weights = ema.state if ema is not None else model.state_dict()
+    def save_last(epoch_metrics: dict | None, mid_epoch: bool = False) -> dict | None:
+        """Write the last checkpoint (all processes call: gathering sharded states and the running sums is
+        collective); returns the weights written, on the main process."""
+        if out is None:
+            return None
+        # Mid-epoch: the epoch's running sums of every process go into the checkpoint, so a run resumed
+        # with another number of processes reports the same epoch metrics.
+        saved = dict(progress, sums=all_reduce_sums(progress["sums"])) if mid_epoch else progress
+        model_state = full_model_state(model) if cfg.fsdp else model.state_dict()
+        optim_state = full_optimizer_state_dict(optimizer) if cfg.fsdp else optimizer
+        if not is_main():
+            return None
+        weights = ema.state if ema is not None else model_state
         # State first: the weights file is for eval/predict, the state file alone resumes.
-        save_train_state(state_path(out), model.state_dict(), ema.state if ema else None, optimizer, progress)
+        save_train_state(state_path(out), model_state, ema.state if ema else None, optim_state, saved)
         save_weights_checkpoint(weights_path(out, "last"), weights, checkpoint_info(epoch_metrics))
+        return weights
 
     def result(stopped: bool = False) -> dict:
         last = records[-1] if records else {}
@@ -167,10 +197,13 @@ def train(cfg: TrainConfig) -> dict:
         start = progress["step_in_epoch"]
         micro_batches, n_micro = [], []
         for gb in global_batches[start:]:
-            parts = list(shard(gb, rank, world).split(micro))
+            parts = split_micro_batches(shard(gb, rank, world), len(gb), world, micro)
             micro_batches += parts
             n_micro.append(len(parts))
-        batches = train_src.batches(micro_batches, spec, True, aug, cfg.seed, epoch, workers, cfg.strict)
+        # A streaming source (shards) reads this process's own stream: on resume, skip what it already read.
+        skip = ({"skip": sum(len(shard(gb, rank, world)) for gb in global_batches[:start])}
+                if getattr(train_src, "streams", False) else {})
+        batches = train_src.batches(micro_batches, spec, True, aug, cfg.seed, epoch, workers, cfg.strict, **skip)
         model.train()
         bar = tqdm(total=len(global_batches), initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and is_main()), leave=False, file=sys.stderr, dynamic_ncols=True)
@@ -181,7 +214,7 @@ def train(cfg: TrainConfig) -> dict:
             lr = lr_at(step, cfg.lr, total_steps, warmup_steps, cfg.min_lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(mix_int(cfg.seed, step, 0xD809))  # stochastic depth: a function of the step
+            torch.manual_seed(mix_int(cfg.seed, step, 0xD809))  # any other randomness: a function of the step
             optimizer.zero_grad(set_to_none=True)
             loss_sum = correct = n = 0.0
             for _ in range(n_micro[step_in_epoch - start]):
@@ -190,19 +223,26 @@ def train(cfg: TrainConfig) -> dict:
                     progress["skipped_images"] += batch.failed
                     for path in batch.failed:
                         _log(cfg, f"warning: skipped unreadable image {path}", err=True)
-                if len(batch.labels) == 0:
+                if len(batch.labels) == 0 and world == 1:  # across processes every forward is collective
                     continue
                 x, targets = _train_inputs(batch, aug, spec, num_classes, cfg.seed, epoch)
                 x, targets = runtime.inputs(x), targets.to(runtime.device)
-                with runtime.autocast():
-                    logits = net(x)
-                per_sample = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
-                # Sum over the global batch divided by its size; DDP averages over ranks, hence * world.
-                (per_sample.sum() * (world / len(gb))).backward()
+                # Stochastic depth masks keyed by (seed, step, sample): the same whatever process or
+                # micro-batch a sample lands in; backward too, where checkpointing recomputes them.
+                noise = partial(_drop_path_uniforms, cfg.seed, step, batch.indices)
+                with drop_path_noise(noise):
+                    with runtime.autocast():
+                        logits = net(x)
+                    per_sample = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+                    # Sum over the global batch divided by its size; DDP averages over ranks, hence * world.
+                    (per_sample.sum() * (world / len(gb))).backward()
                 loss_sum += per_sample.sum().item()
                 correct += (logits.argmax(-1).cpu() == batch.labels).sum().item()
                 n += len(batch.labels)
-            if not math.isfinite(loss_sum):
+            finite = math.isfinite(loss_sum)
+            if world > 1:  # every process must take the same decision
+                finite = all_reduce_sums([0.0 if finite else 1.0])[0] == 0.0
+            if not finite:
                 where = f"step {step} (epoch {epoch + 1}, batch {step_in_epoch + 1}/{len(global_batches)})"
                 if not cfg.skip_nonfinite:
                     raise NonFiniteLossError(f"non-finite loss at {where}; lower --lr, or pass --skip-nonfinite")
@@ -226,10 +266,10 @@ def train(cfg: TrainConfig) -> dict:
             bar.update(1)
             last_of_epoch = step_in_epoch + 1 == len(global_batches)
             if not last_of_epoch and cfg.save_every and progress["global_step"] % cfg.save_every == 0:
-                save_last(records[-1] if records else None)
+                save_last(records[-1] if records else None, mid_epoch=True)
             if cfg.stop_at_step and progress["global_step"] >= cfg.stop_at_step and not last_of_epoch:
                 bar.close()
-                save_last(records[-1] if records else None)
+                save_last(records[-1] if records else None, mid_epoch=True)
                 return result(stopped=True)
         bar.close()
         train_seconds = time.time() - t_train
@@ -250,10 +290,9 @@ def train(cfg: TrainConfig) -> dict:
         improved = progress["best_val_top1"] is None or rec["val_top1"] > progress["best_val_top1"]
         if improved:
             progress.update(best_val_top1=rec["val_top1"], best_epoch=epoch + 1)
+        weights = save_last(rec)
         if out is not None and is_main():
-            save_last(rec)
             if improved:
-                weights = ema.state if ema is not None else model.state_dict()
                 save_weights_checkpoint(weights_path(out, "best"), weights, checkpoint_info(rec))
             write_metrics(out / "metrics.jsonl", records)
             plot_curves(records, out / "curves.png")

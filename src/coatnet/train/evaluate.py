@@ -8,7 +8,7 @@ from torch import nn
 from ..data.datasets import DataSpec
 from ..data.random import permutation
 from ..data.transforms import AugmentConfig, normalize
-from .distributed import all_reduce_sums, rank_and_world, shard
+from .distributed import all_reduce_sums, is_sharded, rank_and_world, shard
 from .runtime import Runtime, setup_runtime
 
 _NO_AUGMENT = AugmentConfig(enabled=False)
@@ -33,7 +33,7 @@ def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, ru
     k = min(5, len(spec.classes))
     loss_sum = correct1 = correct5 = n = 0.0
     for batch in source.batches(batches, spec, False, _NO_AUGMENT, 0, 0, workers, strict):
-        if len(batch.labels) == 0:
+        if len(batch.labels) == 0 and not is_sharded(model):  # a sharded forward is collective
             continue
         x = runtime.inputs(normalize(batch.images, spec.mean, spec.std))
         y = batch.labels.to(runtime.device)

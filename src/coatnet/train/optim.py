@@ -7,11 +7,13 @@ from torch import nn
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: decayed weights, and the model's `no_weight_decay()` names (norms, biases, relative
-    bias tables; any 1-d parameter when the model has no such method) with weight_decay 0."""
+    bias tables; any 1-d parameter when the model has no such method) with weight_decay 0. The model's
+    `redundant_parameters()` (gradient zero in exact arithmetic) are left out."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    redundant = model.redundant_parameters() if hasattr(model, "redundant_parameters") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or name in redundant:  # redundant: their gradient is only roundoff
             continue
         (no_decay if name in skip or p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},

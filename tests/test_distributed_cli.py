@@ -1,0 +1,102 @@
+"""`torchrun --nproc-per-node 2 -m coatnet train` on CPU: same weights as one process with the same global
+batch, one printing and writing process, and a run resumed with another number of processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+# A short run: 4 steps per epoch of 12 images (6 per process); no augmentation, but stochastic depth (its
+# masks are keyed by sample and step, so they do not depend on the number of processes either).
+ARGS = ["train", "--train-subset", "48", "--val-subset", "40", "--batch-size", "12", "--epochs", "2",
+        "--no-augment", "--drop-path", "0.2", "--deterministic", "--no-progress", "--lr", "3e-3"]
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="no Fashion-MNIST")]
+
+
+def coatnet(*args: str, nproc: int = 0) -> subprocess.CompletedProcess:
+    """`python -m coatnet ARGS`, under torchrun with `nproc` CPU processes when nproc > 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"]
+                if nproc else [sys.executable, "-m"])
+    proc = subprocess.run([*launcher, "coatnet", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def worst_rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    errs = {k: float((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-12))
+            for k in b if b[k].is_floating_point()}
+    key = max(errs, key=errs.get)
+    return errs[key], key
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = {"one": coatnet(*ARGS, "--out", str(root / "one"), "--threads", "1"),
+           "two": coatnet(*ARGS, "--out", str(root / "two"), nproc=2)}
+    # Two processes stop mid-epoch; one process finishes the run.
+    coatnet(*ARGS, "--out", str(root / "resumed"), "--stop-at-step", "3", nproc=2)
+    out["resumed"] = coatnet("train", "--resume", str(root / "resumed"), "--stop-at-step", "1000", "--no-progress")
+    # Sharded (FSDP) in two processes until mid-epoch, then replicated in one.
+    coatnet(*ARGS, "--out", str(root / "fsdp"), "--stop-at-step", "3", "--fsdp", nproc=2)
+    out["fsdp"] = coatnet("train", "--resume", str(root / "fsdp"), "--stop-at-step", "1000", "--no-fsdp",
+                          "--no-progress")
+    return root, out
+
+
+def test_two_processes_train_the_weights_one_process_trains(runs):
+    root, _ = runs
+    one = load_file(str(root / "one" / "checkpoint-last.safetensors"))
+    two = load_file(str(root / "two" / "checkpoint-last.safetensors"))
+    assert one.keys() == two.keys()
+    err, key = worst_rel_err(two, one)
+    assert err < 1e-3, f"relative difference {err:.2e} in {key}"
+
+
+def test_metrics_are_reduced_over_processes(runs):
+    root, _ = runs
+    one = [json.loads(line) for line in (root / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (root / "two" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(one, two):
+        for k in ("train_loss", "train_top1", "val_loss", "val_top1"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    assert json.loads((root / "two" / "config.json").read_text())["world_size"] == 2
+
+
+def test_only_rank_0_prints(runs):
+    _, out = runs
+    summary = [line for line in out["two"].stdout.splitlines() if line.startswith("epoch ")]
+    assert len(summary) == 2  # one line per epoch, not one per process
+    assert sum(line.startswith("{") for line in out["two"].stdout.splitlines()) == 1
+
+
+def test_a_run_resumes_with_another_number_of_processes(runs):
+    root, out = runs
+    assert "resuming" in out["resumed"].stderr
+    one = load_file(str(root / "one" / "checkpoint-last.safetensors"))
+    resumed = load_file(str(root / "resumed" / "checkpoint-last.safetensors"))
+    err, key = worst_rel_err(resumed, one)
+    assert err < 1e-3, f"relative difference {err:.2e} in {key}"
+    # the interrupted epoch's training metrics count every process's images once
+    a = [json.loads(line) for line in (root / "one" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (root / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert b[0]["train_loss"] == pytest.approx(a[0]["train_loss"], rel=1e-4)
+
+
+def test_fsdp_trains_the_same_weights_and_its_checkpoint_resumes_unsharded(runs):
+    root, out = runs
+    one = load_file(str(root / "one" / "checkpoint-last.safetensors"))
+    fsdp = load_file(str(root / "fsdp" / "checkpoint-last.safetensors"))
+    err, key = worst_rel_err(fsdp, one)
+    assert err < 1e-3, f"relative difference {err:.2e} in {key}"
+    assert json.loads((root / "fsdp" / "config.json").read_text())["fsdp"] is False  # as resumed
