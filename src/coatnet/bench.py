@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .utils import reuse_freed_memory
@@ -92,9 +94,44 @@ def time_interleaved(steps: dict[str, Callable[[], None]], device: torch.device,
     return times
 
 
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of the storages created under it that are still referenced, and their peak.
+    Views share their base's storage; a storage is released when the last tensor viewing it dies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._storages: dict[int, list[int]] = {}  # data_ptr -> [bytes, live tensors]
+
+    def _release(self, ptr: int) -> None:
+        entry = self._storages.get(ptr)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.live -= entry[0]
+                del self._storages[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr == 0:
+                    continue
+                if ptr not in self._storages:
+                    self._storages[ptr] = [storage.nbytes(), 0]
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                self._storages[ptr][1] += 1
+                weakref.finalize(t, self._release, ptr)
+        return out
+
+
 def peak_memory_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak memory allocated by torch during one call beyond what was allocated before it. On CUDA the
-    allocator's own counter; on the CPU the running sum of the profiler's per-op allocations."""
+    """Peak memory that one call allocates beyond what existed before it (activations, gradients,
+    temporaries; not the weights). On CUDA the allocator's counter; on the CPU the peak of the bytes
+    of live tensors created during the call (tensors autograd saves for backward included)."""
     if device.type == "cuda":
         synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -102,13 +139,11 @@ def peak_memory_bytes(step: Callable[[], None], device: torch.device) -> int:
         step()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    tracker = _LiveTensorBytes()
+    # Saved tensors are held as Python objects, so the tracker sees when autograd frees them.
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), tracker:
         step()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    return tracker.peak
 
 
 def count_step_flops(model: nn.Module, batch: torch.Tensor, train: bool) -> int:
