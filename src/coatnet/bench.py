@@ -259,10 +259,15 @@ class BenchResult:
 def benchmark(name: str, batch: int = 8, img_size: int = 224, precision: str = "fp32", train: bool = False,
               compile: bool = False, channels_last: bool = False, threads: int | None = None,
               device: str = "cpu", compare_timm: bool = False, timm_name: str | None = None,
-              overrides: dict | None = None, warmup: int = 2, repeats: int = 5, seed: int = 0) -> BenchResult:
+              overrides: dict | None = None, warmup: int = 2, repeats: int = 5, seed: int = 0,
+              force_bf16: bool = False) -> BenchResult:
     """Measure our model `name` (with config `overrides`), and timm's counterpart interleaved with it
-    when `compare_timm`. See `Measurement` for what is reported."""
+    when `compare_timm`. See `Measurement` for what is reported. `force_bf16`: keep our bf16 compute even
+    on a CPU that emulates bf16 (see coatnet.models.coatnet.FP32_WHERE_BF16_IS_EMULATED)."""
+    from .models import coatnet as network
     from .models import create_model
+
+    network.FP32_WHERE_BF16_IS_EMULATED = not force_bf16
 
     dev = resolve_device(device)
     # Both models run in this process, so both profit alike: see reuse_freed_memory.
@@ -301,7 +306,8 @@ def benchmark(name: str, batch: int = 8, img_size: int = 224, precision: str = "
     settings = dict(model=name, overrides=overrides, batch=batch, img_size=img_size, precision=precision,
                     train=train, compile=compile, channels_last=channels_last, threads=torch.get_num_threads(),
                     device=str(dev), torch=torch.__version__, warmup=warmup, repeats=repeats,
-                    malloc_reuse=malloc_reuse)
+                    malloc_reuse=malloc_reuse, force_bf16=force_bf16,
+                    bf16_native=network.cpu_has_native_bf16() if dev.type == "cpu" else None)
     other = [v for k, v in results.items() if k != name]
     return BenchResult(settings, reference, results[name], other[0] if other else None)
 
