@@ -260,18 +260,19 @@ def benchmark(name: str, batch: int = 8, img_size: int = 224, precision: str = "
               compile: bool = False, channels_last: bool = False, threads: int | None = None,
               device: str = "cpu", compare_timm: bool = False, timm_name: str | None = None,
               overrides: dict | None = None, warmup: int = 2, repeats: int = 5, seed: int = 0,
-              force_bf16: bool = False) -> BenchResult:
+              force_bf16: bool = False, reuse_memory: bool = False) -> BenchResult:
     """Measure our model `name` (with config `overrides`), and timm's counterpart interleaved with it
     when `compare_timm`. See `Measurement` for what is reported. `force_bf16`: keep our bf16 compute even
-    on a CPU that emulates bf16 (see coatnet.models.coatnet.FP32_WHERE_BF16_IS_EMULATED)."""
+    on a CPU that emulates bf16 (see coatnet.models.coatnet.FP32_WHERE_BF16_IS_EMULATED). `reuse_memory`:
+    coatnet.utils.reuse_freed_memory() first (process-wide: timm's model profits too)."""
     from .models import coatnet as network
     from .models import create_model
 
     network.FP32_WHERE_BF16_IS_EMULATED = not force_bf16
 
     dev = resolve_device(device)
-    # Both models run in this process, so both profit alike: see reuse_freed_memory.
-    malloc_reuse = dev.type == "cpu" and reuse_freed_memory()
+    # Process-wide, so both models profit alike: see reuse_freed_memory.
+    malloc_reuse = reuse_memory and dev.type == "cpu" and reuse_freed_memory()
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads {threads} must be at least 1")

@@ -10,7 +10,7 @@
 - Channels-last memory (NHWC) for every convolution: oneDNN's 1x1 and depthwise kernels run on it
   without reordering, and the Transformer stages' (B, H, W, C) views of it are contiguous. The input is
   converted once, in the stem.
-- On the CPU, freed activations are kept by malloc for the next pass (`reuse_memory`, process-wide).
+- Optionally (`reuse_memory`, process-wide), malloc keeps freed activations for the next pass.
 - Relative-position bias gathered once into a (heads, N, N) buffer instead of at every call.
 """
 from __future__ import annotations
@@ -196,13 +196,14 @@ def _fold_stem(stem: Stem, onednn: bool, channels_last: bool) -> None:
 
 @torch.no_grad()
 def inference_model(model: CoAtNet, channels_last: bool = True, fuse_kernels: bool = True,
-                    reuse_memory: bool = True) -> CoAtNet:
+                    reuse_memory: bool = False) -> CoAtNet:
     """A copy of `model` in eval mode prepared for inference (see the module docstring). Outputs equal the
     original's to about 1e-5 relative; it cannot be trained.
 
     `channels_last=False, fuse_kernels=False` gives a plain folded graph of standard ops (for export).
-    `reuse_memory` (CPU models on glibc): `coatnet.utils.reuse_freed_memory()`, a process-wide malloc
-    setting that stops every pass from page-faulting in its large activations again."""
+    `reuse_memory` (CPU models on glibc): also call `coatnet.utils.reuse_freed_memory()`, a process-wide
+    malloc setting that stops every pass from page-faulting in its large activations again (off by default:
+    it changes the whole process, and every other model in it gains as well)."""
     model = copy.deepcopy(model).eval()
     if reuse_memory and all(p.device.type == "cpu" for p in model.parameters()):
         reuse_freed_memory()
