@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: atomic file writes, allocator tuning."""
 from __future__ import annotations
 
 import contextlib
@@ -30,3 +30,33 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+_memory_reuse_enabled = False
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process and serve every size from its heap.
+
+    By default glibc serves allocations above 32 MB with fresh mmap() pages and unmaps them on free, so
+    each forward pass of a CNN at batch 8 and 224 px page-faults in its largest activations again (a
+    third of the CPU time of a pass here). After this call they are reused. Process-wide and not undone:
+    the process's resident memory stays at its peak. Returns whether the setting took (glibc only)."""
+    global _memory_reuse_enabled
+    if _memory_reuse_enabled:
+        return True
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _memory_reuse_enabled = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _memory_reuse_enabled

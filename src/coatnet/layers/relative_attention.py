@@ -135,6 +135,8 @@ class RelativeAttention2d(nn.Module):
                 attn = attn + bias
             out = attn @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, head_dim)
+            # A 4-D mask: with a 3-D one torch's CPU dispatcher falls back to the unfused math kernel.
+            mask = None if bias is None else bias.unsqueeze(0)  # (1, heads, N, N)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, head_dim)
         out = out.transpose(1, 2).reshape(B, H, W, self.num_heads * self.head_dim)
         return self.proj(out)

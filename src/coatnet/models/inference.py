@@ -3,6 +3,14 @@
 - BatchNorm folded into the neighbouring convolution: the pre-norm BN of an MBConv block into its 1x1
   expansion (a per-channel affine before a 1x1 conv, exact even when that conv is strided), and the BNs
   after the expansion and the depthwise conv into those convs; the stem's BN into its first conv.
+- Convolution + GELU (MBConv expansion and depthwise conv, the stem) and Linear + GELU (the FFN) run as
+  one oneDNN kernel where torch has it (CPU, float32): GELU of the full-resolution expanded maps is a
+  post-op instead of another pass over memory. Elsewhere (CUDA, bf16, tracing for export) the same
+  module runs conv then GELU.
+- Channels-last memory (NHWC) for every convolution: oneDNN's 1x1 and depthwise kernels run on it
+  without reordering, and the Transformer stages' (B, H, W, C) views of it are contiguous. The input is
+  converted once, in the stem.
+- Optionally (`reuse_memory`, process-wide), malloc keeps freed activations for the next pass.
 - Relative-position bias gathered once into a (heads, N, N) buffer instead of at every call.
 """
 from __future__ import annotations
@@ -10,10 +18,12 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RelativeAttention2d
-from .blocks import MBConvBlock, Stem
+from ..layers import RelativeAttention2d, SqueezeExcite
+from ..utils import reuse_freed_memory
+from .blocks import MBConvBlock, Mlp, Stem
 from .coatnet import CoAtNet
 
 
@@ -45,24 +55,173 @@ def fold_bn_before(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
     return fused
 
 
+def onednn_fusion_available() -> bool:
+    """Whether this torch build has oneDNN's fused convolution/linear + pointwise kernels."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return callable(torch.ops.mkldnn._convolution_pointwise) and callable(torch.ops.mkldnn._linear_pointwise)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _gelu_algorithm(act: nn.Module) -> str | None:
+    """oneDNN's name for `act` as a post-op ("none" is exact erf GELU), or None when it has none."""
+    return act.approximate if type(act) is nn.GELU else None
+
+
+def _use_onednn(module: nn.Module, x: torch.Tensor) -> bool:
+    return (module.onednn and x.device.type == "cpu" and x.dtype == module.weight.dtype == torch.float32
+            and not x.requires_grad and not torch.is_autocast_enabled("cpu")
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting())
+
+
+class ConvAct(nn.Module):
+    """A convolution (BatchNorm already folded in) followed by an activation, as one kernel where possible.
+
+    (B, C_in, H, W) -> (B, C_out, H', W'). `to_channels_last` converts the input's memory format first
+    (the network's first convolution)."""
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module | None, onednn: bool, to_channels_last: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
+        bias = conv.bias.detach().clone() if conv.bias is not None else None
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.act = act if act is not None else nn.Identity()
+        algorithm = _gelu_algorithm(self.act) if act is not None else "none"
+        # oneDNN names: attribute "gelu" with algorithm "none"/"tanh", or "none" for no post-op.
+        self.post_op = ("gelu", [None], algorithm) if act is not None else ("none", [None], "")
+        self.onednn = onednn and (act is None or algorithm is not None) and isinstance(self.padding, tuple)
+        self.to_channels_last = to_channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.to_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if _use_onednn(self, x):
+            attr, scalars, algorithm = self.post_op
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                attr, scalars, algorithm)
+        return self.act(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups))
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel_size={tuple(self.weight.shape[2:])}, "
+                f"stride={self.stride}, groups={self.groups}, act={type(self.act).__name__}, onednn={self.onednn}")
+
+
+class LinearAct(nn.Module):
+    """nn.Linear followed by GELU as one kernel where possible. (..., in) -> (..., out)."""
+
+    def __init__(self, linear: nn.Linear, act: nn.GELU, onednn: bool):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False) if linear.bias is not None else None
+        self.act = act
+        self.algorithm = act.approximate
+        self.onednn = onednn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_onednn(self, x) and x.is_contiguous():
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [None], self.algorithm)
+        return self.act(F.linear(x, self.weight, self.bias))
+
+
+class InferenceMBConv(nn.Module):
+    """An MBConvBlock with its three BatchNorms folded and GELU fused into the convolutions.
+    (B, C_in, H, W) -> (B, C_out, H/stride, W/stride), the same function as the block it was made from."""
+
+    def __init__(self, block: MBConvBlock, onednn: bool):
+        super().__init__()
+        self.stride, self.pool_type = block.stride, block.pool_type
+        self.shortcut = block.shortcut
+        self.conv1 = ConvAct(fold_bn_after(fold_bn_before(block.pre_norm, block.conv1), block.norm1), block.act, onednn)
+        self.conv2 = ConvAct(fold_bn_after(block.conv2, block.norm2), block.act, onednn)
+        self.se = block.se
+        self.conv3 = block.conv3
+        # Squeeze-excite's gate folded into the projection (per-image weights W * gate, one batched
+        # matmul) instead of a multiply over the expanded map; the residual add rides along.
+        self.fuse_se = onednn and type(block.se) is SqueezeExcite and block.conv3.kernel_size == (1, 1)
+        if self.fuse_se and self.shortcut is not None and block.conv3.bias is not None:
+            # The projection's bias moves into the shortcut conv's: the sum is the same.
+            self.shortcut = copy.deepcopy(self.shortcut)
+            self.shortcut.bias = nn.Parameter(self.shortcut.bias + block.conv3.bias, requires_grad=False)
+            self.conv3 = copy.deepcopy(block.conv3)
+            self.conv3.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        if self.stride > 1:
+            shortcut = F.max_pool2d(shortcut, 2) if self.pool_type == "max" else F.avg_pool2d(shortcut, 2)
+        if self.shortcut is not None:
+            shortcut = self.shortcut(shortcut)
+        x = self.conv2(self.conv1(x))
+        if self.fuse_se and not torch.jit.is_tracing() and _channels_last(x) and _channels_last(shortcut):
+            return self._gated_projection(x, shortcut)
+        return shortcut + self.conv3(self.se(x))
+
+    def _gated_projection(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """shortcut + conv3(x * gate(x)) for channels-last x (B, C, H, W): out[b] = x[b] @ (W * gate[b])^T."""
+        B, C, H, W = x.shape
+        se = self.se
+        gate = se.fc2(se.act(se.fc1(x.mean((2, 3), keepdim=True)))).sigmoid().view(B, 1, C)
+        weight = self.conv3.weight.view(self.conv3.out_channels, C) * gate  # (B, C_out, C)
+        if self.conv3.bias is not None:
+            shortcut = shortcut + self.conv3.bias.view(1, -1, 1, 1)
+        out_c = weight.shape[1]
+        rows = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # a view of channels-last memory
+        base = shortcut.permute(0, 2, 3, 1).reshape(B, H * W, out_c)
+        out = torch.baddbmm(base, rows, weight.transpose(1, 2))  # (B, H*W, C_out)
+        return out.view(B, H, W, out_c).permute(0, 3, 1, 2)  # channels-last (B, C_out, H, W)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _fold_stem(stem: Stem, onednn: bool, channels_last: bool) -> None:
+    """Stem layers [conv, BN, GELU, conv, ...] -> [ConvAct(conv+BN, GELU), ..., ConvAct(conv)]."""
+    layers, fused, i = list(stem.layers), [], 0
+    while i < len(layers):
+        conv = layers[i]
+        act = None
+        if i + 1 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm2d):
+            conv, i = fold_bn_after(conv, layers[i + 1]), i + 1
+        if i + 1 < len(layers) and not isinstance(layers[i + 1], nn.Conv2d):
+            act, i = layers[i + 1], i + 1
+        fused.append(ConvAct(conv, act, onednn, to_channels_last=channels_last and not fused))
+        i += 1
+    stem.layers = nn.Sequential(*fused)
+
+
 @torch.no_grad()
-def inference_model(model: CoAtNet) -> CoAtNet:
-    """A copy of `model` in eval mode with BatchNorm folded and attention biases gathered once.
-    Outputs equal the original's to about 1e-5 relative; it cannot be trained."""
+def inference_model(model: CoAtNet, channels_last: bool = True, fuse_kernels: bool = True,
+                    reuse_memory: bool = False) -> CoAtNet:
+    """A copy of `model` in eval mode prepared for inference (see the module docstring). Outputs equal the
+    original's to about 1e-5 relative; it cannot be trained.
+
+    `channels_last=False, fuse_kernels=False` gives a plain folded graph of standard ops (for export).
+    `reuse_memory` (CPU models on glibc): also call `coatnet.utils.reuse_freed_memory()`, a process-wide
+    malloc setting that stops every pass from page-faulting in its large activations again (off by default:
+    it changes the whole process, and every other model in it gains as well)."""
     model = copy.deepcopy(model).eval()
+    if reuse_memory and all(p.device.type == "cpu" for p in model.parameters()):
+        reuse_freed_memory()
+    onednn = fuse_kernels and onednn_fusion_available()
+    for stage in model.stages:
+        for i, block in enumerate(stage.blocks):
+            if type(block) is MBConvBlock and isinstance(block.pre_norm, nn.BatchNorm2d) and \
+                    isinstance(block.norm1, nn.BatchNorm2d) and isinstance(block.norm2, nn.BatchNorm2d):
+                stage.blocks[i] = InferenceMBConv(block, onednn)
     for m in model.modules():
-        if isinstance(m, MBConvBlock):
-            m.conv1 = fold_bn_after(fold_bn_before(m.pre_norm, m.conv1), m.norm1)
-            m.conv2 = fold_bn_after(m.conv2, m.norm2)
-            m.pre_norm, m.norm1, m.norm2 = nn.Identity(), nn.Identity(), nn.Identity()
-        elif isinstance(m, Stem):
-            layers = list(m.layers)
-            for i, layer in enumerate(layers[:-1]):
-                if isinstance(layer, nn.Conv2d) and isinstance(layers[i + 1], nn.BatchNorm2d):
-                    layers[i], layers[i + 1] = fold_bn_after(layer, layers[i + 1]), nn.Identity()
-            m.layers = nn.Sequential(*layers)
+        if type(m) is Stem:
+            _fold_stem(m, onednn, channels_last)
+        elif type(m) is Mlp and type(m.act) is nn.GELU:
+            m.fc1, m.act = LinearAct(m.fc1, m.act, onednn), nn.Identity()
         elif isinstance(m, RelativeAttention2d):
             m.freeze_bias()
     for p in model.parameters():
         p.requires_grad_(False)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model

@@ -1,0 +1,105 @@
+"""`coatnet bench` (throughput, latency, memory, GFLOP/s; side by side with timm) and `coatnet export`
+(ONNX / TorchScript, checked against PyTorch)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="images/s, latency, peak memory and GFLOP/s of a model (optionally vs timm)")
+    p.add_argument("--model", required=True, help="registered model name, e.g. coatnet_0")
+    p.add_argument("--batch", type=int, nargs="+", default=[8], help="batch size(s); several give one line each")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD update)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last input (and timm's model / our training model in channels-last memory); "
+                        "our inference model always runs channels-last inside")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--downsample", choices=("conv1x1", "dwconv"), default=None,
+                   help="where MBConv's stride sits (dwconv: timm's paper-style coatnet_N_224)")
+    p.add_argument("--compare-timm", action="store_true", help="time timm's matching model interleaved (needs timm)")
+    p.add_argument("--timm-model", default=None, help="the timm model to compare with (default: the matching one)")
+    p.add_argument("--force-bf16", action="store_true",
+                   help="keep our bf16 compute on a CPU without bf16 instructions (by default it runs fp32 there)")
+    p.add_argument("--reuse-memory", action="store_true",
+                   help="keep freed memory in the process (glibc malloc setting; both models profit)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per model; medians are reported")
+    p.add_argument("--json", action="store_true", help="one JSON object per batch size")
+    p.set_defaults(func=run_bench)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (dynamic batch), checked to 1e-4")
+    p.add_argument("--checkpoint", required=True, help="a .safetensors training checkpoint or weights file")
+    p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
+    p.add_argument("--output", default=None, help="output file (default: the checkpoint's name with .onnx / .pt)")
+    p.add_argument("--model", default=None, help="architecture of plain weights without a config in their metadata")
+    p.add_argument("--num-classes", type=int, default=None, help="with --model: the classifier's class count")
+    p.add_argument("--img-size", type=int, default=None, help="input size of the exported graph (default: the model's)")
+    p.add_argument("--no-check", action="store_true", help="skip comparing the exported outputs with PyTorch")
+    p.add_argument("--bench", action="store_true", help="time the exported file against PyTorch (interleaved)")
+    p.add_argument("--batch", type=int, default=8, help="with --bench: batch size")
+    p.add_argument("--threads", type=int, default=None, help="with --bench: threads for both runtimes")
+    p.set_defaults(func=run_export)
+
+
+def _fmt(m) -> str:
+    return (f"{m.model:<28} {m.images_per_s:>9.2f} img/s {m.latency_ms:>9.1f} ms/batch {m.peak_memory_mb:>8.0f} MB "
+            f"{m.macs_per_image / 1e9:>6.2f} GMACs {m.gflops:>7.1f} GFLOP/s")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from ..bench import benchmark
+
+    for batch in args.batch:
+        if batch < 1:
+            raise ValueError(f"--batch {batch} must be at least 1")
+        result = benchmark(args.model, batch=batch, img_size=args.img_size, precision=args.precision,
+                           train=args.train, compile=args.compile, channels_last=args.channels_last,
+                           threads=args.threads, device=args.device, compare_timm=args.compare_timm,
+                           timm_name=args.timm_model, overrides={"downsample": args.downsample},
+                           warmup=args.warmup, repeats=args.repeats, force_bf16=args.force_bf16,
+                           reuse_memory=args.reuse_memory)
+        if args.json:
+            print(json.dumps(result.to_dict()), flush=True)
+            continue
+        s = result.settings
+        print(f"{s['model']} {s['overrides'] or ''} batch {batch} {s['img_size']}px {s['precision']} "
+              f"{'train step' if s['train'] else 'inference'} {s['device']} threads {s['threads']}"
+              f"{' compiled' if s['compile'] else ''}{' channels-last' if s['channels_last'] else ''}")
+        print("  " + _fmt(result.ours))
+        if result.timm is not None:
+            print("  " + _fmt(result.timm))
+            print(f"  ratio ours/timm: images/s {result.ratios['images_per_s']:.2f}x, "
+                  f"peak memory {result.ratios['peak_memory']:.2f}x")
+        print(f"  fp32 2048x2048 matmul: {result.matmul_gflops:.1f} GFLOP/s; ours achieves "
+              f"{result.ours.gflops / result.matmul_gflops:.2f} of it", flush=True)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..export import SUFFIXES, export, load_checkpoint_model, max_relative_error
+
+    overrides = {"num_classes": args.num_classes}
+    if args.img_size is not None:
+        overrides["img_size"] = args.img_size
+    model = load_checkpoint_model(args.checkpoint, args.model, **{k: v for k, v in overrides.items() if v is not None})
+    output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(SUFFIXES[args.format])
+    export(model, output, args.format)
+    print(f"wrote {output} ({args.format}, dynamic batch, input {model.in_chans}x"
+          f"{'x'.join(map(str, model.config.image_size))})")
+    if not args.no_check:
+        err = max_relative_error(model, output, args.format)
+        print(f"max relative difference to PyTorch at batch 1 and 3: {err:.2e}")
+        if err > 1e-4:
+            raise ValueError(f"exported outputs differ from PyTorch by {err:.2e} (> 1e-4)")
+    if args.bench:
+        from ..bench import benchmark_exported
+
+        speeds = benchmark_exported(model, str(output), args.format, batch=args.batch, threads=args.threads)
+        print("  ".join(f"{k}: {v:.2f} img/s" for k, v in speeds.items()))
+    return 0

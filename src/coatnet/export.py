@@ -1,0 +1,114 @@
+"""Export a trained CoAtNet to ONNX or TorchScript, with a dynamic batch size, checked against PyTorch.
+
+The exported graph is `inference_model(model, fuse_kernels=False)`: BatchNorm folded and attention biases
+gathered once, built from standard ops only (the fused oneDNN kernels have no ONNX or TorchScript form).
+ONNX uses torch's TorchScript-based exporter (opset 17): the dynamo exporter needs onnxscript, and the
+legacy one handles scaled_dot_product_attention with an additive mask.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import CoAtNet, CoAtNetConfig, create_model, inference_model
+from .models.weights import load_pretrained
+from .utils import atomic_write
+
+FORMATS = ("onnx", "torchscript")
+ONNX_OPSET = 17
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+def load_checkpoint_model(path: str | os.PathLike, model_name: str | None = None, **overrides) -> CoAtNet:
+    """The model of a checkpoint, in eval mode. A training checkpoint names its config in its safetensors
+    metadata ("coatnet" = JSON with "model_config"); plain weights need `model_name` (and overrides such
+    as num_classes) to say what they are."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    config = None
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise ValueError(f"{path} is not a valid safetensors file ({e})") from None
+        if "coatnet" in meta:
+            config = CoAtNetConfig.from_dict(json.loads(meta["coatnet"])["model_config"])
+    if config is not None and model_name is None:
+        model = CoAtNet(config.replace(**overrides))
+    elif model_name is not None:
+        model = create_model(model_name, **overrides)
+    else:
+        raise ValueError(f"{path} holds no model config in its metadata; name the architecture with --model")
+    load_pretrained(model, path, strict_head=True)
+    return model.eval()
+
+
+def export(model: CoAtNet, path: str | os.PathLike, fmt: str, img_size: tuple[int, int] | None = None) -> Path:
+    """Write `model` as `fmt` ("onnx" or "torchscript") to `path` atomically; input (B, C, H, W) with a
+    dynamic batch B, output logits (B, num_classes). Returns the path."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+    size = img_size or model.config.image_size
+    graph = inference_model(model.cpu().float(), channels_last=False, fuse_kernels=False)
+    example = torch.randn(2, model.in_chans, *size)
+    with warnings.catch_warnings(), atomic_write(path) as tmp:
+        warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks
+        if fmt == "onnx":
+            torch.onnx.export(graph, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        else:
+            traced = torch.jit.trace(graph, example, check_trace=False)
+            torch.jit.save(traced, str(tmp))
+    return path
+
+
+def run_exported(path: str | os.PathLike, fmt: str, x: torch.Tensor, threads: int | None = None):
+    """Outputs of an exported file on `x` (B, C, H, W): onnxruntime for ONNX, torch.jit.load otherwise."""
+    if fmt == "onnx":
+        session = onnx_session(path, threads)
+        return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    module = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return module(x)
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ValueError("checking or timing an ONNX file needs onnxruntime (pip install 'coatnet[export]')") from None
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def max_relative_error(model: nn.Module, path: str | os.PathLike, fmt: str, batch_sizes=(1, 3),
+                       img_size: tuple[int, int] | None = None) -> float:
+    """max |exported - PyTorch| / max |PyTorch| over random batches of each size."""
+    size = img_size or model.config.image_size
+    worst = 0.0
+    model = model.eval()
+    for b in batch_sizes:
+        x = torch.randn(b, model.in_chans, *size)
+        with torch.no_grad():
+            ref = model(x)
+        out = run_exported(path, fmt, x)
+        if out.shape != ref.shape:
+            raise ValueError(f"exported output shape {tuple(out.shape)} != PyTorch's {tuple(ref.shape)} at batch {b}")
+        worst = max(worst, ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item())
+    return worst

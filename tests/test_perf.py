@@ -1,0 +1,185 @@
+"""The benchmark tool, export, and the speed-oriented inference model (no timed assertions)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import coatnet
+from coatnet.bench import (benchmark, count_step_flops, make_step, peak_memory_bytes, resolve_device,
+                           time_interleaved, timm_model)
+from coatnet.cli import main
+from coatnet.export import export, load_checkpoint_model, max_relative_error, run_exported
+from coatnet.models.inference import InferenceMBConv
+
+TINY = dict(depths=(1, 1, 1, 1, 1), widths=(16, 16, 32, 32, 64), head_dim=16, num_classes=7, img_size=32)
+
+
+def tiny(**kw):
+    return coatnet.create_model("coatnet_pico", **{**TINY, **kw}).eval()
+
+
+def trained_stats(model):
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, 3, 32, 32) * 2 + 1)
+    return model.eval()
+
+
+# -- inference model ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("fuse, channels_last", [(True, True), (False, False), (True, False)])
+def test_inference_model_variants_match_the_eval_model(fuse, channels_last):
+    model = trained_stats(tiny(downsample="dwconv"))
+    fast = coatnet.inference_model(model, channels_last=channels_last, fuse_kernels=fuse)
+    x = torch.randn(3, 3, 64, 32)
+    ref = model(x)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        assert (fast(inp) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_inference_model_folds_squeeze_excite_into_the_projection_when_fused():
+    fast = coatnet.inference_model(tiny(), fuse_kernels=True)
+    blocks = [m for m in fast.modules() if isinstance(m, InferenceMBConv)]
+    assert len(blocks) == 2
+    expected = coatnet.models.inference.onednn_fusion_available()
+    assert all(b.fuse_se == expected for b in blocks)
+    assert not any(b.fuse_se for b in coatnet.inference_model(tiny(), fuse_kernels=False).modules()
+                   if isinstance(b, InferenceMBConv))
+
+
+def test_inference_model_runs_under_bf16_autocast():
+    model = tiny()
+    fast = coatnet.inference_model(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast(x)
+    ref = model(x)
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() <= 0.1 * ref.abs().max()
+
+
+def test_the_package_never_imports_timm():
+    code = ("import sys, coatnet, coatnet.bench, coatnet.export, coatnet.cli.perf; "
+            "assert 'timm' not in sys.modules and 'torchvision' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+def test_peak_memory_counts_live_tensors_created_during_the_call():
+    def step():
+        a = torch.ones(1024, 1024)  # 4 MiB
+        b = a * 2  # 4 MiB more while a lives
+        del a, b
+        torch.ones(512, 1024)  # 2 MiB after both died: below the peak
+
+    assert peak_memory_bytes(step, torch.device("cpu")) == 8 * 2**20
+
+
+def test_peak_memory_of_a_training_step_holds_the_saved_activations():
+    layer = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 1))
+    x = torch.randn(4096, 256)
+    inference = peak_memory_bytes(make_step(layer, x, "fp32", False, 1), torch.device("cpu"))
+    training = peak_memory_bytes(make_step(layer, x, "fp32", True, 1), torch.device("cpu"))
+    activation = 4096 * 256 * 4
+    assert inference >= 2 * activation and training >= 3 * activation and training > inference
+
+
+def test_flops_of_a_linear_layer_forward_and_training_step():
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    assert count_step_flops(layer, x, train=False) == 2 * 5 * 64 * 32
+    # forward and the weight gradient (the input needs none)
+    assert count_step_flops(layer, x, train=True) == 2 * 2 * 5 * 64 * 32
+
+
+def test_time_interleaved_alternates_the_steps():
+    calls = []
+    steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = time_interleaved(steps, torch.device("cpu"), warmup=1, repeats=3)
+    assert calls == ["a", "b"] * 4 and all(len(v) == 3 for v in times.values())
+
+
+def test_benchmark_reports_consistent_numbers():
+    r = benchmark("coatnet_pico", batch=2, img_size=32, threads=torch.get_num_threads(), overrides=TINY | {"img_size": None},
+                  warmup=1, repeats=2)
+    m = r.ours
+    assert m.macs_per_image == coatnet.count_macs(tiny(), img_size=32)
+    assert m.images_per_s == pytest.approx(2 / (m.latency_ms / 1e3))
+    assert m.gflops == pytest.approx(2 * m.macs_per_image * m.images_per_s / 1e9)
+    assert m.peak_memory_mb > 0 and r.matmul_gflops > 0 and r.timm is None and r.ratios is None
+
+
+def test_benchmark_of_a_training_step_in_bf16():
+    r = benchmark("coatnet_pico", batch=2, img_size=32, precision="bf16", train=True, overrides=TINY | {"img_size": None},
+                  warmup=1, repeats=1)
+    assert r.ours.images_per_s > 0 and r.ours.gflops > 2 * r.ours.macs_per_image * r.ours.images_per_s / 1e9
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_cuda_without_cuda_is_a_clear_error(capsys):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+    assert main(["bench", "--model", "coatnet_pico", "--device", "cuda"]) == 1
+    assert "error: --device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_compare_timm_without_timm_is_a_one_line_error():
+    try:
+        import timm  # noqa: F401
+        pytest.skip("timm is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match="--compare-timm needs timm"):
+        timm_model("coatnet_0_224")
+
+
+def test_bench_cli_prints_json(capsys):
+    assert main(["bench", "--model", "coatnet_pico", "--img-size", "32", "--batch", "1", "2", "--repeats", "1",
+                 "--warmup", "0", "--threads", "1", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [d["settings"]["batch"] for d in lines] == [1, 2]
+    assert all(d["ours"]["images_per_s"] > 0 and d["settings"]["threads"] == 1 for d in lines)
+
+
+# -- export ------------------------------------------------------------------------------------------
+def write_training_checkpoint(model, path):
+    info = {"model_config": model.config.to_dict(), "epoch": 1}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"format": "coatnet-checkpoint-v1", "coatnet": json.dumps(info)})
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_pytorch_at_batch_1_and_3(tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    model = trained_stats(tiny())
+    ckpt = tmp_path / "checkpoint-best.safetensors"
+    write_training_checkpoint(model, ckpt)
+    loaded = load_checkpoint_model(ckpt)
+    out = export(loaded, tmp_path / f"model.{fmt}", fmt)
+    for b in (1, 3):
+        x = torch.randn(b, 3, 32, 32)
+        got = run_exported(out, fmt, x)
+        ref = model(x)
+        assert got.shape == (b, 7) and (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert max_relative_error(model, out, fmt) <= 1e-4
+
+
+def test_export_cli_with_plain_weights_needs_the_model_name(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    model = coatnet.create_model("coatnet_pico", num_classes=3, img_size=32)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    assert main(["export", "--checkpoint", str(weights), "--format", "onnx"]) == 1
+    assert "name the architecture with --model" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(weights), "--format", "onnx", "--model", "coatnet_pico",
+                 "--num-classes", "3", "--img-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "max relative difference" in out and (tmp_path / "w.onnx").is_file()
+
+
+def test_export_rejects_an_unknown_format(tmp_path):
+    with pytest.raises(ValueError, match="format 'tflite' is not one of"):
+        export(tiny(), tmp_path / "m", "tflite")
