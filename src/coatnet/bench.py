@@ -256,19 +256,22 @@ class BenchResult:
                 "gflops_fraction_of_matmul": self.ours.gflops / self.matmul_gflops}
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); without them bf16 is emulated."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 def benchmark(name: str, batch: int = 8, img_size: int = 224, precision: str = "fp32", train: bool = False,
               compile: bool = False, channels_last: bool = False, threads: int | None = None,
               device: str = "cpu", compare_timm: bool = False, timm_name: str | None = None,
               overrides: dict | None = None, warmup: int = 2, repeats: int = 5, seed: int = 0,
-              force_bf16: bool = False, reuse_memory: bool = False) -> BenchResult:
+              reuse_memory: bool = False) -> BenchResult:
     """Measure our model `name` (with config `overrides`), and timm's counterpart interleaved with it
-    when `compare_timm`. See `Measurement` for what is reported. `force_bf16`: keep our bf16 compute even
-    on a CPU that emulates bf16 (see coatnet.models.coatnet.FP32_WHERE_BF16_IS_EMULATED). `reuse_memory`:
+    when `compare_timm`. See `Measurement` for what is reported. `reuse_memory`:
     coatnet.utils.reuse_freed_memory() first (process-wide: timm's model profits too)."""
-    from .models import coatnet as network
     from .models import create_model
-
-    network.FP32_WHERE_BF16_IS_EMULATED = not force_bf16
 
     dev = resolve_device(device)
     # Process-wide, so both models profit alike: see reuse_freed_memory.
@@ -307,8 +310,8 @@ def benchmark(name: str, batch: int = 8, img_size: int = 224, precision: str = "
     settings = dict(model=name, overrides=overrides, batch=batch, img_size=img_size, precision=precision,
                     train=train, compile=compile, channels_last=channels_last, threads=torch.get_num_threads(),
                     device=str(dev), torch=torch.__version__, warmup=warmup, repeats=repeats,
-                    malloc_reuse=malloc_reuse, force_bf16=force_bf16,
-                    bf16_native=network.cpu_has_native_bf16() if dev.type == "cpu" else None)
+                    malloc_reuse=malloc_reuse,
+                    bf16_native=cpu_has_native_bf16() if dev.type == "cpu" else None)
     other = [v for k, v in results.items() if k != name]
     return BenchResult(settings, reference, results[name], other[0] if other else None)
 

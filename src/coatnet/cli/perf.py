@@ -24,8 +24,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where MBConv's stride sits (dwconv: timm's paper-style coatnet_N_224)")
     p.add_argument("--compare-timm", action="store_true", help="time timm's matching model interleaved (needs timm)")
     p.add_argument("--timm-model", default=None, help="the timm model to compare with (default: the matching one)")
-    p.add_argument("--force-bf16", action="store_true",
-                   help="keep our bf16 compute on a CPU without bf16 instructions (by default it runs fp32 there)")
     p.add_argument("--reuse-memory", action="store_true",
                    help="keep freed memory in the process (glibc malloc setting; both models profit)")
     p.add_argument("--warmup", type=int, default=2)
@@ -62,7 +60,7 @@ def run_bench(args: argparse.Namespace) -> int:
                            train=args.train, compile=args.compile, channels_last=args.channels_last,
                            threads=args.threads, device=args.device, compare_timm=args.compare_timm,
                            timm_name=args.timm_model, overrides={"downsample": args.downsample},
-                           warmup=args.warmup, repeats=args.repeats, force_bf16=args.force_bf16,
+                           warmup=args.warmup, repeats=args.repeats,
                            reuse_memory=args.reuse_memory)
         if args.json:
             print(json.dumps(result.to_dict()), flush=True)

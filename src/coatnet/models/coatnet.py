@@ -1,8 +1,6 @@
 """The CoAtNet network (paper, Sec. 3, Fig. 4): stem, four stages, final norm, pooled linear head."""
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Any
 
 import torch
@@ -12,27 +10,6 @@ from ..layers import DropPath, RelativeAttention2d
 from .blocks import (BatchNormChannelsLast, MBConvBlock, PatchStem, Stage, Stem, TransformerBlock,
                      drop_path_rates, feature_size, make_norm, to_channels_first, to_channels_last)
 from .config import CoAtNetConfig, check_image_size
-
-
-# CPU bf16 autocast on a CPU without bf16 instructions (AVX512-BF16 or AMX) emulates every bf16
-# matmul and convolution: a training step then runs about 1.8x slower than in fp32 (docs/performance.md).
-# Where that holds the network computes in fp32 inside such an autocast region; False keeps bf16.
-FP32_WHERE_BF16_IS_EMULATED = True
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_has_native_bf16() -> bool:
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
-
-
-def fp32_where_bf16_is_emulated(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off (fp32 compute) for a CPU input under bf16 autocast when the CPU emulates bf16."""
-    if (FP32_WHERE_BF16_IS_EMULATED and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not cpu_has_native_bf16()):
-        return torch.autocast("cpu", enabled=False)
-    return contextlib.nullcontext()
 
 
 class CoAtNet(nn.Module):
@@ -91,11 +68,10 @@ class CoAtNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normalised last feature map (B, num_features, H/32, W/32)."""
         self._check_input(x)
-        with fp32_where_bf16_is_emulated(x):
-            x = self.stem(x)
-            for stage in self.stages:
-                x = stage(x)
-            return to_channels_first(self.norm(to_channels_last(x)))
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return to_channels_first(self.norm(to_channels_last(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, C, h, w) feature map -> global average pool -> (B, C) or logits (B, num_classes)."""
@@ -109,10 +85,6 @@ class CoAtNet(nn.Module):
         """Feature maps (B, C, H/r, W/r) after the stem and after each stage, r = 2, 4, 8, 16, 32 for the
         CoAtNet layouts (a split stage reports once, after its Transformer part); the last is normalised."""
         self._check_input(x)
-        with fp32_where_bf16_is_emulated(x):
-            return self._intermediates(x)
-
-    def _intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         maps = [] if self.config.is_vit else [x]
         reductions = self.stage_reductions
