@@ -47,7 +47,18 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, strict_head: bool
     whose class count differs is dropped with a message (unless strict_head). Any other missing or
     unexpected key is an error: a load never silently leaves weights at their initial values."""
     state = read_state_dict(path)
-    state = {k.removeprefix("model."): v for k, v in state.items()}
+    if any(k.startswith("model.") for k in state):
+        # Weights stored under "model." beside other tensors (such as our parity fixtures' inputs and
+        # outputs): the weights are the "model." entries.
+        others = sorted(k for k in state if not k.startswith("model."))
+        if others:
+            print(f"note: {path}: reading the model.* entries; ignoring {len(others)} others "
+                  f"({', '.join(others[:5])})")
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    from .timm_import import convert_timm_state_dict, is_timm_state_dict
+
+    if is_timm_state_dict(state):
+        state = convert_timm_state_dict(state, model)
     own = model.state_dict()
     head_keys = [k for k in own if k.startswith("head.")]
     mismatched_head = [k for k in head_keys if k in state and state[k].shape != own[k].shape]
