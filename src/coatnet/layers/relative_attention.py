@@ -100,7 +100,7 @@ class RelativeAttention2d(nn.Module):
         if self.has_table and key in state_dict:
             table = state_dict[key]
             if table.ndim == 3 and table.shape[0] == self.num_heads and table.shape != self.relative_bias_table.shape:
-                state_dict[key] = resize_bias_table(table.float(), self.feature_size, self.table_resize).to(table.dtype)
+                state_dict[key] = resize_bias_table(table.float(), self.feature_size, self.table_resize)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def freeze_bias(self) -> None:

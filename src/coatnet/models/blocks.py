@@ -119,8 +119,8 @@ class MBConvBlock(nn.Module):
         if self.shortcut is not None:
             shortcut = self.shortcut(shortcut)
         x = self.pre_act(self.pre_norm(x))
-        if self.pool_input:
-            x = pool2x2(x, self.pool_type)
+        if self.pool_input:  # always 2x2 average, whatever the shortcut's pooling (as timm)
+            x = F.avg_pool2d(x, 2)
         x = self.act(self.norm1(self.conv1(x)))
         x = self.conv2(x)
         if self.se_before_norm:

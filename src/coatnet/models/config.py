@@ -46,7 +46,7 @@ class MBConvConfig:
     se_activation: str = "gelu"  # activation inside squeeze-excite: "gelu", "silu" or "relu"
     se_placement: str = "after_norm"  # SE after norm2 + activation, or "before_norm": between depthwise conv and norm2
     downsample: str = "conv1x1"  # where the stride sits: "conv1x1" (paper eq. 5), "dwconv" (Stride-2 DConv)
-    #                              or "pool" (2x2 pooling after the pre-norm, before the 1x1 expansion)
+    #                              or "pool" (2x2 average pooling after the pre-norm, before the expansion)
     activation: str = "gelu"  # activation of the MBConv blocks and the stem: "gelu" (paper), "silu" or "relu"
     pre_norm_act: bool = False  # apply the activation after the pre-norm too (timm's early "rw" models)
     shortcut_bias: bool = True  # bias of the 1x1 projection on the downsampling shortcut

@@ -52,8 +52,8 @@ def inference_model(model: CoAtNet) -> CoAtNet:
     model = copy.deepcopy(model).eval()
     for m in model.modules():
         if isinstance(m, MBConvBlock):
-            # The pre-norm folds forward only through linear steps: not an activation or max pooling.
-            if isinstance(m.pre_act, nn.Identity) and not (m.pool_input and m.pool_type != "avg"):
+            # The pre-norm folds forward through average pooling (both linear), not through an activation.
+            if isinstance(m.pre_act, nn.Identity):
                 m.conv1, m.pre_norm = fold_bn_before(m.pre_norm, m.conv1), nn.Identity()
             m.conv1, m.norm1 = fold_bn_after(m.conv1, m.norm1), nn.Identity()
             if not m.se_before_norm:  # squeeze-excite between conv2 and norm2 blocks that fold

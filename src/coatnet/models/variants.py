@@ -5,6 +5,7 @@ S0..S4 and the attention head size. Parameter and multiply-add counts are held t
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from .coatnet import CoAtNet
@@ -70,7 +71,21 @@ def get_config(name: str, **overrides: Any) -> CoAtNetConfig:
 
 def create_model(name: str, pretrained: str | None = None, **overrides: Any) -> CoAtNet:
     """Build a registered variant. `overrides` replace config fields (flat or dotted names; None is
-    ignored); `pretrained` is a weights file to load."""
+    ignored). `pretrained` is a weights file to load (ours, or timm's .safetensors/.pth/.bin), or a tag
+    from `coatnet weights` already fetched with `coatnet download TAG` (its class count is then the
+    default num_classes). A classifier of another class count is dropped with a message; tables are
+    resized to img_size."""
+    if pretrained is not None:
+        from .pretrained import WEIGHTS, local_path
+
+        if str(pretrained) in WEIGHTS and not os.path.exists(pretrained):
+            tag = str(pretrained)
+            pretrained = local_path(tag)
+            if not pretrained.is_file():
+                raise FileNotFoundError(f"weights {tag} are not downloaded ({pretrained}); "
+                                        f"run `coatnet download {tag}`")
+            if overrides.get("num_classes") is None:
+                overrides["num_classes"] = WEIGHTS[tag].num_classes
     model = CoAtNet(get_config(name, **overrides))
     if pretrained is not None:
         from .weights import load_pretrained
