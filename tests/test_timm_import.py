@@ -144,3 +144,13 @@ def test_every_timm_name_is_registered_and_builds_on_meta():
                  "coatnet_rmlp_nano_rw_224": 15.15, "coatnet_bn_0_rw_224": 27.44}
     for name, millions in published.items():
         assert round(count_params(build_on_meta(get_config(name))) / 1e6, 2) == millions, name
+
+
+@needs_fixtures
+def test_a_featureless_model_drops_the_checkpoints_classifier(fixtures, capsys):
+    name = "coatnet_nano_rw_224"
+    model = coatnet.create_model(name, num_classes=0, pretrained=str(REFERENCE / f"{name}.safetensors")).eval()
+    assert "classifier dropped; the model has none" in capsys.readouterr().out
+    with torch.no_grad():
+        pooled = model(fixtures[name]["x"])
+    torch.testing.assert_close(pooled, fixtures[name]["features"].mean((2, 3)), rtol=1e-4, atol=1e-4)

@@ -83,6 +83,8 @@ def convert_timm_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Modu
     own = model.state_dict()
     out = {}
     for key, value in state.items():
+        if key.endswith((".relative_position_index", ".rel_coords_log")):
+            continue  # buffers derived from the map size (persistent in some older timm checkpoints)
         new = timm_key_to_ours(key)
         if new.endswith(("attn.qkv.weight", "attn.qkv.bias")) and new.rsplit(".", 2)[0] in attn:
             heads = attn[new.rsplit(".", 2)[0]].num_heads
@@ -90,7 +92,7 @@ def convert_timm_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Modu
         elif new.endswith("attn.relative_bias_table") and new.rsplit(".", 1)[0] in attn and value.ndim == 2:
             layer = attn[new.rsplit(".", 1)[0]]
             value = _table_to_ours(value, layer.num_heads, layer.feature_size)
-        if new in own and value.ndim == 4 and own[new].ndim == 2 and value.numel() == own[new].numel():
-            value = value.reshape(own[new].shape)  # 1x1 conv -> linear
+        if new in own and value.ndim != own[new].ndim and value.ndim in (2, 4) and value.numel() == own[new].numel():
+            value = value.reshape(own[new].shape)  # 1x1 conv <-> linear (timm saved both forms over time)
         out[new] = value
     return out

@@ -70,12 +70,20 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, strict_head: bool
               f"the model keeps its new head for {model.num_classes} classes")
         for k in head_keys:
             state.pop(k, None)
+    if not head_keys and getattr(model, "num_classes", None) == 0:
+        dropped = [k for k in state if k.startswith("head.")]
+        if dropped:
+            print(f"note: {path}: classifier dropped; the model has none (num_classes=0)")
+            for k in dropped:
+                state.pop(k)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         detail = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
         raise ValueError(f"{path} does not fit this architecture: {detail[0] if detail else e}") from None
-    missing = [k for k in missing if not (mismatched_head and k in head_keys)]
+    # BatchNorm's step counter does not affect outputs; some exporters leave it out.
+    missing = [k for k in missing
+               if not (mismatched_head and k in head_keys) and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         parts = []
         if missing:
