@@ -1,8 +1,10 @@
 """`inference_model`: an eval-only copy of a CoAtNet prepared for speed, numerically equivalent.
 
 - BatchNorm folded into the neighbouring convolution: the pre-norm BN of an MBConv block into its 1x1
-  expansion (a per-channel affine before a 1x1 conv, exact even when that conv is strided), and the BNs
-  after the expansion and the depthwise conv into those convs; the stem's BN into its first conv.
+  expansion (a per-channel affine before a 1x1 conv, exact even when that conv is strided or average
+  pooling sits between; not when an activation follows the pre-norm), and the BNs after the expansion
+  and the depthwise conv into those convs (not when squeeze-excite sits between); the stem's BN into
+  its first conv.
 - Relative-position bias gathered once into a (heads, N, N) buffer instead of at every call.
 """
 from __future__ import annotations
