@@ -73,8 +73,18 @@ def _rw(name: str, family: str, size: str, depths: tuple, mb: dict, tr: dict, im
         img_size=img_size)
 
 
+def _describe(name: str) -> str:
+    from .pretrained import WEIGHTS
+
+    tags = [w for w in WEIGHTS.values() if w.model == name]
+    best = max((w for w in tags if w.top1 is not None), key=lambda w: w.top1, default=None)
+    weights = (f"weights: {best.tag.split('.')[1]} {best.top1:.1f}% top-1" if best else
+               "weights: ImageNet-12k only" if tags else "no published weights")
+    return f"timm's {name}; {weights}"
+
+
 for _name, _spec in RW_VARIANTS.items():
-    register(_name, f"timm {_name} ({_spec[0]} family)")(lambda n=_name, s=_spec: _rw(n, *s))
+    register(_name, _describe(_name))(lambda n=_name, s=_spec: _rw(n, *s))
 
 # timm's paper-style configs: name: (depths S1..S4, widths S1..S4, stem width)
 PAPER_STYLE_VARIANTS: dict[str, tuple] = {
@@ -96,7 +106,7 @@ def _paper_style(depths: tuple, widths: tuple, stem: int) -> CoAtNetConfig:
 
 
 for _name, _spec in PAPER_STYLE_VARIANTS.items():
-    register(_name, f"timm {_name} (timm's paper-style config, no published weights)")(
+    register(_name, f"timm's paper-style {_name}; no published weights")(
         lambda s=_spec: _paper_style(*s))
 
 TIMM_VARIANTS = tuple(RW_VARIANTS) + tuple(PAPER_STYLE_VARIANTS)
