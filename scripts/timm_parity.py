@@ -7,7 +7,7 @@ features and logits on one random batch. Also loads 224 checkpoints into 384 mod
 own way via its checkpoint filter). Prints a markdown table of max relative errors (max |ours - timm|
 over max |timm|).
 
-    PYTHONPATH=src /tmp/timm-env/bin/python scripts/timm_parity.py [NAME ...]
+    PYTHONPATH=src /tmp/timm-env/bin/python scripts/timm_parity.py [NAME[@HxW] ...]
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def compare(name: str, tmp: Path, img_size: int | None = None, source: str | Non
     src = timm.create_model(source, pretrained=False).eval()
     randomize(src, seed=len(name))
     state = {k: v.contiguous() for k, v in src.state_dict().items()}
-    path = tmp / f"{source}.safetensors"
+    path = tmp / f"{source}.safetensors"  # a checkpoint at the source's own (default) size
     save_file(state, str(path))
     kwargs = {} if img_size is None else {"img_size": img_size}
     ref = timm.create_model(name, pretrained=False, **kwargs).eval()
@@ -77,8 +77,14 @@ def compare(name: str, tmp: Path, img_size: int | None = None, source: str | Non
     return rel_err(f_ours, f_ref), rel_err(l_ours, l_ref), rel_err(l_fast, l_ref), params, size
 
 
+def _case(arg: str) -> tuple:
+    """NAME, or NAME@HxW: NAME's 224 checkpoint loaded into NAME built at H x W."""
+    name, _, size = arg.partition("@")
+    return name, (tuple(int(v) for v in size.split("x")) if size else None), None
+
+
 def main(names: list[str]) -> None:
-    cases = [(n, None, None) for n in (names or TIMM_VARIANTS)]
+    cases = [_case(n) for n in names] or [(n, None, None) for n in TIMM_VARIANTS]
     if not names:
         cases += [("coatnet_0_rw_224", 384, None), ("coatnet_bn_0_rw_224", 384, None),
                   ("coatnet_0_224", 384, None), ("coatnet_rmlp_2_rw_384", None, "coatnet_rmlp_2_rw_224")]
