@@ -154,3 +154,14 @@ def test_a_featureless_model_drops_the_checkpoints_classifier(fixtures, capsys):
     with torch.no_grad():
         pooled = model(fixtures[name]["x"])
     torch.testing.assert_close(pooled, fixtures[name]["features"].mean((2, 3)), rtol=1e-4, atol=1e-4)
+
+
+@needs_fixtures
+def test_without_a_class_count_the_model_takes_the_checkpoints(fixtures, tmp_path, capsys):
+    state = {k.removeprefix("model."): v for k, v in fixtures["coatnet_nano_rw_224"].items()
+             if k.startswith("model.")}
+    state["head.fc.weight"], state["head.fc.bias"] = state["head.fc.weight"][:7], state["head.fc.bias"][:7]
+    save_file(state, str(tmp_path / "seven.safetensors"))
+    model = coatnet.create_model("coatnet_nano_rw_224", pretrained=str(tmp_path / "seven.safetensors"))
+    assert model.num_classes == 7 and "dropped" not in capsys.readouterr().out
+    torch.testing.assert_close(model.head.weight, state["head.fc.weight"].float())

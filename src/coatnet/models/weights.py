@@ -42,10 +42,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike, strict_head: bool = False) -> None:
-    """Load weights into `model`. Relative-position tables of another size are resized. A classifier
-    whose class count differs is dropped with a message (unless strict_head). Any other missing or
-    unexpected key is an error: a load never silently leaves weights at their initial values."""
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model weights in a file (see read_state_dict), in the file's own naming (ours or timm's)."""
     state = read_state_dict(path)
     if any(k.startswith("model.") for k in state):
         # Weights stored under "model." beside other tensors (such as our parity fixtures' inputs and
@@ -55,6 +53,28 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, strict_head: bool
             print(f"note: {path}: reading the model.* entries; ignoring {len(others)} others "
                   f"({', '.join(others[:5])})")
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    return state
+
+
+def checkpoint_num_classes(state: dict[str, torch.Tensor]) -> int | None:
+    """The class count of the classifier in a state dict (ours or timm's); None when it has none."""
+    for key in ("head.weight", "head.fc.weight"):
+        if key in state and state[key].ndim in (2, 4):
+            return int(state[key].shape[0])
+    return None
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, strict_head: bool = False) -> None:
+    """Load the weights file at `path` into `model` (see load_state)."""
+    load_state(model, read_weights(path), path, strict_head)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike,
+               strict_head: bool = False) -> None:
+    """Load a state dict read from `path` (ours or timm's) into `model`. Relative-position tables of
+    another size are resized. A classifier whose class count differs is dropped with a message (unless
+    strict_head). Any other missing or unexpected key is an error: a load never silently leaves weights
+    at their initial values."""
     from .timm_import import convert_timm_state_dict, is_timm_state_dict
 
     if is_timm_state_dict(state):
