@@ -1,6 +1,8 @@
 """Config options that express timm's CoAtNet variants: structure, validation, inference folding."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import coatnet
 
@@ -116,3 +118,34 @@ def test_paper_variants_keep_their_defaults():
     assert (cfg.mbconv.activation, cfg.mbconv.downsample, cfg.transformer.widen_in, cfg.head_hidden,
             cfg.shortcut_projection, cfg.transformer.relative_bias) == ("gelu", "conv1x1", "qkv", 0, "strided",
                                                                         "table")
+
+option_values = st.fixed_dictionaries({
+    "mbconv.activation": st.sampled_from(["gelu", "silu", "relu"]),
+    "mbconv.pre_norm_act": st.booleans(),
+    "mbconv.downsample": st.sampled_from(["conv1x1", "dwconv", "pool"]),
+    "mbconv.se_placement": st.sampled_from(["after_norm", "before_norm"]),
+    "mbconv.se_from": st.sampled_from(["input", "output", "expanded"]),
+    "mbconv.shortcut_bias": st.booleans(),
+    "transformer.widen_in": st.sampled_from(["qkv", "proj"]),
+    "transformer.relative_bias": st.sampled_from(["table", "mlp"]),
+    "transformer.norm": st.sampled_from(["layernorm", "batchnorm"]),
+    "transformer.layer_scale": st.sampled_from([0.0, 0.1]),
+    "pool_type": st.sampled_from(["avg", "max", "max3x3"]),
+    "shortcut_projection": st.sampled_from(["strided", "width_change"]),
+    "head_hidden": st.sampled_from([0, 24]),
+})
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(options=option_values)
+def test_any_combination_of_options_builds_runs_and_folds(options):
+    model = coatnet.create_model("coatnet_pico", depths=(1, 1, 1, 1, 1), widths=(16, 16, 32, 32, 64),
+                                 head_dim=16, num_classes=3, **{"transformer.relative_mlp_width": 16, **options})
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    assert ref.shape == (2, 3) and torch.isfinite(ref).all()
+    assert (coatnet.inference_model(model)(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
