@@ -52,10 +52,10 @@ bad_values = st.sampled_from([
     ("depths", (2, 2, -1, 2, 2)), ("depths", (2, 2, 2)), ("widths", (64, 96, 192, 384, "768")),
     ("layout", "C-C-T"), ("layout", "T-T-T-T-T"), ("layout", "C-C-Q-T"), ("layout", 7),
     ("head_dim", 0), ("head_dim", 7), ("head_dim", 2.5), ("mlp_ratio", 0), ("expand_ratio", -1),
-    ("se_ratio", -0.5), ("downsample", "pool"), ("pool_type", "lp"), ("norm", "rmsnorm"),
+    ("se_ratio", -0.5), ("downsample", "conv3x3"), ("pool_type", "lp"), ("norm", "rmsnorm"),
     ("attention_bias", "alibi"), ("drop_path_rate", -0.1), ("drop_path_rate", 1.0), ("in_chans", 0),
     ("num_classes", -3), ("img_size", 33), ("img_size", (224, 225)), ("img_size", "224"), ("stem_stride", 3),
-    ("kernel_size", 4), ("norm_eps", 0), ("expand_from", "middle"), ("se_from", "output"),
+    ("kernel_size", 4), ("norm_eps", 0), ("expand_from", "middle"), ("se_from", "hidden"),
 ])
 
 

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .relative_position_mlp import RelativePositionMlp
+from .table_resize import resize_table
+
 BiasMode = Literal["relative", "relative_post", "none"]
 
 
@@ -28,17 +31,14 @@ def relative_position_index(height: int, width: int, device=None) -> torch.Tenso
     return (offsets[0] + height - 1) * (2 * width - 1) + (offsets[1] + width - 1)
 
 
-def resize_bias_table(table: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resize a (heads, 2H-1, 2W-1) table to the offsets of an H' x W' map."""
-    target = (2 * size[0] - 1, 2 * size[1] - 1)
-    if tuple(table.shape[-2:]) == target:
-        return table
-    return F.interpolate(table[None], size=target, mode="bilinear", align_corners=False)[0]
+def resize_bias_table(table: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize a (heads, 2H-1, 2W-1) table to the offsets of an H' x W' map (see table_resize.py)."""
+    return resize_table(table, size, mode)
 
 
-def gather_bias(table: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def gather_bias(table: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     """The (heads, N, N) additive bias for an H x W map, resizing the table when its grid differs."""
-    table = resize_bias_table(table, size)
+    table = resize_bias_table(table, size, mode)
     index = relative_position_index(*size, device=table.device)
     return table.flatten(1)[:, index]  # (heads, N, N)
 
@@ -49,11 +49,13 @@ class RelativeAttention2d(nn.Module):
     Input (B, H, W, dim_in), output (B, H, W, dim_out); heads = attn_dim // head_dim. `feature_size` sizes the bias table; inputs of
     another size still work (the table is resized on the fly), `set_feature_size` makes a size permanent.
     `bias_mode`: "relative" adds w before the softmax (the paper's choice), "relative_post" after it
-    (the variant the paper rejects, Sec. 2.1), "none" is standard attention.
+    (the variant the paper rejects, Sec. 2.1), "none" is standard attention. `mlp_width` > 0 computes w
+    with a RelativePositionMlp instead of a table; `table_resize` names how a table changes size.
     """
 
     def __init__(self, dim_in: int, dim_out: int, head_dim: int, feature_size: tuple[int, int],
-                 bias_mode: BiasMode = "relative", qkv_bias: bool = True, attn_dim: int | None = None):
+                 bias_mode: BiasMode = "relative", qkv_bias: bool = True, attn_dim: int | None = None,
+                 mlp_width: int = 0, table_resize: str = "bilinear"):
         super().__init__()
         attn_dim = attn_dim or dim_out  # width of q, k and v; the paper widens in qkv
         if attn_dim % head_dim:
@@ -62,9 +64,13 @@ class RelativeAttention2d(nn.Module):
         self.head_dim = head_dim
         self.bias_mode = bias_mode
         self.feature_size = tuple(feature_size)
+        self.table_resize = table_resize
         self.qkv = nn.Linear(dim_in, 3 * attn_dim, bias=qkv_bias)
         self.proj = nn.Linear(attn_dim, dim_out)
-        if bias_mode != "none":
+        self.relative_position_mlp = None
+        if bias_mode != "none" and mlp_width > 0:
+            self.relative_position_mlp = RelativePositionMlp(self.num_heads, mlp_width)
+        elif bias_mode != "none":
             h, w = self.feature_size
             self.relative_bias_table = nn.Parameter(torch.zeros(self.num_heads, 2 * h - 1, 2 * w - 1))
             nn.init.trunc_normal_(self.relative_bias_table, std=0.02)
@@ -75,14 +81,14 @@ class RelativeAttention2d(nn.Module):
         """Resize the table to an H x W map. Going back to the previous size before the table was
         changed restores the previous table exactly (resizing is lossy, a round trip should not be)."""
         size = tuple(size)
-        if self.bias_mode != "none" and size != self.feature_size:
+        if self.has_table and size != self.feature_size:
             table = self.relative_bias_table.data
             undo = getattr(self, "_undo", None)
             if undo is not None and undo[0] == size and torch.equal(undo[2], table):
                 resized = undo[1]
             else:
                 with torch.no_grad():
-                    resized = resize_bias_table(table, size).contiguous()
+                    resized = resize_bias_table(table, size, self.table_resize).contiguous()
             self._undo = (self.feature_size, table.clone(), resized.clone())
             self.relative_bias_table = nn.Parameter(resized, requires_grad=self.relative_bias_table.requires_grad)
         self.feature_size = size
@@ -91,17 +97,22 @@ class RelativeAttention2d(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint made at another resolution: resize its table to this module's map size.
         key = prefix + "relative_bias_table"
-        if self.bias_mode != "none" and key in state_dict:
+        if self.has_table and key in state_dict:
             table = state_dict[key]
             if table.ndim == 3 and table.shape[0] == self.num_heads and table.shape != self.relative_bias_table.shape:
-                state_dict[key] = resize_bias_table(table.float(), self.feature_size).to(table.dtype)
+                state_dict[key] = resize_bias_table(table.float(), self.feature_size, self.table_resize)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def freeze_bias(self) -> None:
         """Gather the bias once (inference): later forwards at this size skip the index gather."""
+        self.frozen_bias = None
         if self.bias_mode != "none":
             with torch.no_grad():
-                self.frozen_bias = gather_bias(self.relative_bias_table, self.feature_size).contiguous()
+                self.frozen_bias = self.bias(self.feature_size).contiguous()
+
+    @property
+    def has_table(self) -> bool:
+        return self.bias_mode != "none" and self.relative_position_mlp is None
 
     def _qkv_bias(self) -> torch.Tensor | None:
         # NOTE: the key bias is left out. Softmax is invariant to it (it adds q_i . b_k to every logit of row
@@ -116,7 +127,9 @@ class RelativeAttention2d(nn.Module):
     def bias(self, size: tuple[int, int]) -> torch.Tensor:
         if self.frozen_bias is not None and size == self.feature_size:
             return self.frozen_bias
-        return gather_bias(self.relative_bias_table, size)
+        if self.relative_position_mlp is not None:
+            return gather_bias(self.relative_position_mlp.table(size), size)
+        return gather_bias(self.relative_bias_table, size, self.table_resize)
 
     def forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
         B, H, W, _ = x.shape

@@ -14,12 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import DropPath, RelativeAttention2d, SqueezeExcite
+from ..layers import DropPath, LayerScale, RelativeAttention2d, SqueezeExcite
 from .config import MBConvConfig, TransformerConfig
+
+ACTIVATION_LAYERS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
 
 
 def pool2x2(x: torch.Tensor, pool_type: str) -> torch.Tensor:
-    """2x2 pooling with stride 2 of a (B, C, H, W) map."""
+    """Stride-2 pooling of a (B, C, H, W) map: 2x2 "avg" or "max", or "max3x3" (3x3, padding 1)."""
+    if pool_type == "max3x3":
+        return F.max_pool2d(x, 3, 2, 1)
     return F.max_pool2d(x, 2) if pool_type == "max" else F.avg_pool2d(x, 2)
 
 
@@ -39,17 +43,21 @@ class BatchNormChannelsLast(nn.BatchNorm2d):
 
 
 class Stem(nn.Module):
-    """S0: `depth` 3x3 convolutions, the first strided; BatchNorm + GELU between them."""
+    """S0: `depth` 3x3 convolutions, the first strided; BatchNorm + activation between them. All but
+    the last have `hidden_width` channels (default: `width`)."""
 
-    def __init__(self, in_chans: int, width: int, depth: int, stride: int, norm_eps: float = 1e-5):
+    def __init__(self, in_chans: int, width: int, depth: int, stride: int, norm_eps: float = 1e-5,
+                 hidden_width: int = 0, activation: str = "gelu"):
         super().__init__()
+        hidden_width = hidden_width or width
         layers: list[nn.Module] = []
         for i in range(depth):
+            out = width if i == depth - 1 else hidden_width
             # No conv bias: the next block's pre-norm BatchNorm would cancel it.
-            layers.append(nn.Conv2d(in_chans if i == 0 else width, width, 3, stride if i == 0 else 1, 1,
+            layers.append(nn.Conv2d(in_chans if i == 0 else hidden_width, out, 3, stride if i == 0 else 1, 1,
                                     bias=False))
             if i < depth - 1:
-                layers += [nn.BatchNorm2d(width, eps=norm_eps), nn.GELU()]
+                layers += [nn.BatchNorm2d(hidden_width, eps=norm_eps), ACTIVATION_LAYERS[activation]()]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,29 +75,41 @@ class PatchStem(nn.Module):
         return self.proj(x)
 
 
+def needs_projection(in_chs: int, out_chs: int, stride: int, rule: str = "strided") -> bool:
+    """Whether a block's shortcut gets a 1x1 projection (config field `shortcut_projection`)."""
+    return in_chs != out_chs or (stride > 1 and rule == "strided")
+
+
 class MBConvBlock(nn.Module):
     """Pre-norm inverted bottleneck: 1x1 expand, depthwise kxk, squeeze-excite, 1x1 project (eq. 5).
 
-    (B, C_in, H, W) -> (B, C_out, H/stride, W/stride).
+    (B, C_in, H, W) -> (B, C_out, H/stride, W/stride). `shortcut_projection` as in CoAtNetConfig.
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, cfg: MBConvConfig, pool_type: str,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, shortcut_projection: str = "strided"):
         super().__init__()
         self.stride, self.pool_type = stride, pool_type
-        self.shortcut = nn.Conv2d(in_chs, out_chs, 1) if (stride > 1 or in_chs != out_chs) else None
+        self.shortcut = (nn.Conv2d(in_chs, out_chs, 1, bias=cfg.shortcut_bias)
+                         if needs_projection(in_chs, out_chs, stride, shortcut_projection) else None)
         hidden = int(round((in_chs if cfg.expand_from == "input" else out_chs) * cfg.expand_ratio))
-        conv_stride, dw_stride = (stride, 1) if cfg.downsample == "conv1x1" else (1, stride)
+        conv_stride = stride if cfg.downsample == "conv1x1" else 1
+        dw_stride = stride if cfg.downsample == "dwconv" else 1
+        self.pool_input = stride > 1 and cfg.downsample == "pool"
+        self.act = ACTIVATION_LAYERS[cfg.activation]()
         self.pre_norm = nn.BatchNorm2d(in_chs, eps=cfg.norm_eps)
+        self.pre_act = self.act if cfg.pre_norm_act else nn.Identity()
         self.conv1 = nn.Conv2d(in_chs, hidden, 1, conv_stride, bias=False)
         self.norm1 = nn.BatchNorm2d(hidden, eps=cfg.norm_eps)
         self.conv2 = nn.Conv2d(hidden, hidden, cfg.kernel_size, dw_stride, cfg.kernel_size // 2, groups=hidden,
                                bias=False)
         self.norm2 = nn.BatchNorm2d(hidden, eps=cfg.norm_eps)
-        self.act = nn.GELU()
-        se_width = int(round((in_chs if cfg.se_from == "input" else hidden) * cfg.se_ratio))
-        self.se = SqueezeExcite(hidden, se_width) if se_width > 0 else nn.Identity()
-        self.conv3 = nn.Conv2d(hidden, out_chs, 1)
+        se_base = {"input": in_chs, "output": out_chs, "expanded": hidden}[cfg.se_from]
+        se_width = int(round(se_base * cfg.se_ratio))
+        self.se = (SqueezeExcite(hidden, se_width, ACTIVATION_LAYERS[cfg.se_activation]) if se_width > 0
+                   else nn.Identity())
+        self.se_before_norm = cfg.se_placement == "before_norm"
+        self.conv3 = nn.Conv2d(hidden, out_chs, 1, bias=cfg.project_bias)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,9 +118,16 @@ class MBConvBlock(nn.Module):
             shortcut = pool2x2(shortcut, self.pool_type)
         if self.shortcut is not None:
             shortcut = self.shortcut(shortcut)
-        x = self.act(self.norm1(self.conv1(self.pre_norm(x))))
-        x = self.act(self.norm2(self.conv2(x)))
-        x = self.conv3(self.se(x))
+        x = self.pre_act(self.pre_norm(x))
+        if self.pool_input:  # always 2x2 average, whatever the shortcut's pooling (as timm)
+            x = F.avg_pool2d(x, 2)
+        x = self.act(self.norm1(self.conv1(x)))
+        x = self.conv2(x)
+        if self.se_before_norm:
+            x = self.act(self.norm2(self.se(x)))
+        else:
+            x = self.se(self.act(self.norm2(x)))
+        x = self.conv3(x)
         return shortcut + self.drop_path(x)
 
 
@@ -125,19 +152,25 @@ class TransformerBlock(nn.Module):
     """Pre-norm relative-attention block with FFN (eq. 4), on channels-last (B, H, W, C) maps.
 
     Downsampling (stride 2): x <- Proj(Pool(x)) + Attention(Pool(Norm(x))). `feature_size` is the output
-    map's (H, W): it sizes the relative-position table.
+    map's (H, W): it sizes the relative-position table. With layer scale, each branch is scaled per channel.
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, cfg: TransformerConfig, pool_type: str,
-                 feature_size: tuple[int, int], drop_path: float = 0.0):
+                 feature_size: tuple[int, int], drop_path: float = 0.0, shortcut_projection: str = "strided"):
         super().__init__()
         self.stride, self.pool_type = stride, pool_type
-        self.shortcut = nn.Linear(in_chs, out_chs) if (stride > 1 or in_chs != out_chs) else None
+        self.shortcut = (nn.Linear(in_chs, out_chs, bias=cfg.shortcut_bias)
+                         if needs_projection(in_chs, out_chs, stride, shortcut_projection) else None)
         self.norm1 = make_norm(cfg.norm, in_chs, cfg.norm_eps)
-        self.attn = RelativeAttention2d(in_chs, out_chs, cfg.head_dim, feature_size, cfg.attention_bias)
+        self.attn = RelativeAttention2d(
+            in_chs, out_chs, cfg.head_dim, feature_size, cfg.attention_bias,
+            attn_dim=in_chs if cfg.widen_in == "proj" else out_chs,
+            mlp_width=cfg.relative_mlp_width if cfg.relative_bias == "mlp" else 0, table_resize=cfg.table_resize)
+        self.ls1 = LayerScale(out_chs, cfg.layer_scale) if cfg.layer_scale > 0 else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = make_norm(cfg.norm, out_chs, cfg.norm_eps)
         self.mlp = Mlp(out_chs, int(round(out_chs * cfg.mlp_ratio)))
+        self.ls2 = LayerScale(out_chs, cfg.layer_scale) if cfg.layer_scale > 0 else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,8 +180,8 @@ class TransformerBlock(nn.Module):
         shortcut = self._pool(x)
         if self.shortcut is not None:
             shortcut = self.shortcut(shortcut)
-        x = shortcut + self.drop_path1(self.attn(self._pool(self.norm1(x))))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = shortcut + self.drop_path1(self.ls1(self.attn(self._pool(self.norm1(x)))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class Stage(nn.Module):

@@ -26,7 +26,8 @@ class CoAtNet(nn.Module):
             self.stem = PatchStem(cfg.in_chans, specs[0].width, cfg.patch_size)
             in_chs = specs[0].width
         else:
-            self.stem = Stem(cfg.in_chans, cfg.widths[0], cfg.depths[0], cfg.stem_stride, cfg.mbconv.norm_eps)
+            self.stem = Stem(cfg.in_chans, cfg.widths[0], cfg.depths[0], cfg.stem_stride, cfg.mbconv.norm_eps,
+                             cfg.stem_hidden_width, cfg.mbconv.activation)
             in_chs = cfg.widths[0]
         rates = iter(drop_path_rates(sum(s.depth for s in specs), cfg.drop_path_rate))
         stages = []
@@ -36,10 +37,11 @@ class CoAtNet(nn.Module):
             for i in range(spec.depth):
                 stride = spec.stride if i == 0 else 1
                 if spec.block == "C":
-                    blocks.append(MBConvBlock(in_chs, spec.width, stride, cfg.mbconv, cfg.pool_type, next(rates)))
+                    blocks.append(MBConvBlock(in_chs, spec.width, stride, cfg.mbconv, cfg.pool_type, next(rates),
+                                              cfg.shortcut_projection))
                 else:
                     blocks.append(TransformerBlock(in_chs, spec.width, stride, cfg.transformer, cfg.pool_type,
-                                                   size, next(rates)))
+                                                   size, next(rates), cfg.shortcut_projection))
                 in_chs = spec.width
             stages.append(Stage(blocks, channels_last=spec.block == "T"))
         self.stages = nn.ModuleList(stages)
@@ -48,9 +50,14 @@ class CoAtNet(nn.Module):
         # NOTE: the paper does not name a final norm; pre-norm residual streams are never normalised
         # otherwise, so (like ViT and timm) one norm of the last block's type precedes pooling.
         last = specs[-1].block
-        self.norm = (make_norm(cfg.transformer.norm, in_chs, cfg.transformer.norm_eps) if last == "T"
-                     else BatchNormChannelsLast(in_chs, eps=cfg.mbconv.norm_eps))
-        self.head = nn.Linear(in_chs, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        final_norm = (make_norm(cfg.transformer.norm, in_chs, cfg.transformer.norm_eps) if last == "T"
+                      else BatchNormChannelsLast(in_chs, eps=cfg.mbconv.norm_eps))
+        # With a pre-logits layer (timm's paper-style CoAtNets) the final norm acts on the pooled features.
+        self.norm = final_norm if not cfg.head_hidden else nn.Identity()
+        self.head_norm = final_norm if cfg.head_hidden else None
+        self.pre_logits = PreLogits(in_chs, cfg.head_hidden) if cfg.head_hidden else None
+        self.head_features = cfg.head_hidden or in_chs
+        self.head = nn.Linear(self.head_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
         for stream, m in enumerate(m for m in self.modules() if isinstance(m, DropPath)):
             m.stream = stream  # each stochastic-depth layer draws its own random stream
@@ -74,8 +81,12 @@ class CoAtNet(nn.Module):
         return to_channels_first(self.norm(to_channels_last(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, h, w) feature map -> global average pool -> (B, C) or logits (B, num_classes)."""
-        x = x.mean((2, 3))
+        """(B, C, h, w) feature map -> global average pool [-> norm -> pre-logits layer] -> (B, C) or
+        (B, head_hidden) features, or logits (B, num_classes)."""
+        if self.pre_logits is not None:
+            x = self.pre_logits(self.head_norm(x.mean((2, 3), keepdim=True).permute(0, 2, 3, 1)).flatten(1))
+        else:
+            x = x.mean((2, 3))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,15 +110,16 @@ class CoAtNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.config = self.config.replace(num_classes=num_classes)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             _init_weights(self.head)
-            self.head.to(self.norm.weight.device)
+            self.head.to(next(self.parameters()).device)
 
     def no_weight_decay(self) -> set[str]:
-        """Names of parameters to exclude from weight decay: bias tables, norm weights, all biases."""
+        """Names of parameters to exclude from weight decay: bias tables (and the MLPs that replace them),
+        norm weights, all biases."""
         return {name for name, p in self.named_parameters()
-                if p.ndim <= 1 or name.endswith("relative_bias_table")}
+                if p.ndim <= 1 or name.endswith("relative_bias_table") or ".relative_position_mlp." in name}
 
     def redundant_parameters(self) -> set[str]:
         """Names of parameters whose gradient is zero in exact arithmetic, for optimizers to leave alone: the
@@ -134,6 +146,18 @@ class CoAtNet(nn.Module):
     def summary(self) -> dict[str, Any]:
         return {"params": sum(p.numel() for p in self.parameters()), "layout": self.config.layout,
                 "img_size": self.config.image_size, "num_classes": self.num_classes}
+
+
+class PreLogits(nn.Module):
+    """The pre-logits layer of timm's paper-style CoAtNets: (B, C) -> tanh(linear) -> (B, hidden)."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(width, hidden)
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x))
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -16,11 +16,18 @@ Size = Union[int, tuple[int, int]]
 StageValue = Union[int, tuple[int, int]]
 
 LAYOUTS = ("C-C-C-C", "C-C-C-T", "C-C-T-T", "C-T-T-T", "ViT-Rel")
+ACTIVATIONS = ("gelu", "silu", "relu")
+POOL_TYPES = ("avg", "max", "max3x3")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be True or False")
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -34,18 +41,30 @@ class MBConvConfig:
 
     expand_ratio: float = 4.0  # hidden width = expand_ratio * (input or output width)
     expand_from: str = "output"  # widths the hidden layer from the "output" (matches the paper's FLOPs) or "input"
-    se_ratio: float = 0.25  # squeeze-excite width = se_ratio * (block input width); 0 disables SE
-    se_from: str = "input"  # "input" width (EfficientNet) or "expanded" hidden width (timm)
-    downsample: str = "conv1x1"  # where the stride sits: "conv1x1" (paper eq. 5) or "dwconv" (Stride-2 DConv)
+    se_ratio: float = 0.25  # squeeze-excite width = se_ratio * (se_from width); 0 disables SE
+    se_from: str = "input"  # "input" width (EfficientNet), "output" width or "expanded" hidden width (timm)
+    se_activation: str = "gelu"  # activation inside squeeze-excite: "gelu", "silu" or "relu"
+    se_placement: str = "after_norm"  # SE after norm2 + activation, or "before_norm": between depthwise conv and norm2
+    downsample: str = "conv1x1"  # where the stride sits: "conv1x1" (paper eq. 5), "dwconv" (Stride-2 DConv)
+    #                              or "pool" (2x2 average pooling after the pre-norm, before the expansion)
+    activation: str = "gelu"  # activation of the MBConv blocks and the stem: "gelu" (paper), "silu" or "relu"
+    pre_norm_act: bool = False  # apply the activation after the pre-norm too (timm's early "rw" models)
+    shortcut_bias: bool = True  # bias of the 1x1 projection on the downsampling shortcut
+    project_bias: bool = True  # bias of the final 1x1 projection conv
     kernel_size: int = 3  # depthwise kernel
-    norm_eps: float = 1e-5  # BatchNorm epsilon
+    norm_eps: float = 1e-5  # BatchNorm epsilon (also the stem's)
 
     def validate(self) -> None:
         _check_positive("expand_ratio", self.expand_ratio)
         _check_choice("expand_from", self.expand_from, ("input", "output"))
         _check_positive("se_ratio", self.se_ratio, allow_zero=True)
-        _check_choice("se_from", self.se_from, ("input", "expanded"))
-        _check_choice("downsample", self.downsample, ("conv1x1", "dwconv"))
+        _check_choice("se_from", self.se_from, ("input", "output", "expanded"))
+        _check_choice("se_activation", self.se_activation, ACTIVATIONS)
+        _check_choice("se_placement", self.se_placement, ("after_norm", "before_norm"))
+        _check_choice("downsample", self.downsample, ("conv1x1", "dwconv", "pool"))
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        for name in ("pre_norm_act", "shortcut_bias", "project_bias"):
+            _check_bool(name, getattr(self, name))
         if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size={self.kernel_size!r} must be a positive odd integer")
         _check_positive("norm_eps", self.norm_eps)
@@ -59,7 +78,15 @@ class TransformerConfig:
     mlp_ratio: float = 4.0  # FFN hidden width = mlp_ratio * width
     norm: str = "layernorm"  # "layernorm" (paper) or "batchnorm" (the paper's ablation, Table 8)
     attention_bias: str = "relative"  # "relative" (pre-softmax), "relative_post" or "none"
-    norm_eps: float = 1e-5  # LayerNorm / BatchNorm epsilon
+    relative_bias: str = "table"  # where w[i-j] comes from: a learned "table" (paper) or an "mlp" over
+    #                               log-spaced offsets (timm's "rmlp" models; nothing to resize)
+    relative_mlp_width: int = 512  # hidden width of that MLP
+    table_resize: str = "bilinear"  # how a table moves to another resolution: "bilinear", or "geometric"
+    #                                 (timm's: source offsets placed on a geometric grid, then linear)
+    widen_in: str = "qkv"  # where a block that widens does so: in "qkv" (paper) or in the output "proj" (timm rw)
+    shortcut_bias: bool = True  # bias of the linear projection on the downsampling shortcut
+    layer_scale: float = 0.0  # initial per-channel scale of both residual branches (CaiT); 0 disables it
+    norm_eps: float = 1e-5  # LayerNorm / BatchNorm epsilon (also the final norm's)
 
     def validate(self) -> None:
         if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 1:
@@ -67,6 +94,14 @@ class TransformerConfig:
         _check_positive("mlp_ratio", self.mlp_ratio)
         _check_choice("norm", self.norm, ("layernorm", "batchnorm"))
         _check_choice("attention_bias", self.attention_bias, ("relative", "relative_post", "none"))
+        _check_choice("relative_bias", self.relative_bias, ("table", "mlp"))
+        if isinstance(self.relative_mlp_width, bool) or not isinstance(self.relative_mlp_width, int) \
+                or self.relative_mlp_width < 1:
+            raise ValueError(f"relative_mlp_width={self.relative_mlp_width!r} must be a positive integer")
+        _check_choice("table_resize", self.table_resize, ("bilinear", "geometric"))
+        _check_choice("widen_in", self.widen_in, ("qkv", "proj"))
+        _check_bool("shortcut_bias", self.shortcut_bias)
+        _check_positive("layer_scale", self.layer_scale, allow_zero=True)
         _check_positive("norm_eps", self.norm_eps)
 
 
@@ -91,8 +126,13 @@ class CoAtNetConfig:
     mbconv: MBConvConfig = field(default_factory=MBConvConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     stem_stride: int = 2  # stride of the first stem convolution
+    stem_hidden_width: int = 0  # width of the stem's convolutions before its last; 0: the stem's width
     patch_size: int = 16  # ViT-Rel only: patch stem kernel and stride
-    pool_type: str = "avg"  # 2x2 pooling of the downsampling shortcuts: "avg" or "max"
+    pool_type: str = "avg"  # stride-2 pooling when downsampling: 2x2 "avg" or "max", or "max3x3" (padding 1)
+    shortcut_projection: str = "strided"  # when a shortcut gets a 1x1 projection: on every "strided" block
+    #                                       (paper eq. 4-5) or only on a "width_change" (timm)
+    head_hidden: int = 0  # pre-logits layer: pool -> norm -> linear(head_hidden) -> tanh -> classifier
+    #                       (the final norm then follows pooling); 0: pool -> classifier after a final norm
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly from 0 over all blocks
     in_chans: int = 3
     num_classes: int = 1000  # 0: no classifier, forward returns pooled features
@@ -168,11 +208,16 @@ class CoAtNetConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
+        for name in ("stem_hidden_width", "head_hidden"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}={v!r} must be a non-negative integer")
+        _check_choice("shortcut_projection", self.shortcut_projection, ("strided", "width_change"))
         if self.stem_stride not in (1, 2):
             raise ValueError(f"stem_stride={self.stem_stride!r} must be 1 or 2")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(f"num_classes={self.num_classes!r} must be a non-negative integer")
-        _check_choice("pool_type", self.pool_type, ("avg", "max"))
+        _check_choice("pool_type", self.pool_type, POOL_TYPES)
         if not isinstance(self.drop_path_rate, (int, float)) or not 0 <= self.drop_path_rate < 1:
             raise ValueError(f"drop_path_rate={self.drop_path_rate!r} must be in [0, 1)")
         s = self.img_size

@@ -1,8 +1,10 @@
 """`inference_model`: an eval-only copy of a CoAtNet prepared for speed, numerically equivalent.
 
 - BatchNorm folded into the neighbouring convolution: the pre-norm BN of an MBConv block into its 1x1
-  expansion (a per-channel affine before a 1x1 conv, exact even when that conv is strided), and the BNs
-  after the expansion and the depthwise conv into those convs; the stem's BN into its first conv.
+  expansion (a per-channel affine before a 1x1 conv, exact even when that conv is strided or average
+  pooling sits between; not when an activation follows the pre-norm), and the BNs after the expansion
+  and the depthwise conv into those convs (not when squeeze-excite sits between); the stem's BN into
+  its first conv.
 - Convolution + GELU (MBConv expansion and depthwise conv, the stem) and Linear + GELU (the FFN) run as
   one oneDNN kernel where torch has it (CPU, float32): GELU of the full-resolution expanded maps is a
   post-op instead of another pass over memory. Elsewhere (CUDA, bf16, tracing for export) the same
@@ -11,6 +13,8 @@
   without reordering, and the Transformer stages' (B, H, W, C) views of it are contiguous. The input is
   converted once, in the stem.
 - Optionally (`reuse_memory`, process-wide), malloc keeps freed activations for the next pass.
+- MBConv blocks in the paper's form become `InferenceMBConv`; blocks with timm's options (an activation
+  after the pre-norm, pooled input, squeeze-excite before the norm) are folded in place as far as exact.
 - Relative-position bias gathered once into a (heads, N, N) buffer instead of at every call.
 """
 from __future__ import annotations
@@ -145,7 +149,8 @@ class InferenceMBConv(nn.Module):
         if self.fuse_se and self.shortcut is not None and block.conv3.bias is not None:
             # The projection's bias moves into the shortcut conv's: the sum is the same.
             self.shortcut = copy.deepcopy(self.shortcut)
-            self.shortcut.bias = nn.Parameter(self.shortcut.bias + block.conv3.bias, requires_grad=False)
+            bias = block.conv3.bias if self.shortcut.bias is None else self.shortcut.bias + block.conv3.bias
+            self.shortcut.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
             self.conv3 = copy.deepcopy(block.conv3)
             self.conv3.bias = None
 
@@ -173,6 +178,12 @@ class InferenceMBConv(nn.Module):
         base = shortcut.permute(0, 2, 3, 1).reshape(B, H * W, out_c)
         out = torch.baddbmm(base, rows, weight.transpose(1, 2))  # (B, H*W, C_out)
         return out.view(B, H, W, out_c).permute(0, 3, 1, 2)  # channels-last (B, C_out, H, W)
+
+
+def _paper_form(block: MBConvBlock) -> bool:
+    """Whether `InferenceMBConv` computes this block: BN -> conv1 -> BN, act -> conv2 -> BN, act -> SE."""
+    return (isinstance(block.pre_act, nn.Identity) and not block.pool_input and not block.se_before_norm
+            and all(isinstance(n, nn.BatchNorm2d) for n in (block.pre_norm, block.norm1, block.norm2)))
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -210,14 +221,20 @@ def inference_model(model: CoAtNet, channels_last: bool = True, fuse_kernels: bo
     onednn = fuse_kernels and onednn_fusion_available()
     for stage in model.stages:
         for i, block in enumerate(stage.blocks):
-            if type(block) is MBConvBlock and isinstance(block.pre_norm, nn.BatchNorm2d) and \
-                    isinstance(block.norm1, nn.BatchNorm2d) and isinstance(block.norm2, nn.BatchNorm2d):
+            if type(block) is MBConvBlock and _paper_form(block):
                 stage.blocks[i] = InferenceMBConv(block, onednn)
     for m in model.modules():
         if type(m) is Stem:
             _fold_stem(m, onednn, channels_last)
         elif type(m) is Mlp and type(m.act) is nn.GELU:
             m.fc1, m.act = LinearAct(m.fc1, m.act, onednn), nn.Identity()
+        elif isinstance(m, MBConvBlock):
+            # The pre-norm folds forward through average pooling (both linear), not through an activation.
+            if isinstance(m.pre_act, nn.Identity):
+                m.conv1, m.pre_norm = fold_bn_before(m.pre_norm, m.conv1), nn.Identity()
+            m.conv1, m.norm1 = fold_bn_after(m.conv1, m.norm1), nn.Identity()
+            if not m.se_before_norm:  # squeeze-excite between conv2 and norm2 blocks that fold
+                m.conv2, m.norm2 = fold_bn_after(m.conv2, m.norm2), nn.Identity()
         elif isinstance(m, RelativeAttention2d):
             m.freeze_bias()
     for p in model.parameters():

@@ -5,6 +5,7 @@ S0..S4 and the attention head size. Parameter and multiply-add counts are held t
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from .coatnet import CoAtNet
@@ -78,10 +79,24 @@ def get_config(name: str, **overrides: Any) -> CoAtNetConfig:
 
 def create_model(name: str, pretrained: str | None = None, **overrides: Any) -> CoAtNet:
     """Build a registered variant. `overrides` replace config fields (flat or dotted names; None is
-    ignored); `pretrained` is a weights file to load."""
-    model = CoAtNet(get_config(name, **overrides))
-    if pretrained is not None:
-        from .weights import load_pretrained
+    ignored). `pretrained` is a weights file to load (ours, or timm's .safetensors/.pth/.bin), or a tag
+    from `coatnet weights` already fetched with `coatnet download TAG`. Without a num_classes override
+    the model takes the checkpoint's class count; with another one the checkpoint's classifier is dropped
+    with a message. Relative-position tables are resized to img_size."""
+    if pretrained is None:
+        return CoAtNet(get_config(name, **overrides))
+    from .pretrained import WEIGHTS, local_path
+    from .weights import checkpoint_num_classes, load_state, read_weights
 
-        load_pretrained(model, pretrained)
+    if str(pretrained) in WEIGHTS and not os.path.exists(pretrained):
+        tag = str(pretrained)
+        pretrained = local_path(tag)
+        if not pretrained.is_file():
+            raise FileNotFoundError(f"weights {tag} are not downloaded ({pretrained}); "
+                                    f"run `coatnet download {tag}`")
+    state = read_weights(pretrained)
+    if overrides.get("num_classes") is None and checkpoint_num_classes(state) is not None:
+        overrides["num_classes"] = checkpoint_num_classes(state)
+    model = CoAtNet(get_config(name, **overrides))
+    load_state(model, state, pretrained)
     return model

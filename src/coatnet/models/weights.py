@@ -42,12 +42,43 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike, strict_head: bool = False) -> None:
-    """Load weights into `model`. Relative-position tables of another size are resized. A classifier
-    whose class count differs is dropped with a message (unless strict_head). Any other missing or
-    unexpected key is an error: a load never silently leaves weights at their initial values."""
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model weights in a file (see read_state_dict), in the file's own naming (ours or timm's)."""
     state = read_state_dict(path)
-    state = {k.removeprefix("model."): v for k, v in state.items()}
+    if any(k.startswith("model.") for k in state):
+        # Weights stored under "model." beside other tensors (such as our parity fixtures' inputs and
+        # outputs): the weights are the "model." entries.
+        others = sorted(k for k in state if not k.startswith("model."))
+        if others:
+            print(f"note: {path}: reading the model.* entries; ignoring {len(others)} others "
+                  f"({', '.join(others[:5])})")
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    return state
+
+
+def checkpoint_num_classes(state: dict[str, torch.Tensor]) -> int | None:
+    """The class count of the classifier in a state dict (ours or timm's); None when it has none."""
+    for key in ("head.weight", "head.fc.weight"):
+        if key in state and state[key].ndim in (2, 4):
+            return int(state[key].shape[0])
+    return None
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, strict_head: bool = False) -> None:
+    """Load the weights file at `path` into `model` (see load_state)."""
+    load_state(model, read_weights(path), path, strict_head)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike,
+               strict_head: bool = False) -> None:
+    """Load a state dict read from `path` (ours or timm's) into `model`. Relative-position tables of
+    another size are resized. A classifier whose class count differs is dropped with a message (unless
+    strict_head). Any other missing or unexpected key is an error: a load never silently leaves weights
+    at their initial values."""
+    from .timm_import import convert_timm_state_dict, is_timm_state_dict
+
+    if is_timm_state_dict(state):
+        state = convert_timm_state_dict(state, model)
     own = model.state_dict()
     head_keys = [k for k in own if k.startswith("head.")]
     mismatched_head = [k for k in head_keys if k in state and state[k].shape != own[k].shape]
@@ -59,12 +90,20 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, strict_head: bool
               f"the model keeps its new head for {model.num_classes} classes")
         for k in head_keys:
             state.pop(k, None)
+    if not head_keys and getattr(model, "num_classes", None) == 0:
+        dropped = [k for k in state if k.startswith("head.")]
+        if dropped:
+            print(f"note: {path}: classifier dropped; the model has none (num_classes=0)")
+            for k in dropped:
+                state.pop(k)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         detail = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
         raise ValueError(f"{path} does not fit this architecture: {detail[0] if detail else e}") from None
-    missing = [k for k in missing if not (mismatched_head and k in head_keys)]
+    # BatchNorm's step counter does not affect outputs; some exporters leave it out.
+    missing = [k for k in missing
+               if not (mismatched_head and k in head_keys) and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         parts = []
         if missing:

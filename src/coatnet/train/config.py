@@ -25,6 +25,11 @@ class TrainConfig:
     # -- model --
     model: str = "coatnet_nano"  # registered variant (coatnet.list_models())
     drop_path: float = 0.0  # stochastic depth: maximum rate, reached at the last block
+    pretrained: Optional[str] = None  # start from these weights (ours, timm's, or a tag): fine-tuning; a head
+    #                                   for another class count is replaced, tables are resized to img_size
+    layer_decay: float = 1.0  # layer-wise lr decay: block d of D (stem 0, head D) trains at lr * layer_decay^(D-d)
+    freeze_stages: int = 0  # keep the stem and the first N built stages fixed (weights and BatchNorm statistics)
+    eval_before: bool = False  # evaluate once before the first step (fine-tuning: the accuracy it starts from)
     # -- optimisation --
     epochs: int = 8  # passes over the training set
     batch_size: int = 128  # global batch per optimizer step (all processes and accumulation together)
@@ -89,6 +94,10 @@ class TrainConfig:
         for name in ("min_lr", "warmup_epochs", "weight_decay", "ema_decay", "mixup", "cutmix", "save_every",
                      "randaugment_n", "randaugment_m", "drop_path", "label_smoothing", "workers"):
             positive(name, allow_zero=True)
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay={self.layer_decay} must be in (0, 1]")
+        if isinstance(self.freeze_stages, bool) or not isinstance(self.freeze_stages, int) or self.freeze_stages < 0:
+            raise ValueError(f"freeze_stages={self.freeze_stages!r} must be a non-negative integer")
         if self.micro_batch_size and self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} exceeds batch_size={self.batch_size}")
         if self.schedule not in ("cosine", "linear"):

@@ -25,6 +25,7 @@ from ..data.random import mix_int, permutation, uniform
 from ..data.transforms import AugmentConfig, mix_batch, normalize, rand_augment
 from ..layers import drop_path_noise
 from ..models import count_params, create_model
+from ..models.transfer import freeze_stages
 from ..utils import atomic_write
 from .checkpoint import load_train_state, save_train_state, save_weights_checkpoint, state_path, weights_path
 from .config import TrainConfig
@@ -100,13 +101,15 @@ def train(cfg: TrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=num_classes, img_size=spec.img_size, in_chans=spec.in_chans,
-                         drop_path_rate=cfg.drop_path)
+                         drop_path_rate=cfg.drop_path, pretrained=cfg.pretrained)
+    if cfg.freeze_stages:
+        freeze_stages(model, cfg.freeze_stages)
     n_params = count_params(model)
     runtime.prepare(model)
     if cfg.fsdp:  # sharding replaces the parameters: before the optimizer sees them
         apply_fsdp(convert_sync_batchnorm(model) if cfg.sync_bn else model, grad_checkpointing=True,
                    param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.layer_decay)
     ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     eval_model = copy.deepcopy(model) if ema is not None else model
     net = runtime.compiled(model if cfg.fsdp else wrap_model(model, cfg.sync_bn))
@@ -182,6 +185,7 @@ def train(cfg: TrainConfig) -> dict:
         res.update(seconds=time.time() - t_start, params=n_params, epochs=progress["epoch"],
                    steps=progress["global_step"], best_val_top1=progress["best_val_top1"],
                    skipped_images=len(progress["skipped_images"]), nonfinite_steps=len(progress["nonfinite_steps"]))
+        res.update(initial)
         if stopped:
             res["stopped_at_step"] = progress["global_step"]
         if out is not None:
@@ -189,6 +193,12 @@ def train(cfg: TrainConfig) -> dict:
         return res
 
     from tqdm import tqdm
+
+    initial: dict = {}
+    if cfg.eval_before and progress["global_step"] == 0:
+        before = evaluate(eval_net, val_src, val_idx, spec, runtime, cfg.eval_batch_size, workers, cfg.strict)
+        initial = {"initial_val_loss": before["loss"], "initial_val_top1": before["top1"]}
+        _log(cfg, f"before training: val_loss {before['loss']:.4f}  val_top1 {before['top1']:.2f}")
 
     for epoch in range(progress["epoch"], cfg.epochs):
         t_epoch = time.time()
@@ -213,7 +223,7 @@ def train(cfg: TrainConfig) -> dict:
             step = progress["global_step"]
             lr = lr_at(step, cfg.lr, total_steps, warmup_steps, cfg.min_lr, cfg.schedule)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             torch.manual_seed(mix_int(cfg.seed, step, 0xD809))  # any other randomness: a function of the step
             optimizer.zero_grad(set_to_none=True)
             loss_sum = correct = n = 0.0

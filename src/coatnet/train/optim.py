@@ -20,9 +20,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
+                    layer_decay: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters. With layer_decay < 1 the groups carry an "lr_scale" per
+    depth (models.transfer.layer_decay_groups); the engine multiplies the scheduled lr by it."""
     fused = all(p.is_cuda for p in model.parameters())
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas),
+    if layer_decay != 1.0:
+        from ..models.transfer import layer_decay_groups
+
+        groups = layer_decay_groups(model, weight_decay, layer_decay)
+    else:
+        groups = param_groups(model, weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas),
                              **({"fused": True} if fused else {"foreach": True}))
 
 

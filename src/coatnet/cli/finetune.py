@@ -1,0 +1,53 @@
+"""`coatnet finetune`: continue training a checkpoint at a new resolution or on a new label set."""
+from __future__ import annotations
+
+import argparse
+import json
+
+S = argparse.SUPPRESS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..train.finetune import FINETUNE_RECIPE as R
+
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint (ours or timm's) at a new size or on new labels")
+    p.add_argument("--checkpoint", required=True, help="weights to start from: a checkpoint of ours, timm's "
+                                                       "(.safetensors/.pth/.bin), or a tag from `coatnet weights`")
+    p.add_argument("--model", default=None, help="registered model (default: the one recorded in the checkpoint)")
+    p.add_argument("--data", default=S, help="'fashion-mnist' or an ImageFolder root")
+    p.add_argument("--data-dir", default=S, help="folder of the Fashion-MNIST IDX files")
+    p.add_argument("--img-size", type=int, default=S, help="input side; relative-position tables are resized")
+    p.add_argument("--num-classes", type=int, default=None, help="class count of the new label set (checked "
+                                                                 "against the data; a new head is made)")
+    p.add_argument("--epochs", type=int, default=S, help=f"default {R['epochs']} (paper)")
+    p.add_argument("--lr", type=float, default=S, help=f"constant learning rate (default {R['lr']}, paper)")
+    p.add_argument("--weight-decay", type=float, default=S, help=f"default {R['weight_decay']} (paper)")
+    p.add_argument("--ema-decay", type=float, default=S, help=f"default {R['ema_decay']} (paper); 0: off")
+    p.add_argument("--layer-decay", type=float, default=S, help="layer-wise lr decay per block (default 1: off)")
+    p.add_argument("--freeze-stages", type=int, default=S, help="keep the stem and the first N stages fixed")
+    p.add_argument("--batch-size", type=int, default=S)
+    p.add_argument("--train-subset", type=int, default=S, metavar="N")
+    p.add_argument("--val-subset", type=int, default=S, metavar="N")
+    p.add_argument("--drop-path", type=float, default=S)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=S)
+    p.add_argument("--device", default=S)
+    p.add_argument("--threads", type=int, default=S)
+    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--out", default=S, help="run folder")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=S)
+    p.add_argument("--quiet", action="store_const", const=True, default=S)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import train
+    from ..train.finetune import finetune_config
+
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("command", "func", "debug", "checkpoint", "model", "num_classes")}
+    cfg = finetune_config(args.checkpoint, model=args.model, num_classes=args.num_classes, **settings)
+    if not cfg.quiet:
+        print(f"fine-tuning {cfg.pretrained} ({cfg.model}) on {cfg.data}: {cfg.epochs} epochs, lr {cfg.lr}, "
+              f"img_size {cfg.img_size or 'default'}, run folder {cfg.out or '-'}", flush=True)
+    print(json.dumps(train(cfg)))
+    return 0

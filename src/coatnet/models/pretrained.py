@@ -1,0 +1,166 @@
+"""timm's published CoAtNet weights: what they are, how to evaluate them, and fetching them.
+
+Each tag is timm's `model.pretrained_tag` name, hosted on the Hugging Face Hub as `timm/<tag>`
+(file `model.safetensors`). Values are taken from timm 1.0.31's pretrained configs (models/maxxvit.py)
+and, for top-1, from timm's results/results-imagenet.csv (ImageNet-1k validation, at the listed input
+size and crop). A sha256 is recorded only where it is known; otherwise the file's hash is computed and
+reported after download, never invented.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+TIMM_SOURCE = "timm 1.0.31 (Ross Wightman), https://huggingface.co/timm"
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """One published checkpoint and the evaluation recipe that goes with it."""
+
+    tag: str  # timm's "<model>.<pretrain tag>", also the file name under the weights folder
+    model: str  # our registered model name (the same as timm's)
+    top1: float | None  # published ImageNet-1k top-1 (%) at input_size; None: not an ImageNet-1k head
+    num_classes: int = 1000
+    dataset: str = "ImageNet-1k"  # what the head classifies
+    input_size: int = 224
+    interpolation: str = "bicubic"  # resampling of the eval resize
+    mean: tuple[float, float, float] = HALF
+    std: tuple[float, float, float] = HALF
+    crop_pct: float = 0.95  # eval: resize to input_size / crop_pct, then centre-crop input_size
+    crop_mode: str = "center"  # "center": resize the shorter side; "squash": resize both sides
+    license: str = "apache-2.0"
+    source: str = TIMM_SOURCE
+    sha256: str | None = None  # of model.safetensors, where known
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def hub_id(self) -> str:
+        return f"timm/{self.tag}"
+
+    def eval_transform(self) -> "EvalTransform":
+        return EvalTransform(self.input_size, self.crop_pct, self.crop_mode, self.interpolation, self.mean,
+                             self.std)
+
+
+def _w(tag: str, top1: float | None, **kw) -> PretrainedWeights:
+    return PretrainedWeights(tag=tag, model=tag.split(".")[0], top1=top1, **kw)
+
+
+_IN12K = dict(num_classes=11821, dataset="ImageNet-12k (timm's 11821-class subset of ImageNet-22k)")
+WEIGHTS: dict[str, PretrainedWeights] = {w.tag: w for w in [
+    _w("coatnet_nano_rw_224.sw_in1k", 81.698, crop_pct=0.9),
+    _w("coatnet_0_rw_224.sw_in1k", 82.390),
+    _w("coatnet_1_rw_224.sw_in1k", 83.596),
+    _w("coatnet_2_rw_224.sw_in12k_ft_in1k", 86.568),
+    _w("coatnet_rmlp_1_rw2_224.sw_in12k_ft_in1k", 84.910),
+    _w("coatnet_rmlp_2_rw_224.sw_in12k_ft_in1k", 86.504),
+    _w("coatnet_rmlp_2_rw_384.sw_in12k_ft_in1k", 87.382, input_size=384, crop_pct=1.0, crop_mode="squash"),
+    _w("coatnet_bn_0_rw_224.sw_in1k", 82.400, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    _w("coatnet_rmlp_nano_rw_224.sw_in1k", 82.050, crop_pct=0.9),
+    _w("coatnet_rmlp_1_rw_224.sw_in1k", 83.362),
+    _w("coatnet_rmlp_2_rw_224.sw_in1k", 84.606),
+    _w("coatnet_2_rw_224.sw_in12k", None, **_IN12K),
+    _w("coatnet_3_rw_224.sw_in12k", None, **_IN12K),
+    _w("coatnet_rmlp_1_rw2_224.sw_in12k", None, **_IN12K),
+    _w("coatnet_rmlp_2_rw_224.sw_in12k", None, **_IN12K),
+]}
+
+
+def list_weights() -> list[PretrainedWeights]:
+    return sorted(WEIGHTS.values(), key=lambda w: w.tag)
+
+
+def get_weights(tag: str) -> PretrainedWeights:
+    if tag not in WEIGHTS:
+        raise ValueError(f"unknown weights tag {tag!r}; `coatnet weights` lists them")
+    return WEIGHTS[tag]
+
+
+def weights_dir() -> Path:
+    """Where downloaded weights live: $COATNET_WEIGHTS, or ~/.cache/coatnet/weights."""
+    return Path(os.environ.get("COATNET_WEIGHTS") or Path.home() / ".cache" / "coatnet" / "weights")
+
+
+def local_path(tag: str) -> Path:
+    return weights_dir() / f"{tag}.safetensors"
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(tag: str, dest: str | os.PathLike | None = None) -> Path:
+    """Fetch a tag's model.safetensors from the Hugging Face Hub into `dest` (default weights_dir()) as
+    <tag>.safetensors. Needs the optional `hub` extra and network access; raises a one-line error otherwise.
+    Verifies the sha256 where one is recorded."""
+    from ..utils import atomic_write
+
+    w = get_weights(tag)
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:
+        raise ValueError("downloading needs huggingface_hub: pip install 'coatnet[hub]'") from None
+    hub_logging.set_verbosity_error()  # its retry warnings would bury the one-line error below
+    try:
+        cached = hf_hub_download(repo_id=w.hub_id, filename="model.safetensors")
+    except Exception as e:  # offline, blocked, or missing on the hub: one line, not a traceback
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"could not download {w.hub_id} from the Hugging Face Hub: {detail}") from None
+    digest = sha256_of(cached)
+    if w.sha256 is not None and digest != w.sha256:
+        raise ValueError(f"{w.hub_id}: sha256 {digest} does not match the recorded {w.sha256}")
+    out = Path(dest) if dest is not None else weights_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{tag}.safetensors"
+    with atomic_write(target) as tmp:
+        shutil.copyfile(cached, tmp)
+    return target
+
+
+class EvalTransform:
+    """PIL image -> normalised (3, size, size) float tensor, the way the weights were evaluated:
+    resize (shorter side, or both sides for "squash") to size / crop_pct, centre-crop, scale to [0, 1],
+    subtract mean, divide by std."""
+
+    def __init__(self, size: int, crop_pct: float, crop_mode: str, interpolation: str,
+                 mean: tuple[float, float, float], std: tuple[float, float, float]):
+        self.size, self.crop_pct, self.crop_mode = size, crop_pct, crop_mode
+        self.interpolation, self.mean, self.std = interpolation, mean, std
+
+    def __call__(self, image) -> torch.Tensor:
+        from PIL import Image
+
+        resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[self.interpolation]
+        image = image.convert("RGB")
+        scaled = int(self.size / self.crop_pct)  # timm's math.floor
+        w, h = image.size
+        if self.crop_mode == "squash":
+            new = (scaled, scaled)
+        elif w <= h:
+            new = (scaled, int(scaled * h / w))
+        else:
+            new = (int(scaled * w / h), scaled)
+        image = image.resize(new, resample)
+        left, top = round((new[0] - self.size) / 2), round((new[1] - self.size) / 2)
+        image = image.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+
+    def __repr__(self) -> str:
+        return (f"EvalTransform(size={self.size}, crop_pct={self.crop_pct}, crop_mode={self.crop_mode!r}, "
+                f"interpolation={self.interpolation!r}, mean={self.mean}, std={self.std})")

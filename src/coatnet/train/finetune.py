@@ -1,0 +1,50 @@
+"""Fine-tuning a trained CoAtNet (paper, Sec. 4): continue from a checkpoint at a higher resolution or on
+a new label set, with the paper's fine-tuning recipe as defaults: 30 epochs, constant learning rate
+5e-5, weight decay 1e-8, EMA of the weights (0.9999). The engine is `train()`; this module only picks
+the model from the checkpoint and the settings."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+
+# The paper's fine-tuning settings (Sec. 4.1 / Table 9): a constant lr is a cosine whose floor is its peak.
+FINETUNE_RECIPE = dict(epochs=30, lr=5e-5, min_lr=5e-5, warmup_epochs=0.0, weight_decay=1e-8, ema_decay=0.9999)
+
+
+def checkpoint_model_name(checkpoint: str) -> str | None:
+    """The registered model name recorded in one of our training checkpoints; None for other files."""
+    path = Path(checkpoint)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta["coatnet"])["run"]["model"]
+    except Exception:  # not ours, or no metadata: the caller must name the model
+        return None
+
+
+def finetune_config(checkpoint: str, model: str | None = None, num_classes: int | None = None,
+                    **settings: Any) -> TrainConfig:
+    """TrainConfig that fine-tunes `checkpoint` (ours, timm's, or a tag from `coatnet weights`):
+    FINETUNE_RECIPE, then `settings` (TrainConfig fields; None ignored). The model is the one recorded
+    in the checkpoint, or `model` (needed for files without our metadata). `num_classes`, when given,
+    must be the data's class count (a new head is made whenever it differs from the checkpoint's)."""
+    name = model or checkpoint_model_name(checkpoint)
+    if name is None:
+        raise ValueError(f"{checkpoint}: no model name recorded in it; pass the model (--model NAME)")
+    cfg = TrainConfig().replace(**FINETUNE_RECIPE, model=name, pretrained=str(checkpoint), eval_before=True,
+                                recipe="finetune").replace(**settings)
+    if num_classes is not None:
+        from ..data import build_data
+
+        classes = len(build_data(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.img_size, cfg.crop_fraction,
+                                 cfg.seed)[2].classes)
+        if classes != num_classes:
+            raise ValueError(f"--num-classes {num_classes}: the data {cfg.data!r} has {classes} classes")
+    return cfg.validate()

@@ -1,0 +1,109 @@
+"""Published weights: metadata, the eval transform derived from it, download without the network."""
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import coatnet
+from coatnet.cli import main
+from coatnet.models import pretrained
+from coatnet.models.pretrained import WEIGHTS, get_weights
+
+
+def test_every_tag_names_a_registered_model_and_a_complete_recipe():
+    assert len(WEIGHTS) == 15
+    for w in WEIGHTS.values():
+        assert w.model in coatnet.list_models(), w.tag
+        assert coatnet.get_config(w.model).image_size == (w.input_size, w.input_size), w.tag
+        assert w.license == "apache-2.0" and w.hub_id == f"timm/{w.tag}"
+        assert (w.top1 is None) == (w.num_classes != 1000), w.tag
+        assert w.sha256 is None or len(w.sha256) == 64
+    assert get_weights("coatnet_0_rw_224.sw_in1k").top1 == pytest.approx(82.39)
+    assert get_weights("coatnet_rmlp_2_rw_384.sw_in12k_ft_in1k").crop_mode == "squash"
+    with pytest.raises(ValueError, match="unknown weights tag"):
+        get_weights("coatnet_9.x")
+
+
+def test_eval_transform_resizes_crops_and_normalises():
+    t = get_weights("coatnet_nano_rw_224.sw_in1k").eval_transform()  # crop 0.9, mean = std = 0.5
+    image = Image.new("RGB", (500, 300), (255, 0, 128))
+    x = t(image)
+    assert x.shape == (3, 224, 224)
+    torch.testing.assert_close(x[:, 100, 100], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]))
+    bn = get_weights("coatnet_bn_0_rw_224.sw_in1k").eval_transform()  # ImageNet mean/std
+    assert bn(image)[0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
+    squash = get_weights("coatnet_rmlp_2_rw_384.sw_in12k_ft_in1k").eval_transform()
+    assert squash(Image.new("RGB", (100, 700))).shape == (3, 384, 384)
+
+
+def test_download_without_huggingface_hub_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(ValueError, match=r"pip install 'coatnet\[hub\]'"):
+        pretrained.download("coatnet_0_rw_224.sw_in1k")
+
+
+class FakeHub:
+    """Stands in for huggingface_hub: records the request, serves a local file or fails offline."""
+
+    def __init__(self, path=None):
+        self.path, self.requests = path, []
+        self.utils = type("utils", (), {"logging": type("logging", (), {"set_verbosity_error": staticmethod(
+            lambda: None)})})
+
+    def hf_hub_download(self, repo_id, filename):
+        self.requests.append((repo_id, filename))
+        if self.path is None:
+            raise OSError("Name or service not known\nmore detail")
+        return str(self.path)
+
+
+def _install(monkeypatch, hub):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    monkeypatch.setitem(sys.modules, "huggingface_hub.utils", hub.utils)
+
+
+def test_download_offline_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    _install(monkeypatch, FakeHub())
+    assert main(["download", "coatnet_0_rw_224.sw_in1k", "--dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: could not download timm/coatnet_0_rw_224.sw_in1k from the Hugging Face Hub: "
+                   "Name or service not known")
+
+
+def test_download_copies_the_file_and_create_model_loads_it_by_tag(monkeypatch, tmp_path, capsys):
+    src = coatnet.create_model("coatnet_nano_rw_224")
+    fake = tmp_path / "hub.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(fake))
+    hub = FakeHub(fake)
+    _install(monkeypatch, hub)
+    monkeypatch.setenv("COATNET_WEIGHTS", str(tmp_path / "weights"))
+    assert main(["download", "coatnet_nano_rw_224.sw_in1k"]) == 0
+    assert hub.requests == [("timm/coatnet_nano_rw_224.sw_in1k", "model.safetensors")]
+    out = capsys.readouterr().out
+    assert out.startswith(str(tmp_path / "weights" / "coatnet_nano_rw_224.sw_in1k.safetensors"))
+    assert f"sha256 {pretrained.sha256_of(fake)}" in out
+    model = coatnet.create_model("coatnet_nano_rw_224", pretrained="coatnet_nano_rw_224.sw_in1k")
+    assert model.num_classes == 1000
+    torch.testing.assert_close(model.state_dict()["head.weight"], src.state_dict()["head.weight"])
+    assert main(["weights"]) == 0
+    assert any(line.startswith("coatnet_nano_rw_224.sw_in1k") and line.endswith("yes")
+               for line in capsys.readouterr().out.splitlines())
+
+
+def test_a_recorded_hash_that_does_not_match_is_refused(monkeypatch, tmp_path):
+    fake = tmp_path / "hub.safetensors"
+    fake.write_bytes(b"not the published file")
+    _install(monkeypatch, FakeHub(fake))
+    w = get_weights("coatnet_0_rw_224.sw_in1k")
+    monkeypatch.setitem(WEIGHTS, w.tag, type(w)(**{**w.__dict__, "sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="does not match the recorded"):
+        pretrained.download(w.tag, tmp_path)
+    assert not (tmp_path / f"{w.tag}.safetensors").exists()
+
+
+def test_a_tag_that_is_not_downloaded_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("COATNET_WEIGHTS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="run `coatnet download coatnet_0_rw_224.sw_in1k`"):
+        coatnet.create_model("coatnet_0_rw_224", pretrained="coatnet_0_rw_224.sw_in1k")

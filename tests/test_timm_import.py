@@ -1,0 +1,167 @@
+"""timm's CoAtNet checkpoints: fixtures reproduced, key mapping, resizing, refusals (never needs timm)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import coatnet
+from coatnet.layers import resize_table
+from coatnet.models.timm_import import convert_timm_state_dict, is_timm_state_dict, timm_key_to_ours
+from coatnet.models.timm_variants import TIMM_VARIANTS
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+FIXTURES = ["coatnet_nano_rw_224", "coatnet_rmlp_nano_rw_224"]
+needs_fixtures = pytest.mark.skipif(not (REFERENCE / f"{FIXTURES[0]}.safetensors").exists(),
+                                    reason="../shared/reference (timm parity fixtures) not present")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def fixtures():
+    return {name: load_file(str(REFERENCE / f"{name}.safetensors")) for name in FIXTURES}
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", FIXTURES)
+def test_fixture_logits_and_features_match_timm(name, fixtures):
+    data = fixtures[name]
+    model = coatnet.create_model(name, pretrained=str(REFERENCE / f"{name}.safetensors")).eval()
+    meta = json.loads((REFERENCE / f"{name}.json").read_text())
+    assert sum(p.numel() for p in model.parameters()) == meta["num_params"]
+    with torch.no_grad():
+        features = model.forward_features(data["x"])
+        logits = model.forward_head(features)
+        fast = coatnet.inference_model(model)(data["x"])
+    assert rel_err(features, data["features"]) < 1e-4
+    assert rel_err(logits, data["logits"]) < 1e-4
+    assert rel_err(fast, data["logits"]) < 1e-4
+
+
+@needs_fixtures
+def test_a_224_rmlp_checkpoint_loads_into_a_384_model_without_a_table_to_resize(fixtures, tmp_path):
+    name = "coatnet_rmlp_nano_rw_224"
+    model = coatnet.create_model(name, img_size=384, pretrained=str(REFERENCE / f"{name}.safetensors")).eval()
+    assert not any(n.endswith("relative_bias_table") for n, _ in model.named_parameters())
+    x = torch.nn.functional.interpolate(fixtures[name]["x"][:1], size=384, mode="bilinear")
+    ref224 = coatnet.create_model(name, pretrained=str(REFERENCE / f"{name}.safetensors")).eval()
+    with torch.no_grad():
+        # The MLP holds no per-size state: a 384 model and a 224 model given 384 inputs agree exactly.
+        torch.testing.assert_close(model(x), ref224(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_fixtures
+def test_a_224_table_checkpoint_loads_into_a_384_model_with_tables_resized(fixtures):
+    name = "coatnet_nano_rw_224"
+    path = str(REFERENCE / f"{name}.safetensors")
+    model = coatnet.create_model(name, img_size=384, pretrained=path)
+    tables = {n: p for n, p in model.named_parameters() if n.endswith("relative_bias_table")}
+    assert tables["stages.2.blocks.1.attn.relative_bias_table"].shape[-2:] == (47, 47)  # 24x24 map
+    state = {k.removeprefix("model."): v.float() for k, v in fixtures[name].items() if k.startswith("model.")}
+    src = state["stages.2.blocks.1.attn.rel_pos.relative_position_bias_table"]  # (27*27, heads)
+    expected = resize_table(src.T.reshape(-1, 27, 27), (24, 24), "geometric")
+    torch.testing.assert_close(tables["stages.2.blocks.1.attn.relative_bias_table"].data, expected)
+    assert torch.isfinite(model.eval()(torch.randn(1, 3, 384, 384))).all()
+
+
+@needs_fixtures
+def test_a_different_class_count_drops_the_head_with_a_message(capsys):
+    name = "coatnet_nano_rw_224"
+    model = coatnet.create_model(name, num_classes=10, pretrained=str(REFERENCE / f"{name}.safetensors"))
+    assert "classifier for 1000 classes dropped" in capsys.readouterr().out
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+@needs_fixtures
+def test_a_checkpoint_missing_weights_is_refused(fixtures, tmp_path):
+    state = {k.removeprefix("model."): v for k, v in fixtures["coatnet_nano_rw_224"].items()
+             if k.startswith("model.") and "stages.3.blocks.2" not in k}
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \(e\.g\. stages\.3\.blocks\.2\."):
+        coatnet.create_model("coatnet_nano_rw_224", pretrained=str(tmp_path / "partial.safetensors"))
+
+
+@needs_fixtures
+def test_a_checkpoint_of_another_variant_is_refused(fixtures, tmp_path):
+    with pytest.raises(ValueError, match="does not fit this architecture"):
+        coatnet.create_model("coatnet_rmlp_nano_rw_224",
+                             pretrained=str(REFERENCE / "coatnet_nano_rw_224.safetensors"))
+
+
+@needs_fixtures
+def test_a_pth_checkpoint_is_read_without_unpickling_code(fixtures, tmp_path):
+    state = {k.removeprefix("model."): v.float() for k, v in fixtures["coatnet_nano_rw_224"].items()
+             if k.startswith("model.")}
+    torch.save({"state_dict": state}, tmp_path / "timm.pth")
+    model = coatnet.create_model("coatnet_nano_rw_224", pretrained=str(tmp_path / "timm.pth")).eval()
+    with torch.no_grad():
+        assert rel_err(model(fixtures["coatnet_nano_rw_224"]["x"]), fixtures["coatnet_nano_rw_224"]["logits"]) < 1e-4
+
+
+def test_key_mapping():
+    assert timm_key_to_ours("stem.conv2.weight") == "stem.layers.3.weight"
+    assert timm_key_to_ours("stages.1.blocks.0.se_early.fc1.bias") == "stages.1.blocks.0.se.fc1.bias"
+    assert timm_key_to_ours("stages.2.blocks.0.norm1.norm.weight") == "stages.2.blocks.0.norm1.weight"
+    assert timm_key_to_ours("stages.2.blocks.1.attn.rel_pos.mlp.fc2.weight") == \
+        "stages.2.blocks.1.attn.relative_position_mlp.fc2.weight"
+    assert timm_key_to_ours("head.pre_logits.fc.bias") == "pre_logits.fc.bias"
+    assert timm_key_to_ours("head.fc.weight") == "head.weight"
+
+
+def test_qkv_rows_are_regrouped_from_per_head_to_per_projection():
+    model = coatnet.create_model("coatnet_pico_rw_224", num_classes=0)
+    heads = model.stages[2].blocks[1].attn.num_heads
+    dim = model.stages[2].blocks[1].attn.qkv.in_features
+    rows = torch.arange(3 * dim, dtype=torch.float)  # timm order: head h, then q/k/v, then channel
+    state = {"stem.conv1.weight": torch.zeros(1), "stages.2.blocks.1.attn.qkv.bias": rows}
+    ours = convert_timm_state_dict(state, model)["stages.2.blocks.1.attn.qkv.bias"]
+    d = dim // heads
+    # our row (s, h, i) holds timm's row (h, s, i)
+    assert ours[1 * dim + 2 * d + 3] == rows[2 * 3 * d + 1 * d + 3]
+    assert is_timm_state_dict(state) and not is_timm_state_dict(model.state_dict())
+
+
+def test_geometric_resize_spreads_source_entries_and_holds_the_ends():
+    table = torch.tensor([[[1.0, 2.0, 3.0]]]).expand(1, 3, 3) * torch.tensor([1.0, 10.0, 100.0])[None, :, None]
+    out = resize_table(table, (3, 3), "geometric")  # 3 -> 5 entries per axis
+    # one source step (n=1) can only reach offset 1: targets -2..2 read v0, v0, v1, v2, v2
+    torch.testing.assert_close(out[0, 2], torch.tensor([10.0, 10.0, 20.0, 30.0, 30.0]))
+    torch.testing.assert_close(out[0, :, 2], torch.tensor([2.0, 2.0, 20.0, 200.0, 200.0]))
+    assert torch.equal(resize_table(table, (2, 2), "geometric"), table)
+
+
+def test_every_timm_name_is_registered_and_builds_on_meta():
+    from coatnet.models import build_on_meta, count_params, get_config
+
+    assert len(TIMM_VARIANTS) == 20 and set(TIMM_VARIANTS) <= set(coatnet.list_models())
+    # parameter counts published in timm's results table (millions)
+    published = {"coatnet_0_rw_224": 27.44, "coatnet_1_rw_224": 41.72, "coatnet_2_rw_224": 73.87,
+                 "coatnet_rmlp_1_rw_224": 41.69, "coatnet_rmlp_2_rw_384": 73.88, "coatnet_nano_rw_224": 15.14,
+                 "coatnet_rmlp_nano_rw_224": 15.15, "coatnet_bn_0_rw_224": 27.44}
+    for name, millions in published.items():
+        assert round(count_params(build_on_meta(get_config(name))) / 1e6, 2) == millions, name
+
+
+@needs_fixtures
+def test_a_featureless_model_drops_the_checkpoints_classifier(fixtures, capsys):
+    name = "coatnet_nano_rw_224"
+    model = coatnet.create_model(name, num_classes=0, pretrained=str(REFERENCE / f"{name}.safetensors")).eval()
+    assert "classifier dropped; the model has none" in capsys.readouterr().out
+    with torch.no_grad():
+        pooled = model(fixtures[name]["x"])
+    torch.testing.assert_close(pooled, fixtures[name]["features"].mean((2, 3)), rtol=1e-4, atol=1e-4)
+
+
+@needs_fixtures
+def test_without_a_class_count_the_model_takes_the_checkpoints(fixtures, tmp_path, capsys):
+    state = {k.removeprefix("model."): v for k, v in fixtures["coatnet_nano_rw_224"].items()
+             if k.startswith("model.")}
+    state["head.fc.weight"], state["head.fc.bias"] = state["head.fc.weight"][:7], state["head.fc.bias"][:7]
+    save_file(state, str(tmp_path / "seven.safetensors"))
+    model = coatnet.create_model("coatnet_nano_rw_224", pretrained=str(tmp_path / "seven.safetensors"))
+    assert model.num_classes == 7 and "dropped" not in capsys.readouterr().out
+    torch.testing.assert_close(model.head.weight, state["head.fc.weight"].float())
