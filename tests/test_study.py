@@ -40,9 +40,9 @@ def test_layout_models_are_the_named_layouts_at_sensible_resolutions():
 
 def test_plan_counts_and_order():
     layouts = plan(get_study("layouts"))
-    assert len(layouts) == 5 * 3 + 5  # every layout at 3 sizes with seed 0, then seed 1 at 2,000
+    assert len(layouts) == 5 * 3 + 5  # every layout at 3 sizes with seed 0, then seed 1 at 1,000
     assert [r.seed for r in layouts[:15]] == [0] * 15 and {r.seed for r in layouts[15:]} == {1}
-    assert {r.train_size for r in layouts[15:]} == {2000}
+    assert {r.train_size for r in layouts[15:]} == {1000}
     assert len(plan(get_study("attention"))) == 3 * 2 + 3
     assert len(plan(get_study("norms"))) == 2 * 2 + 2
     assert len({r.key for r in layouts}) == len(layouts)
@@ -57,10 +57,10 @@ def test_identical_runs_share_a_key_across_studies():
     # The attention study's "relative" and the norms study's "layernorm" are the layouts study's C-C-T-T:
     # same resolved config, so a row is trained once and reused.
     key = {s: {(r.variant.name, r.train_size, r.seed): r.key for r in plan(STUDIES[s])} for s in STUDIES}
-    assert key["attention"][("relative", 2000, 0)] == key["layouts"][("C-C-T-T", 2000, 0)]
-    assert key["norms"][("layernorm", 10000, 0)] == key["layouts"][("C-C-T-T", 10000, 0)]
-    assert key["norms"][("batchnorm", 2000, 0)] != key["layouts"][("C-C-T-T", 2000, 0)]
-    assert key["attention"][("relative", 2000, 1)] != key["attention"][("relative", 2000, 0)]
+    assert key["attention"][("relative", 1000, 0)] == key["layouts"][("C-C-T-T", 1000, 0)]
+    assert key["norms"][("layernorm", 60000, 0)] == key["layouts"][("C-C-T-T", 60000, 0)]
+    assert key["norms"][("batchnorm", 1000, 0)] != key["layouts"][("C-C-T-T", 1000, 0)]
+    assert key["attention"][("relative", 1000, 1)] != key["attention"][("relative", 1000, 0)]
     recipe = STUDIES["norms"].recipe
     assert model_config_dict(STUDIES["norms"].variant("batchnorm").overrides, recipe)["transformer"]["norm"] == \
         "batchnorm"
@@ -94,8 +94,8 @@ def _row(variant, size, seed, val, train=99.0, loss=0.1):
     return {"study": "layouts", "variant": variant, "layout": variant, "train_size": size, "seed": seed,
             "params": 600_000, "train_loss": loss, "train_top1": train, "val_top1": val, "gap_top1": train - val,
             "seconds": 10.0, "val_images": 10_000, "run_key": f"{variant}{size}{seed}", "recipe_id": "x",
-            "recipe": {"image_budget": 16_000, "lr": 2e-3, "min_lr": 1e-5, "warmup_epochs": 0.5,
-                       "weight_decay": 0.05, "batch_size": 128, "clip_grad": 1.0, "threads": 1, "val_subset": None},
+            "recipe": {"steps": 96, "lr": 1e-3, "warmup_steps": 10, "weight_decay": 0.05, "batch_size": 64,
+                       "clip_grad": 1.0, "threads": 1, "val_subset": None, "train_eval_images": 1000},
             "machine": "test machine"}
 
 
@@ -110,12 +110,12 @@ def test_report_reads_rows_against_the_paper(tmp_path):
     study = get_study("layouts")
     vals = {"C-C-C-C": 86.0, "C-C-C-T": 85.8, "C-C-T-T": 85.0, "C-T-T-T": 84.0, "ViT-Rel": 78.0}
     keys = {(r.variant.name, r.train_size, r.seed): r.key for r in plan(study)}
-    rows = [_row(v, 2000, s, x + 0.3 * s) for s in (0, 1) for v, x in vals.items()]
+    rows = [_row(v, 1000, s, x + 0.3 * s) for s in (0, 1) for v, x in vals.items()]
     rows += [_row(v, 60000, 0, x + 5, loss=0.3 - 0.01 * i) for i, (v, x) in enumerate(vals.items())]
     for r in rows:
         r["run_key"] = keys[(r["variant"], r["train_size"], r["seed"])]
     md = write_report(study, rows, tmp_path, "coatnet study layouts", plan(study)).read_text()
-    assert "| C-C-C-C | 2,000 | 0.600M | 0,1 |" in md
+    assert "| C-C-C-C | 1,000 | 0.600M | 0,1 |" in md
     assert "Incomplete:** 15 of 20 planned rows" in md  # 10k rows missing
     assert "best first: C-C-C-C (86.15), C-C-C-T (85.95), C-C-T-T (85.15)" in md  # the orderings are printed
     assert "| C-C-C-C ~ C-C-C-T | +0.20 pt |" in md and "agrees (within noise)" in md
@@ -136,7 +136,7 @@ def test_quick_study_writes_rows_and_resumes(tmp_path, capsys):
         assert r["params"] == _params(quick.variant(r["variant"]).overrides)
         assert 0 <= r["train_top1"] <= 100 and 0 <= r["val_top1"] <= 100 and r["train_loss"] > 0
         assert math.isclose(r["gap_top1"], r["train_top1"] - r["val_top1"])
-        assert r["train_eval_images"] == r["train_size"]  # the quick sizes are below the 2,000 sample
+        assert r["train_eval_images"] == r["train_size"]  # the quick sizes are below the 1,000 sample
         assert r["val_images"] == quick.recipe.val_subset
         assert r["seconds"] > 0 and r["bench_train_img_s"] > 0
     md = (out / "norms.md").read_text()

@@ -7,9 +7,10 @@ Scale (chosen for a shared 2-core CPU, documented in docs/results/*.md):
   S3 at 2x2 and S4 at 1x1, where attention is degenerate. ViT-Rel takes 8x8 patches, i.e. a 4x4 token grid,
   the resolution of S3 here, as the paper's 16x16 patches give ViT-Rel the resolution of its S3 (1/16).
 - One recipe per study (no augmentation, no label smoothing, no stochastic depth, so that the gap between
-  train and val accuracy measures the architecture, not the regulariser), and a fixed budget of training
-  images per row: small training sets are seen for many epochs (the over-fitting, "generalization"
-  regime), the full set for about one (the under-fitting, "capacity" regime).
+  train and val accuracy measures the architecture, not the regulariser), and the same number of
+  optimizer steps per row: the smallest training set is seen for many epochs (the over-fitting,
+  "generalization" regime), the full set for a fraction of one (every image new: the "capacity" regime,
+  where only how fast and how well a model fits matters).
 """
 from __future__ import annotations
 
@@ -39,28 +40,40 @@ LAYOUT_MODELS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class Recipe:
-    """Training settings shared by every row of a study (mapped onto coatnet.train.TrainConfig)."""
+    """Training settings shared by every row of a study (mapped onto coatnet.train.TrainConfig).
+
+    Every row takes the same number of optimizer steps whatever its training-set size, so every row costs
+    the same: a small set is seen for many epochs, a large one for a fraction of one. The learning rate is
+    constant after a short warmup, so that stopping a run inside its first epoch (the engine's schedules
+    span whole epochs) changes nothing about the schedule."""
 
     data: str = "fashion-mnist"  # dataset name understood by the training engine
     img_size: int = 32  # input side; Fashion-MNIST's 28x28 is resized to it
-    image_budget: int = 16_000  # training images per row: epochs = max(1, round(image_budget / train_size))
-    batch_size: int = 128  # images per optimizer step
-    lr: float = 2e-3  # peak AdamW learning rate
-    min_lr: float = 1e-5  # floor of the cosine decay
-    warmup_epochs: float = 0.5  # linear warmup, in epochs of the row's training set (at most 1/4 of the run)
+    steps: int = 96  # optimizer steps per row (96 x 64 = 6,144 training images)
+    batch_size: int = 64  # images per optimizer step
+    lr: float = 1e-3  # AdamW learning rate, constant after warmup
+    warmup_steps: int = 10  # linear warmup from 0
     weight_decay: float = 0.05  # AdamW decoupled weight decay
     clip_grad: float = 1.0  # global gradient-norm clip
     label_smoothing: float = 0.0  # none: train loss is then the plain cross-entropy
     augment: bool = False  # no random augmentation: the generalization gap is the architecture's
-    val_subset: Optional[int] = None  # evaluate on this many test images (None: all 10,000)
+    val_subset: Optional[int] = 5_000  # evaluate on a seeded subset of this many test images (None: all 10,000)
+    train_eval_images: int = 1_000  # train loss / top-1 on a seeded sample of this many of the row's images
     threads: int = 1  # torch CPU threads (1: the machine is shared; one thread scales best under load)
 
-    def epochs_for(self, train_size: int) -> int:
-        return max(1, round(self.image_budget / train_size))
+    @property
+    def images(self) -> int:
+        return self.steps * self.batch_size
 
-    def warmup_for(self, train_size: int) -> float:
-        # Never more than a quarter of the run, so that many-epoch rows are not dominated by warmup.
-        return min(self.warmup_epochs, self.epochs_for(train_size) / 4)
+    def steps_per_epoch(self, train_size: int) -> int:
+        return -(-train_size // self.batch_size)
+
+    def epochs_for(self, train_size: int) -> int:
+        """Whole epochs the engine is asked for: enough to hold `steps` (it stops there)."""
+        return -(-self.steps // self.steps_per_epoch(train_size))
+
+    def epochs_seen(self, train_size: int) -> float:
+        return self.images / train_size
 
 
 @dataclass(frozen=True)
@@ -141,9 +154,9 @@ STUDIES: dict[str, Study] = {
         question="Which stage layout generalizes best from little data, and which fits large data best?",
         paper_claims=(PAPER_FINDINGS["generalization"], PAPER_FINDINGS["capacity"]),
         variants=tuple(Variant(name, overrides) for name, overrides in LAYOUT_MODELS.items()),
-        train_sizes=(2_000, 10_000, 60_000),
+        train_sizes=(1_000, 4_000, 60_000),
         seeds=(0, 1),
-        repeat_sizes=(2_000,),
+        repeat_sizes=(1_000,),
     ),
     "attention": Study(
         name="attention",
@@ -153,9 +166,9 @@ STUDIES: dict[str, Study] = {
         variants=(Variant("relative", {**_CCTT, "attention_bias": "relative"}),
                   Variant("relative_post", {**_CCTT, "attention_bias": "relative_post"}),
                   Variant("none", {**_CCTT, "attention_bias": "none"})),
-        train_sizes=(2_000, 10_000),
+        train_sizes=(1_000, 60_000),
         seeds=(0, 1),
-        repeat_sizes=(2_000,),
+        repeat_sizes=(1_000,),
     ),
     "norms": Study(
         name="norms",
@@ -164,17 +177,17 @@ STUDIES: dict[str, Study] = {
         paper_claims=(PAPER_FINDINGS["norms"],),
         variants=(Variant("layernorm", {**_CCTT, "norm": "layernorm"}),
                   Variant("batchnorm", {**_CCTT, "norm": "batchnorm"})),
-        train_sizes=(2_000, 10_000),
+        train_sizes=(1_000, 60_000),
         seeds=(0, 1),
-        repeat_sizes=(2_000,),
+        repeat_sizes=(1_000,),
         speed_benchmark=True,
     ),
 }
 
 # --quick: the same models and recipe shape at a size that runs in about a minute per study (for tests
 # and smoke checks); its rows are not results.
-QUICK_RECIPE = Recipe(image_budget=256, batch_size=64, val_subset=200)
-QUICK_SIZES = (128, 256)
+QUICK_RECIPE = Recipe(steps=4, batch_size=32, warmup_steps=1, val_subset=200, train_eval_images=100)
+QUICK_SIZES = (64, 256)
 
 
 def get_study(name: str, quick: bool = False) -> Study:

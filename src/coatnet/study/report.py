@@ -182,6 +182,11 @@ def _noise(rows: list[dict], metric: str, size: int) -> tuple[float, str]:
     return sd, f"{where} = {sd:.3f}"
 
 
+def _epochs(rows: list[dict], size: int) -> str:
+    r = rows[0]["recipe"]
+    return f"{r['steps'] * r['batch_size'] / size:.2g}"
+
+
 def _ordering(values: dict[str, tuple[float, int]], higher_is_better: bool) -> str:
     ranked = sorted(values, key=lambda k: values[k][0], reverse=higher_is_better)
     return "best first: " + ", ".join(f"{k} ({values[k][0]:.2f})" for k in ranked)
@@ -203,7 +208,7 @@ def reading(study: Study, rows: list[dict]) -> list[str]:
         gen_claim, cap_claim = study.paper_claims
         chain = _chain_of(gen_claim)
         out += [f"**Generalization** (paper: {chain}). Measured at the smallest training set "
-                f"(n={small:,}, {rows[0]['recipe']['image_budget'] // small} epochs), where every model can "
+                f"(n={small:,}, {_epochs(rows, small)} epochs), where every model can "
                 "over-fit. The paper compares the train/val gap at equal train loss; our models reach different "
                 "train losses in the same budget, so we give both the test accuracy (higher is better) and "
                 "the gap (smaller is better), with the train losses beside them in the table.", ""]
@@ -216,7 +221,7 @@ def reading(study: Study, rows: list[dict]) -> list[str]:
                     f"Pairs of the paper's ordering: {_summary(pairs)}.", ""] + _pairs_table(pairs, unit) + [""]
         chain = _chain_of(cap_claim)
         out += [f"**Capacity** (paper: {chain}). Measured at the largest training set (n={large:,}, "
-                f"{max(1, round(rows[0]['recipe']['image_budget'] / large))} epoch(s)), where no model can "
+                f"{_epochs(rows, large)} epoch), where no model can "
                 "memorise: lower train loss means the model fits the data better in the same budget.", ""]
         for metric, label, unit, higher in (("train_loss", "train loss", "", False),
                                             ("val_top1", "val top-1", " pt", True)):
@@ -292,14 +297,15 @@ def write_report(study: Study, rows: list[dict], out_dir: str | os.PathLike, com
               "8x8 patches (a 4x4 token grid, the resolution of S3 here, as the paper's 16x16 patches match its S3).",
               ]
     if recipe:
-        lines += [f"- Recipe (every row): AdamW lr {recipe['lr']:g} (cosine to {recipe['min_lr']:g}, warmup "
-                  f"min({recipe['warmup_epochs']:g} epoch, a quarter of the run)), weight decay "
-                  f"{recipe['weight_decay']:g}, batch {recipe['batch_size']}, gradient clip {recipe['clip_grad']:g}, "
-                  f"no augmentation, no label smoothing, no stochastic depth; a budget of "
-                  f"{recipe['image_budget']:,} training images per row: epochs = max(1, round("
-                  f"{recipe['image_budget']:,} / train size)); {recipe['threads']} CPU thread(s).",
-                  "- train loss / train top-1: eval mode, no augmentation, on a seeded sample of up to 2,000 of "
-                  "the row's own training images (`train_loss_running` in the JSON is the engine's running loss "
+        images = recipe["steps"] * recipe["batch_size"]
+        lines += [f"- Recipe (every row): {recipe['steps']} AdamW steps of batch {recipe['batch_size']} "
+                  f"({images:,} training images) whatever the training-set size; learning rate "
+                  f"{recipe['lr']:g}, constant after a {recipe['warmup_steps']}-step linear warmup; weight decay "
+                  f"{recipe['weight_decay']:g}; gradient clip {recipe['clip_grad']:g}; no augmentation, no label "
+                  f"smoothing, no stochastic depth; {recipe['threads']} CPU thread. Epochs seen: "
+                  + ", ".join(f"{images / n:.2g} at n={n:,}" for n in sorted({r['train_size'] for r in rows})) + ".",
+                  f"- train loss / train top-1: eval mode, no augmentation, on a seeded sample of up to "
+                  f"{recipe['train_eval_images']:,} of the row's own training images (`train_loss_running` in the JSON is the engine's running loss "
                   "of the last epoch); gap = train top-1 - val top-1."]
     lines += ["", "Models (overrides of coatnet_0; parameters with a 10-class head):", "",
               "| variant | overrides | params |", "|---|---|---:|"]

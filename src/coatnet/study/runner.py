@@ -3,7 +3,7 @@ docs/results/<study>.json at once (atomically), so a killed run resumes where it
 
 A row is measured after training, from the run's last checkpoint, in eval mode and without augmentation:
 - val_*: the Fashion-MNIST test images (all 10,000 unless the recipe names a subset);
-- train_*: a seeded sample of at most `TRAIN_EVAL_IMAGES` of the row's own training images, so train_top1 -
+- train_*: a seeded sample of at most `recipe.train_eval_images` of the row's own training images, so train_top1 -
   val_top1 is the generalization gap whatever the training-set size (the engine's own per-epoch
   evaluation of the whole training subset would cost more than the training of the largest rows).
 The engine's running loss of the last epoch is kept as train_loss_running.
@@ -23,8 +23,6 @@ from typing import Callable, Optional
 from ..utils import atomic_write
 from .definitions import BASE_MODEL, Recipe, Study, Variant, recipe_id, run_key
 
-# Training images evaluated per row for train_loss / train_top1 (a seeded sample of the row's subset).
-TRAIN_EVAL_IMAGES = 2_000
 # Test images the engine evaluates after each epoch (only for its log: the row's val_* are measured on the
 # recipe's full validation set after training).
 ENGINE_VAL_IMAGES = 500
@@ -131,9 +129,11 @@ def train_config(spec: RowSpec, recipe: Recipe, run_dir: str | os.PathLike):
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     val_subset = ENGINE_VAL_IMAGES if recipe.val_subset is None else min(ENGINE_VAL_IMAGES, recipe.val_subset)
-    kw = dict(data=recipe.data, img_size=recipe.img_size, train_subset=spec.train_size, val_subset=val_subset,
-              epochs=recipe.epochs_for(spec.train_size), batch_size=recipe.batch_size, lr=recipe.lr,
-              min_lr=recipe.min_lr, warmup_epochs=recipe.warmup_for(spec.train_size),
+    size = spec.train_size
+    kw = dict(data=recipe.data, img_size=recipe.img_size, train_subset=size, val_subset=val_subset,
+              epochs=recipe.epochs_for(size), stop_at_step=recipe.steps, batch_size=recipe.batch_size,
+              lr=recipe.lr, min_lr=recipe.lr,  # min_lr = lr: constant after warmup (see Recipe)
+              warmup_epochs=recipe.warmup_steps / recipe.steps_per_epoch(size),
               weight_decay=recipe.weight_decay, clip_grad=recipe.clip_grad, label_smoothing=recipe.label_smoothing,
               augment=recipe.augment, drop_path=0.0, threads=recipe.threads, device="cpu", seed=spec.seed,
               out=str(run_dir), progress=False, quiet=True, **_engine_model(spec.variant, fields))
@@ -153,7 +153,7 @@ def evaluate_run(run_dir: str | os.PathLike, recipe: Recipe, train_size: int, se
     train_src, val_src, _ = build_data(recipe.data, None, 0.1, spec.img_size, spec.crop_fraction, seed)
     # The engine trains on subset_indices(len, train_subset, seed, stream=1); sample from exactly those.
     train_idx = subset_indices(len(train_src), train_size, seed, stream=1)
-    sample = train_idx[subset_indices(len(train_idx), TRAIN_EVAL_IMAGES, seed, stream=11)]
+    sample = train_idx[subset_indices(len(train_idx), recipe.train_eval_images, seed, stream=11)]
     val_idx = subset_indices(len(val_src), recipe.val_subset, seed, stream=2)
     out = {}
     for prefix, src, idx in (("train", train_src, sample), ("val", val_src, val_idx)):
@@ -183,7 +183,8 @@ def run_row(study: Study, spec: RowSpec, train_fn: Optional[TrainFn] = None) -> 
         "train_eval_images": ev["train_images"], "val_images": ev["val_images"],
         "seconds": seconds_train, "seconds_total": time.time() - t0,
         "epochs": res.get("epochs"), "steps": res.get("steps"),
-        "images_seen": recipe.epochs_for(spec.train_size) * spec.train_size,
+        "images_seen": int(res.get("steps") or 0) * recipe.batch_size,
+        "epochs_seen": int(res.get("steps") or 0) * recipe.batch_size / spec.train_size,
         "model": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.variant.overrides.items()},
         "base_model": BASE_MODEL, "recipe": dataclasses.asdict(recipe), "recipe_id": recipe_id(recipe),
         "run_key": spec.key, "machine": machine_description(),
