@@ -136,7 +136,9 @@ def test_quick_study_writes_rows_and_resumes(tmp_path, capsys):
         assert r["params"] == _params(quick.variant(r["variant"]).overrides)
         assert 0 <= r["train_top1"] <= 100 and 0 <= r["val_top1"] <= 100 and r["train_loss"] > 0
         assert math.isclose(r["gap_top1"], r["train_top1"] - r["val_top1"])
-        assert r["train_eval_images"] == r["train_size"]  # the quick sizes are below the 1,000 sample
+        # train metrics on a sample of the row's own images: all of them when fewer than the sample size
+        assert r["train_eval_images"] == min(r["train_size"], quick.recipe.train_eval_images)
+        assert r["steps"] == quick.recipe.steps and r["images_seen"] == quick.recipe.images
         assert r["val_images"] == quick.recipe.val_subset
         assert r["seconds"] > 0 and r["bench_train_img_s"] > 0
     md = (out / "norms.md").read_text()
