@@ -40,11 +40,15 @@ def test_layout_models_are_the_named_layouts_at_sensible_resolutions():
 
 def test_plan_counts_and_order():
     layouts = plan(get_study("layouts"))
-    assert len(layouts) == 5 * 3 + 5  # every layout at 3 sizes with seed 0, then seed 1 at 1,000
+    assert len(layouts) == 5 * 3 * 2  # every layout at 3 sizes with seed 0, then all again with seed 1
     assert [r.seed for r in layouts[:15]] == [0] * 15 and {r.seed for r in layouts[15:]} == {1}
-    assert {r.train_size for r in layouts[15:]} == {1000}
-    assert len(plan(get_study("attention"))) == 3 * 2 + 3
-    assert len(plan(get_study("norms"))) == 2 * 2 + 2
+    assert [r.train_size for r in layouts[:15:5]] == [1000, 4000, 60000]
+    assert len(plan(get_study("attention"))) == 3 * 2 * 2
+    assert len(plan(get_study("norms"))) == 2 * 2 * 2
+    # seeds beyond the first run only at the study's repeat sizes (unless sizes are named)
+    few = get_study("norms").replace(repeat_sizes=(1000,))
+    assert [(r.variant.name, r.train_size, r.seed) for r in plan(few)][4:] == [("layernorm", 1000, 1),
+                                                                                ("batchnorm", 1000, 1)]
     assert len({r.key for r in layouts}) == len(layouts)
     explicit = plan(get_study("norms"), seeds=(3, 4), sizes=(500,))
     assert [(r.variant.name, r.train_size, r.seed) for r in explicit] == [
@@ -116,7 +120,7 @@ def test_report_reads_rows_against_the_paper(tmp_path):
         r["run_key"] = keys[(r["variant"], r["train_size"], r["seed"])]
     md = write_report(study, rows, tmp_path, "coatnet study layouts", plan(study)).read_text()
     assert "| C-C-C-C | 1,000 | 0.600M | 0,1 |" in md
-    assert "Incomplete:** 15 of 20 planned rows" in md  # 10k rows missing
+    assert "Incomplete:** 15 of 30 planned rows" in md  # 4k rows and seed 1 at 60k missing
     assert "best first: C-C-C-C (86.15), C-C-C-T (85.95), C-C-T-T (85.15)" in md  # the orderings are printed
     assert "| C-C-C-C ~ C-C-C-T | +0.20 pt |" in md and "agrees (within noise)" in md
     assert (tmp_path / "layouts.png").stat().st_size > 1000

@@ -156,7 +156,7 @@ STUDIES: dict[str, Study] = {
         variants=tuple(Variant(name, overrides) for name, overrides in LAYOUT_MODELS.items()),
         train_sizes=(1_000, 4_000, 60_000),
         seeds=(0, 1),
-        repeat_sizes=(1_000,),
+        repeat_sizes=(1_000, 4_000, 60_000),
     ),
     "attention": Study(
         name="attention",
@@ -168,7 +168,7 @@ STUDIES: dict[str, Study] = {
                   Variant("none", {**_CCTT, "attention_bias": "none"})),
         train_sizes=(1_000, 60_000),
         seeds=(0, 1),
-        repeat_sizes=(1_000,),
+        repeat_sizes=(1_000, 60_000),
     ),
     "norms": Study(
         name="norms",
@@ -179,7 +179,7 @@ STUDIES: dict[str, Study] = {
                   Variant("batchnorm", {**_CCTT, "norm": "batchnorm"})),
         train_sizes=(1_000, 60_000),
         seeds=(0, 1),
-        repeat_sizes=(1_000,),
+        repeat_sizes=(1_000, 60_000),
         speed_benchmark=True,
     ),
 }
