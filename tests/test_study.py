@@ -158,5 +158,7 @@ def test_quick_study_writes_rows_and_resumes(tmp_path, capsys):
 def test_cli_rejects_bad_arguments(capsys):
     assert main(["study", "norms", "--quick", "--sizes", "0", "--report-only"]) == 1
     assert "error: train size 0" in capsys.readouterr().err
+    assert main(["study", "layouts", "--steps", "0", "--report-only"]) == 1
+    assert "error: --steps 0 must be a positive integer" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["study", "nonsense"])

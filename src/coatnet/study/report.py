@@ -204,6 +204,12 @@ def reading(study: Study, rows: list[dict]) -> list[str]:
         return {v: (sign * a[metric][0], a[metric][2]) for (v, s), a in agg.items() if s == size}
 
     out: list[str] = []
+    unfit = {v: a["train_top1"][0] for (v, size), a in agg.items() if size == small and a["train_top1"][0] < 90}
+    if unfit:
+        out += [f"**Caution: not every model fits the smallest set in the budget.** At n={small:,} "
+                + ", ".join(f"{v} reaches only {t:.1f}% train top-1" for v, t in unfit.items())
+                + ". A small gap there means under-fitting, not better generalization; the paper's comparison "
+                "is at equal train loss, which these rows do not reach.", ""]
     if study.name == "layouts":
         gen_claim, cap_claim = study.paper_claims
         chain = _chain_of(gen_claim)
