@@ -87,6 +87,11 @@ def compare_chain(chain: str, values: dict[str, tuple[float, int]], sd: float, h
             rel = ">" if any(r in (">", ">>") for r in between) else (">=" if ">=" in between else "~")
             (ma, ka), (mb, kb) = values[a], values[b]
             diff = (ma - mb) if higher_is_better else (mb - ma)
+            if not sd:  # no noise estimate: the sign alone, said so
+                verdict = ("cannot tell" if rel == "~" else "agrees" if diff > 0 else "reversed") \
+                    + " (no noise estimate)"
+                out.append({"a": a, "rel": rel, "b": b, "diff": diff, "noise": None, "verdict": verdict})
+                continue
             noise = 2 * sd * math.sqrt(1 / ka + 1 / kb)
             if abs(diff) <= noise:
                 verdict = "agrees (within noise)" if rel in ("~", ">=") else "within noise"
@@ -159,7 +164,8 @@ def plot(study: Study, rows: list[dict], path: str | os.PathLike) -> None:
 def _pairs_table(pairs: list[dict], unit: str) -> list[str]:
     lines = ["| claim | ours: difference | noise band (2 s.d.) | verdict |", "|---|---:|---:|---|"]
     for p in pairs:
-        lines.append(f"| {p['a']} {p['rel']} {p['b']} | {p['diff']:+.2f}{unit} | ±{p['noise']:.2f} | {p['verdict']} |")
+        band = f"±{p['noise']:.2f}" if p["noise"] is not None else "n/a"
+        lines.append(f"| {p['a']} {p['rel']} {p['b']} | {p['diff']:+.2f}{unit} | {band} | {p['verdict']} |")
     return lines
 
 
@@ -172,11 +178,17 @@ def _summary(pairs: list[dict]) -> str:
 
 def _noise(rows: list[dict], metric: str, size: int) -> tuple[float, str]:
     sd, where = seed_sd(rows, metric, size)
-    if metric == "val_top1":
+    if metric in ("val_top1", "gap_top1"):
+        # sampling noise of the measurement itself (binomial), the floor of any seed-based estimate
         vals = [r for r in rows if r["train_size"] == size]
-        se = max(binomial_se(r["val_top1"], r.get("val_images", 10_000)) for r in vals) if vals else 0.0
+        se = 0.0
+        for r in vals:
+            v = binomial_se(r["val_top1"], r.get("val_images", 10_000))
+            t = binomial_se(r["train_top1"], r.get("train_eval_images", 1_000)) if metric == "gap_top1" else 0.0
+            se = max(se, math.sqrt(v * v + t * t))
         if sd is None or sd < se:
-            return se, f"binomial s.e. of the test accuracy ({se:.2f})" + (f"; {where} {sd:.2f}" if sd else "")
+            what = "of the test accuracy" if metric == "val_top1" else "of train and test accuracy"
+            return se, f"binomial s.e. {what} ({se:.2f})" + (f"; {where} {sd:.2f}" if sd else "")
     if sd is None:
         return 0.0, "no noise estimate (one seed only)"
     return sd, f"{where} = {sd:.3f}"
@@ -214,7 +226,7 @@ def reading(study: Study, rows: list[dict]) -> list[str]:
         gen_claim, cap_claim = study.paper_claims
         chain = _chain_of(gen_claim)
         out += [f"**Generalization** (paper: {chain}). Measured at the smallest training set "
-                f"(n={small:,}, {_epochs(rows, small)} epochs), where every model can "
+                f"(n={small:,}, {_epochs(rows, small)} epochs), where a model can "
                 "over-fit. The paper compares the train/val gap at equal train loss; our models reach different "
                 "train losses in the same budget, so we give both the test accuracy (higher is better) and "
                 "the gap (smaller is better), with the train losses beside them in the table.", ""]
@@ -245,16 +257,17 @@ def reading(study: Study, rows: list[dict]) -> list[str]:
                 pairs = compare_chain("relative > none", vals, sd, higher) + \
                     compare_chain("relative ~ relative_post", vals, sd, higher)
                 out += [f"n={size:,}, *{label}*: {_ordering(vals, higher)}; noise: {where}."] + \
-                    [f"- relative {p['rel']} {p['b']}: difference {p['diff']:+.2f} pt (±{p['noise']:.2f}): "
+                    [f"- relative {p['rel']} {p['b']}: difference {p['diff']:+.2f} pt "
+                     f"({'±' + format(p['noise'], '.2f') if p['noise'] is not None else 'no noise estimate'}): "
                      f"{p['verdict']}" for p in pairs] + [""]
     elif study.name == "norms":
         out += [f"**Paper:** {study.paper_claims[0]}.", ""]
         for size in sizes:
             sd, where = _noise(rows, "val_top1", size)
             pairs = compare_chain("layernorm ~ batchnorm", values("val_top1", size), sd, True)
-            out += [f"- n={size:,}: val top-1 layernorm - batchnorm = {p['diff']:+.2f} pt (noise ±{p['noise']:.2f}, "
-                    f"{where}): {'similar' if p['verdict'].startswith('agrees') else 'not similar'}"
-                    for p in pairs]
+            out += [f"- n={size:,}: val top-1 layernorm - batchnorm = {p['diff']:+.2f} pt (noise "
+                    f"{'±' + format(p['noise'], '.2f') if p['noise'] is not None else 'n/a'}, {where}): "
+                    f"{'similar' if p['verdict'].startswith('agrees') else 'not similar'}" for p in pairs]
         speed = {}
         for r in rows:
             if "bench_train_img_s" in r:
