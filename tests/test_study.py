@@ -128,6 +128,7 @@ def test_report_reads_rows_against_the_paper(tmp_path):
 
 @pytest.mark.slow
 def test_quick_study_writes_rows_and_resumes(tmp_path, capsys):
+    pytest.importorskip("coatnet.train", reason="the training engine ([train]) is not merged into this tree yet")
     out = tmp_path / "results"
     assert main(["study", "norms", "--quick", "--out", str(out)]) == 0
     rows = json.loads((out / "norms.json").read_text())
