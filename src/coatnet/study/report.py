@@ -287,13 +287,8 @@ def write_report(study: Study, rows: list[dict], out_dir: str | os.PathLike, com
     """Write <study>.md and <study>.png into out_dir; returns the markdown path."""
     out_dir = Path(out_dir)
     png = out_dir / f"{study.name}.png"
-    plotted = False
     if rows:
-        try:
-            plot(study, rows, png)
-            plotted = True
-        except ImportError:  # matplotlib is optional (extra "plots")
-            pass
+        plot(study, rows, png)
     agg = aggregate(rows)
     recipe = rows[0]["recipe"] if rows else None
     machines = sorted({r["machine"] for r in rows})
@@ -339,10 +334,8 @@ def write_report(study: Study, rows: list[dict], out_dir: str | os.PathLike, com
         lines.append(f"| {v.name} | `{ov}` | {f'{params / 1e6:.3f}M' if params else '-'} |")
     lines += ["", "## Results", "", "Mean ± seed s.d. where a row was repeated with several seeds.", ""]
     lines += _table(study, agg) + [""]
-    if plotted:
+    if rows:
         lines += [f"![{study.name}]({png.name})", ""]
-    elif rows:
-        lines += ["(No plot: matplotlib is not installed; `pip install coatnet[plots]`.)", ""]
     lines += ["## Reading against the paper", "",
               "Computed from the rows above. A difference is called *within noise* when it is smaller than two "
               "standard deviations of a difference of means, the standard deviation being the pooled seed "

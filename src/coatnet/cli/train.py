@@ -1,0 +1,188 @@
+"""`coatnet train`, `coatnet eval`, `coatnet predict`: parse flags, call coatnet.train."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from . import CliError
+
+# Settings that may change when resuming a run (the rest would change what is being resumed).
+_RESUME_CHANGEABLE = {"epochs", "device", "threads", "workers", "progress", "quiet", "stop_at_step", "save_every",
+                      "eval_batch_size", "strict", "skip_nonfinite"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..train.config import TrainConfig
+
+    d = TrainConfig()
+    S = argparse.SUPPRESS
+    p = sub.add_parser("train", help="train a model (default: the small preset on Fashion-MNIST)",
+                       description="Train a CoAtNet. With no arguments: coatnet_nano on Fashion-MNIST, evaluated on "
+                                   "its 10,000 test images. Flags override the recipe's settings.")
+    p.add_argument("--recipe", default=S, help="named settings (see --list-recipes); default: 'default'")
+    p.add_argument("--list-recipes", action="store_true", help="print the recipes and exit")
+    p.add_argument("--resume", metavar="DIR", default=S, help="continue the run in DIR from its last checkpoint")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=S, help=f"'fashion-mnist' or an ImageFolder root (default {d.data})")
+    g.add_argument("--data-dir", default=S, help="folder of the Fashion-MNIST IDX files")
+    g.add_argument("--val-fraction", type=float, default=S, help=f"held-out share of a folder without val/ ({d.val_fraction})")
+    g.add_argument("--train-subset", type=int, default=S, metavar="N", help="train on a seeded subset of N images")
+    g.add_argument("--val-subset", type=int, default=S, metavar="N", help="evaluate on a seeded subset of N images")
+    g.add_argument("--img-size", type=int, default=S, help="input side, multiple of 32 (32 Fashion-MNIST, 224 folders)")
+    g.add_argument("--crop-fraction", type=float, default=S, help="eval centre-crop fraction (1.0 / 0.875)")
+    g.add_argument("--workers", type=int, default=S, help="DataLoader workers for image folders")
+    g.add_argument("--strict", action="store_const", const=True, default=S, help="fail on an unreadable image")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=S, help=f"registered variant (default {d.model}); see `coatnet models`")
+    g.add_argument("--drop-path", type=float, default=S, help="stochastic depth rate")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=S, help=f"default {d.epochs}")
+    g.add_argument("--batch-size", type=int, default=S, help=f"global batch per optimizer step (default {d.batch_size})")
+    g.add_argument("--micro-batch-size", type=int, default=S,
+                   help="images per forward/backward: gradients accumulate to --batch-size")
+    g.add_argument("--lr", type=float, default=S, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--min-lr", type=float, default=S, help=f"floor of the decay (default {d.min_lr})")
+    g.add_argument("--warmup-epochs", type=float, default=S, help=f"linear warmup (default {d.warmup_epochs})")
+    g.add_argument("--schedule", choices=("cosine", "linear"), default=S, help="decay after warmup")
+    g.add_argument("--weight-decay", type=float, default=S, help=f"AdamW decay (default {d.weight_decay})")
+    g.add_argument("--clip-grad", type=float, default=S, help="max gradient norm (0: off)")
+    g.add_argument("--ema-decay", type=float, default=S, help="EMA of weights per step (0: off)")
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=S,
+                   help="no random augmentation at all")
+    g.add_argument("--crop-scale", type=float, nargs=2, metavar=("LO", "HI"), default=S,
+                   help=f"random resized crop area range (default {d.crop_scale[0]} {d.crop_scale[1]})")
+    g.add_argument("--hflip", type=float, default=S, help="horizontal flip probability")
+    g.add_argument("--randaugment", type=float, nargs=2, metavar=("N", "M"), default=S,
+                   help="RandAugment ops per image and magnitude 0..30 (paper: 2 15)")
+    g.add_argument("--mixup", type=float, default=S, help="Mixup alpha (paper 0.8)")
+    g.add_argument("--cutmix", type=float, default=S, help="CutMix alpha")
+    g.add_argument("--label-smoothing", type=float, default=S, help="(paper 0.1)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default=S, help="fp32 or bf16 autocast")
+    g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--channels-last", action="store_const", const=True, default=S)
+    g.add_argument("--compile", action="store_const", const=True, default=S, help="torch.compile the model")
+    g.add_argument("--threads", type=int, default=S, help="CPU threads (default: all)")
+    g.add_argument("--seed", type=int, default=S)
+    g.add_argument("--deterministic", action="store_const", const=True, default=S,
+                   help="deterministic kernels (resumed == uninterrupted)")
+    g = p.add_argument_group("run folder")
+    g.add_argument("--out", default=S, help="run folder (default runs/<recipe>-<time>)")
+    g.add_argument("--save-every", type=int, default=S, metavar="STEPS", help="also checkpoint every STEPS steps")
+    g.add_argument("--stop-at-step", type=int, default=S, help="stop (checkpointed) after this many steps")
+    g.add_argument("--eval-train", action="store_const", const=True, default=S,
+                   help="also evaluate the training set (eval mode, no augmentation) each epoch")
+    g.add_argument("--skip-nonfinite", action="store_const", const=True, default=S,
+                   help="skip steps with a NaN/inf loss instead of stopping")
+    g.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=S)
+    g.add_argument("--quiet", action="store_const", const=True, default=S, help="no per-epoch lines")
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint: JSON line with top1, top5, loss, n")
+    e.add_argument("--checkpoint", required=True, help="a checkpoint-*.safetensors file")
+    e.add_argument("--data", help="'fashion-mnist' or an image folder (default: the data it was trained on)")
+    e.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
+    e.add_argument("--split", choices=("val", "train", "both"), default="val",
+                   help="which split; 'both' adds the train-val gap")
+    e.add_argument("--val-fraction", type=float, help="held-out share when the folder has no val/")
+    e.add_argument("--subset", type=int, help="evaluate a seeded subset of N images")
+    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    e.add_argument("--workers", type=int)
+    e.add_argument("--strict", action="store_true", help="fail on an unreadable image")
+    e.set_defaults(func=run_eval)
+
+    q = sub.add_parser("predict", help="top-k classes with probabilities for image files")
+    q.add_argument("--checkpoint", required=True, help="a checkpoint-*.safetensors file")
+    q.add_argument("images", nargs="+", metavar="IMAGE")
+    q.add_argument("--top-k", type=int, default=5)
+    q.add_argument("--json", action="store_true", help="one JSON object per image")
+    q.add_argument("--device", default="cpu")
+    q.set_defaults(func=run_predict)
+
+
+def _flag_values(args: argparse.Namespace) -> dict:
+    """The TrainConfig settings given on the command line."""
+    values = {k: v for k, v in vars(args).items()
+              if k not in ("command", "func", "debug", "recipe", "list_recipes", "resume")}
+    if "randaugment" in values:
+        n, m = values.pop("randaugment")
+        if n != int(n) or n < 0:
+            raise CliError(f"--randaugment N must be a non-negative integer, got {n}")
+        values.update(randaugment_n=int(n), randaugment_m=m)
+    if values.get("clip_grad") == 0:
+        values["clip_grad"] = None
+    return values
+
+
+def build_config(args: argparse.Namespace):
+    """TrainConfig from the recipe (or a resumed run's config.json) and the flags."""
+    from ..train import TrainConfig, get_recipe
+
+    flags = _flag_values(args)
+    if hasattr(args, "resume"):
+        run_dir = Path(args.resume)
+        cfg_file = run_dir / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a run folder)")
+        if hasattr(args, "recipe"):
+            raise CliError("--resume takes the settings of the run; drop --recipe")
+        cfg = TrainConfig.from_dict(json.loads(cfg_file.read_text()))
+        fixed = sorted(k for k, v in flags.items() if k not in _RESUME_CHANGEABLE and getattr(cfg, k) != v)
+        if fixed:
+            raise CliError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)} when resuming "
+                           f"(only {', '.join(sorted('--' + k.replace('_', '-') for k in _RESUME_CHANGEABLE))})")
+        return cfg.replace(**flags, out=str(run_dir), resume=True)
+    name = getattr(args, "recipe", "default")
+    cfg = TrainConfig().replace(**get_recipe(name)).replace(**flags)
+    if cfg.out is None:
+        cfg = cfg.replace(out=str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    return cfg
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..train import train
+    from ..train.recipes import describe_recipe, list_recipes
+
+    if args.list_recipes:
+        for name in list_recipes():
+            print(f"{name}: {describe_recipe(name)}")
+        return 0
+    cfg = build_config(args).validate()
+    if not cfg.quiet:
+        print(f"run folder: {cfg.out}  (model {cfg.model}, data {cfg.data}, {cfg.epochs} epochs, "
+              f"batch {cfg.batch_size}, recipe {cfg.recipe or '-'})", flush=True)
+    result = train(cfg)
+    print(json.dumps(result))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir, split=args.split,
+                                 val_fraction=args.val_fraction, subset=args.subset, batch_size=args.batch_size,
+                                 device=args.device, precision=args.precision, workers=args.workers,
+                                 strict=args.strict)
+    print(json.dumps(result))
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from ..train import predict_files
+
+    if args.top_k < 1:
+        raise CliError("--top-k must be at least 1")
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"image not found: {missing[0]}")
+    for res in predict_files(args.checkpoint, args.images, args.top_k, args.device):
+        if args.json:
+            print(json.dumps(res))
+        else:
+            print(res["image"] + "  " + "  ".join(f"{t['class']} {t['prob']:.4f}" for t in res["top"]))
+    return 0

@@ -1,0 +1,7 @@
+"""Data: Fashion-MNIST IDX files, image folders, Pillow decoding and batched tensor augmentation."""
+from .datasets import DataSpec, FolderSource, TensorSource, build_data
+from .idx import FASHION_MNIST_CLASSES, load_fashion_mnist, read_idx
+from .images import load_image
+
+__all__ = ["DataSpec", "FolderSource", "TensorSource", "build_data", "FASHION_MNIST_CLASSES",
+           "load_fashion_mnist", "read_idx", "load_image"]

@@ -1,0 +1,216 @@
+"""Datasets as index-addressed sources of fixed-size image batches.
+
+A source maps a list of sample indices to a batch (images (B, C, S, S) float in [0, 1], labels (B,),
+indices (B,)), applying the train crop/flip (per-sample parameters from `data.random`) or the eval
+resize/center-crop. Fashion-MNIST lives in memory and is transformed batched in the calling process;
+image folders are decoded with Pillow in DataLoader workers. Unreadable files are dropped from their
+batch and reported by path (or raise with `strict`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, load_fashion_mnist
+from .images import IMAGE_EXTENSIONS, load_image
+from .random import permutation
+from .transforms import AugmentConfig, center_crop_box, crop_params, resized_crop
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model trained on a dataset needs to read new images: saved with every checkpoint."""
+
+    name: str  # "fashion-mnist" or the image folder's path
+    classes: tuple[str, ...]  # class names, index = label
+    in_chans: int  # 1 (grayscale) or 3 (RGB)
+    img_size: int  # square input side, a multiple of 32
+    crop_fraction: float  # eval: centre crop of this fraction of the shorter side, resized to img_size
+    mean: tuple[float, ...]  # per-channel normalisation of [0, 1] pixels
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataSpec":
+        return cls(**{**d, "classes": tuple(d["classes"]), "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, C, S, S) float32 in [0, 1]
+    labels: torch.Tensor  # (B,) int64
+    indices: torch.Tensor  # (B,) int64, positions in the source
+    failed: list[str] = field(default_factory=list)  # paths of unreadable files dropped from this batch
+
+
+class TensorSource:
+    """Images held in memory as a uint8 tensor (N, C, H, W) with labels (N,)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, index_batches: list[torch.Tensor], spec: DataSpec, train: bool, aug: AugmentConfig,
+                seed: int, epoch: int, workers: int = 0, strict: bool = False) -> Iterator[Batch]:
+        size = (spec.img_size, spec.img_size)
+        height, width = self.images.shape[-2:]
+        for idx in index_batches:
+            x = self.images[idx].to(torch.float32).div_(255)
+            if train and aug.enabled:
+                boxes, flips = crop_params(seed, epoch, idx, height, width, aug)
+                x = resized_crop(x, boxes, size, flips)
+            elif (height, width) != size or spec.crop_fraction != 1.0:
+                box = torch.tensor(center_crop_box(height, width, spec.crop_fraction, *size)).expand(len(idx), 4)
+                x = resized_crop(x, box, size)
+            yield Batch(x, self.labels[idx], idx)
+
+
+class _FolderDataset(torch.utils.data.Dataset):
+    """Decodes one file per item in a DataLoader worker: (uint8 (C, S, S) or None, label, index, path)."""
+
+    def __init__(self, samples, spec: DataSpec, train: bool, aug: AugmentConfig, seed: int, epoch: int):
+        self.samples, self.spec, self.train, self.aug, self.seed, self.epoch = samples, spec, train, aug, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            img = load_image(path, self.spec.in_chans)
+        except Exception:  # unreadable or corrupt: reported by the collate function
+            return None, label, i, path
+        s = self.spec.img_size
+        width, height = img.size
+        flip = False
+        if self.train and self.aug.enabled:
+            boxes, flips = crop_params(self.seed, self.epoch, torch.tensor([i]), height, width, self.aug)
+            x0, y0, w, h = boxes[0].tolist()
+            flip = bool(flips[0])
+        else:
+            x0, y0, w, h = center_crop_box(height, width, self.spec.crop_fraction, s, s)
+        img = img.resize((s, s), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        arr = torch.from_numpy(np.array(img, dtype=np.uint8))
+        arr = arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
+        return arr.contiguous(), label, i, path
+
+
+def _collate(items) -> tuple:
+    ok = [it for it in items if it[0] is not None]
+    failed = [it[3] for it in items if it[0] is None]
+    if ok:
+        images = torch.stack([it[0] for it in ok])
+    else:
+        images = torch.zeros(0, 1, 1, 1, dtype=torch.uint8)
+    labels = torch.tensor([it[1] for it in ok], dtype=torch.int64)
+    indices = torch.tensor([it[2] for it in ok], dtype=torch.int64)
+    return images, labels, indices, failed
+
+
+class FolderSource:
+    """Image files with labels: a list of (path, label)."""
+
+    def __init__(self, samples: list[tuple[str, int]]):
+        self.samples = samples
+        self.labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batches(self, index_batches: list[torch.Tensor], spec: DataSpec, train: bool, aug: AugmentConfig,
+                seed: int, epoch: int, workers: int = 0, strict: bool = False) -> Iterator[Batch]:
+        dataset = _FolderDataset(self.samples, spec, train, aug, seed, epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b.tolist() for b in index_batches],
+                                             num_workers=workers, collate_fn=_collate,
+                                             persistent_workers=False, prefetch_factor=4 if workers else None)
+        for images, labels, indices, failed in loader:
+            if failed and strict:
+                raise ValueError(f"cannot read image {failed[0]} (run without --strict to skip unreadable files)")
+            if images.shape[0] == 0:
+                images = torch.zeros(0, spec.in_chans, spec.img_size, spec.img_size, dtype=torch.uint8)
+            yield Batch(images.to(torch.float32).div_(255), labels, indices, failed)
+
+
+# -- building ------------------------------------------------------------------------------------------
+def _list_images(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def scan_image_folder(root: str | os.PathLike, val_fraction: float, seed: int
+                      ) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[str]]:
+    """(train samples, val samples, class names) of an ImageFolder root: root/train/<class>/* and
+    root/val/<class>/*, or root/<class>/* split per class by a seeded `val_fraction`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    if (root / "train").is_dir():
+        classes = _class_dirs(root / "train")
+        if not classes:
+            raise ValueError(f"{root / 'train'} has no class subfolders")
+        val_dir = root / "val" if (root / "val").is_dir() else root / "validation"
+        if not val_dir.is_dir():
+            raise FileNotFoundError(f"{root} has train/ but no val/ folder")
+        extra = sorted(set(_class_dirs(val_dir)) - set(classes))
+        if extra:
+            raise ValueError(f"{val_dir} has classes not in train/: {', '.join(extra[:5])}")
+        train = [(p, k) for k, c in enumerate(classes) for p in _list_images(root / "train" / c)]
+        val = [(p, k) for k, c in enumerate(classes) if (val_dir / c).is_dir() for p in _list_images(val_dir / c)]
+    else:
+        classes = _class_dirs(root)
+        if not classes:
+            raise ValueError(f"{root} has no class subfolders (expected {root}/<class>/<image> "
+                             f"or train/ and val/ folders)")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction={val_fraction} must be in (0, 1) to split {root}")
+        train, val = [], []
+        for k, c in enumerate(classes):
+            files = _list_images(root / c)
+            order = permutation(seed, k, len(files)).tolist()
+            n_val = int(round(len(files) * val_fraction)) if len(files) > 1 else 0
+            val += [(files[i], k) for i in sorted(order[:n_val])]
+            train += [(files[i], k) for i in sorted(order[n_val:])]
+    if not train:
+        raise ValueError(f"no images found under {root} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    return train, val, classes
+
+
+def build_data(data: str, data_dir: str | None = None, val_fraction: float = 0.1, img_size: int | None = None,
+               crop_fraction: float | None = None, seed: int = 0):
+    """(train source, val source, DataSpec) for `data`: "fashion-mnist" (val = the 10,000 test images)
+    or an image folder path."""
+    if data == "fashion-mnist":
+        root = data_dir or DEFAULT_FASHION_MNIST_DIR
+        sources = []
+        for split in ("train", "test"):
+            images, labels = load_fashion_mnist(root, split)
+            sources.append(TensorSource(torch.from_numpy(images.copy()).unsqueeze(1),
+                                        torch.from_numpy(labels)))
+        spec = DataSpec("fashion-mnist", tuple(FASHION_MNIST_CLASSES), 1, img_size or 32,
+                        1.0 if crop_fraction is None else crop_fraction, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+        return sources[0], sources[1], spec
+    path = Path(data)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {data!r}: no such folder (use 'fashion-mnist' or an image folder)")
+    train, val, classes = scan_image_folder(path, val_fraction, seed)
+    spec = DataSpec(str(path), tuple(classes), 3, img_size or 224, 0.875 if crop_fraction is None else crop_fraction,
+                    IMAGENET_MEAN, IMAGENET_STD)
+    return FolderSource(train), FolderSource(val), spec

@@ -1,0 +1,229 @@
+"""Image transforms on uint8/float tensors, batched, with per-sample parameters from `data.random`.
+
+Train: random resized crop and horizontal flip, RandAugment(n, m) (Cubuk et al. 2020), then Mixup/CutMix
+and label smoothing on the targets. Eval: resize and center crop keeping `crop_fraction` of the shorter
+side. Colour ops come from kornia.enhance; geometric ops are one affine warp per sample.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .random import numpy_rng, uniform
+
+# Streams: independent random numbers per purpose (any distinct integers).
+_S_CROP, _S_FLIP, _S_RA, _S_MIX = 100, 200, 300, 400
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The random train-time augmentation; `enabled=False` turns all of it off."""
+
+    enabled: bool = True  # False: train images get the eval transform, targets are one-hot
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop: area fraction range
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random resized crop: aspect ratio range
+    hflip: float = 0.5  # probability of a horizontal flip
+    randaugment_n: int = 0  # RandAugment: ops per image (paper: 2); 0 disables
+    randaugment_m: float = 15.0  # RandAugment magnitude on the 0..30 scale (paper: 15)
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) for Mixup (paper: 0.8); 0 disables
+    cutmix_alpha: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 disables
+    cutmix_prob: float = 0.5  # when both are on: probability a sample uses CutMix rather than Mixup
+    label_smoothing: float = 0.0  # (paper: 0.1)
+
+
+# -- boxes ------------------------------------------------------------------------------------------
+def random_crop_boxes(u: torch.Tensor, height: int, width: int, scale: tuple[float, float],
+                      ratio: tuple[float, float]) -> torch.Tensor:
+    """Random resized crop boxes from uniforms u (B, 4): (B, 4) float boxes (x0, y0, w, h) in pixels."""
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(area * aspect).clamp(1.0, width)
+    h = torch.sqrt(area / aspect).clamp(1.0, height)
+    return torch.stack([u[:, 2] * (width - w), u[:, 3] * (height - h), w, h], dim=1)
+
+
+def center_crop_box(height: int, width: int, crop_fraction: float, out_h: int, out_w: int) -> tuple:
+    """Box (x0, y0, w, h) of the eval transform: a centred crop of the output's aspect ratio whose shorter
+    side is `crop_fraction` of the image's shorter side (resize shorter side to out/crop_fraction, crop out)."""
+    scale = min(height / out_h, width / out_w) * crop_fraction
+    w, h = out_w * scale, out_h * scale
+    return ((width - w) / 2, (height - h) / 2, w, h)
+
+
+def crop_params(seed: int, epoch: int, index: torch.Tensor, height: int, width: int, aug: AugmentConfig) -> tuple:
+    """Per-sample random-resized-crop boxes (B, 4) and flip flags (B,) bool for samples `index`."""
+    u = torch.stack([uniform(seed, epoch, index, _S_CROP + k) for k in range(4)], dim=1)
+    boxes = random_crop_boxes(u, height, width, aug.crop_scale, aug.crop_ratio)
+    flips = uniform(seed, epoch, index, _S_FLIP) < aug.hflip
+    return boxes, flips
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], flips: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """Crop boxes (B, 4) (x0, y0, w, h) out of x (B, C, H, W) float and resize them bilinearly to `size`,
+    mirrored where `flips` (B,) is set: (B, C, *size)."""
+    b, _, height, width = x.shape
+    x0, y0, w, h = boxes.to(x.dtype).unbind(1)
+    sx = w / width
+    if flips is not None:
+        sx = torch.where(flips.to(x.device), -sx, sx)
+    theta = torch.zeros(b, 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, (2 * x0 + w) / width - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h / height, (2 * y0 + h) / height - 1
+    grid = F.affine_grid(theta, [b, x.shape[1], *size], align_corners=False)
+    # Downscaling by more than 2x aliases; smooth first (rare here: crops are resized near their own size).
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# -- RandAugment -----------------------------------------------------------------------------------
+# Ops of RandAugment (Cubuk et al. 2020, Table 6 minus the no-op duplicates) with the magnitude at level 30.
+RANDAUGMENT_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "color", "posterize",
+                   "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
+_MAX_LEVEL = 30.0
+
+
+def _blend(img: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = factor.view(-1, 1, 1, 1)
+    return (other + f * (img - other)).clamp(0, 1)
+
+
+def _gray(img: torch.Tensor) -> torch.Tensor:
+    if img.shape[1] == 1:
+        return img
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=img.dtype, device=img.device).view(1, 3, 1, 1)
+    return (img * w).sum(1, keepdim=True).expand_as(img)
+
+
+def _apply_color_op(op: str, img: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """One colour op on img (b, C, H, W) in [0, 1] with per-sample level (b,) in [0, 1] and sign (b,) +-1."""
+    import kornia.enhance as KE
+
+    if op == "autocontrast":
+        lo = img.amin((2, 3), keepdim=True)
+        hi = img.amax((2, 3), keepdim=True)
+        return torch.where(hi > lo, (img - lo) / (hi - lo).clamp_min(1e-6), img)
+    if op == "equalize":
+        return KE.equalize(img)
+    if op == "solarize":
+        threshold = (1.0 - level).view(-1, 1, 1, 1)
+        return torch.where(img >= threshold, 1.0 - img, img)
+    if op == "posterize":
+        bits = (8 - torch.round(4 * level)).to(torch.uint8)
+        return KE.posterize(img, bits)
+    factor = 1.0 + 0.9 * level * sign
+    if op == "color":
+        return _blend(img, _gray(img), factor)
+    if op == "contrast":
+        return _blend(img, _gray(img).mean((1, 2, 3), keepdim=True).expand_as(img), factor)
+    if op == "brightness":
+        return _blend(img, torch.zeros_like(img), factor)
+    if op == "sharpness":
+        return KE.sharpness(img, factor.clamp_min(0)).clamp(0, 1)
+    raise ValueError(op)
+
+
+def _affine_for(op: str, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """(b, 2, 3) affine in normalised coordinates for a geometric op."""
+    b = level.shape[0]
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    v = level * sign
+    if op == "rotate":
+        a = torch.deg2rad(30.0 * v)
+        theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a), -torch.sin(a)
+        theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a), torch.cos(a)
+    elif op == "shear_x":
+        theta[:, 0, 1] = 0.3 * v
+    elif op == "shear_y":
+        theta[:, 1, 0] = 0.3 * v
+    elif op == "translate_x":
+        theta[:, 0, 2] = 2 * 0.45 * v  # up to 45% of the width
+    elif op == "translate_y":
+        theta[:, 1, 2] = 2 * 0.45 * v
+    return theta
+
+
+def rand_augment(img: torch.Tensor, seed: int, epoch: int, index: torch.Tensor, n: int, m: float) -> torch.Tensor:
+    """RandAugment on img (B, C, H, W) float in [0, 1]: each sample applies `n` ops chosen uniformly from
+    RANDAUGMENT_OPS at magnitude m (0..30 scale, random sign for signed ops). Returns a new tensor."""
+    level = min(max(m / _MAX_LEVEL, 0.0), 1.0)
+    out = img.clone()
+    n_ops = len(RANDAUGMENT_OPS)
+    for layer in range(n):
+        choice = (uniform(seed, epoch, index, _S_RA + 2 * layer) * n_ops).long().clamp_max(n_ops - 1)
+        sign = torch.where(uniform(seed, epoch, index, _S_RA + 2 * layer + 1) < 0.5, -1.0, 1.0)
+        for k, op in enumerate(RANDAUGMENT_OPS):
+            sel = (choice == k).nonzero().flatten()
+            if op == "identity" or sel.numel() == 0:
+                continue
+            lv = torch.full((sel.numel(),), level)
+            part = out[sel.to(out.device)]
+            if op in ("rotate", "shear_x", "shear_y", "translate_x", "translate_y"):
+                theta = _affine_for(op, lv, sign[sel]).to(part)
+                grid = F.affine_grid(theta, list(part.shape), align_corners=False)
+                part = F.grid_sample(part, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            else:
+                part = _apply_color_op(op, part, lv.to(part), sign[sel].to(part))
+            out[sel.to(out.device)] = part.to(out.dtype)
+    return out
+
+
+# -- Mixup / CutMix and targets --------------------------------------------------------------------
+def mix_batch(img: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int, epoch: int,
+              index: torch.Tensor, aug: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup/CutMix and label smoothing. img (B, C, H, W) float, labels (B,) int -> (images, soft targets
+    (B, num_classes)). Sample j mixes with its neighbour j^1 of the batch (pairs (0,1), (2,3), ...; a
+    trailing odd sample mixes with itself), with a per-sample Beta(alpha, alpha) weight, so a batch cut
+    into slices at even offsets mixes identically."""
+    b = img.shape[0]
+    eps = aug.label_smoothing
+    onehot = F.one_hot(labels, num_classes).to(torch.float32)
+    targets = onehot * (1 - eps) + eps / num_classes
+    use_mixup, use_cutmix = aug.mixup_alpha > 0, aug.cutmix_alpha > 0
+    if not (use_mixup or use_cutmix) or b == 0:
+        return img, targets.to(img.device)
+    partner = torch.arange(b) ^ 1
+    partner[partner >= b] = b - 1
+    lam = torch.ones(b)
+    cut = torch.zeros(b, dtype=torch.bool)
+    boxes = torch.zeros(b, 4)
+    height, width = img.shape[-2:]
+    for j, i in enumerate(index.tolist()):
+        rng = numpy_rng(seed, epoch, i, _S_MIX)
+        is_cut = use_cutmix and (not use_mixup or rng.random() < aug.cutmix_prob)
+        alpha = aug.cutmix_alpha if is_cut else aug.mixup_alpha
+        lam_j = float(rng.beta(alpha, alpha))
+        if is_cut:  # a box of area (1 - lam) from the partner; lam corrected to the clipped box
+            cut[j] = True
+            ch, cw = height * math.sqrt(1 - lam_j), width * math.sqrt(1 - lam_j)
+            cy, cx = rng.random() * height, rng.random() * width
+            y0, y1 = int(max(cy - ch / 2, 0)), int(min(cy + ch / 2, height))
+            x0, x1 = int(max(cx - cw / 2, 0)), int(min(cx + cw / 2, width))
+            boxes[j] = torch.tensor([x0, y0, x1, y1], dtype=torch.float32)
+            lam_j = 1 - (y1 - y0) * (x1 - x0) / (height * width)
+        lam[j] = lam_j
+    other = img[partner.to(img.device)]
+    lam_d = lam.to(img.device, img.dtype).view(-1, 1, 1, 1)
+    mixed = lam_d * img + (1 - lam_d) * other
+    if cut.any():
+        ys = torch.arange(height, device=img.device).view(1, -1, 1)
+        xs = torch.arange(width, device=img.device).view(1, 1, -1)
+        bx = boxes.to(img.device)
+        inside = ((xs >= bx[:, 0].view(-1, 1, 1)) & (xs < bx[:, 2].view(-1, 1, 1))
+                  & (ys >= bx[:, 1].view(-1, 1, 1)) & (ys < bx[:, 3].view(-1, 1, 1))).unsqueeze(1)
+        pasted = torch.where(inside, other, img)
+        mixed = torch.where(cut.to(img.device).view(-1, 1, 1, 1), pasted, mixed)
+    lam_t = lam.view(-1, 1)
+    targets = lam_t * targets + (1 - lam_t) * targets[partner]
+    return mixed, targets.to(img.device)
+
+
+def normalize(img: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] -> standardised per channel."""
+    m = torch.tensor(mean, dtype=img.dtype, device=img.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=img.dtype, device=img.device).view(1, -1, 1, 1)
+    return (img - m) / s

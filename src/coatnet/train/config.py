@@ -1,0 +1,117 @@
+"""TrainConfig: every setting of a training run, as one frozen dataclass (saved as config.json)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """All settings of `coatnet.train.train`. The defaults are the `default` recipe: the small preset on
+    Fashion-MNIST, >= 90% test top-1 in under 10 minutes on 2 CPU cores."""
+
+    # -- data --
+    data: str = "fashion-mnist"  # "fashion-mnist" or an ImageFolder root (train/ and val/, or class folders)
+    data_dir: Optional[str] = None  # Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)
+    val_fraction: float = 0.1  # share of each class held out when a folder has no train/ and val/
+    train_subset: Optional[int] = None  # train on a seeded subset of this many images (None: all)
+    val_subset: Optional[int] = None  # evaluate on a seeded subset of this many val images (None: all)
+    img_size: Optional[int] = None  # input side, a multiple of 32 (None: 32 for Fashion-MNIST, 224 for folders)
+    crop_fraction: Optional[float] = None  # eval centre crop (None: 1.0 for Fashion-MNIST, 0.875 for folders)
+    workers: Optional[int] = None  # DataLoader worker processes for folders (None: min(4, CPUs))
+    strict: bool = False  # fail on an unreadable image instead of skipping it (and naming it in the log)
+    # -- model --
+    model: str = "coatnet_nano"  # registered variant (coatnet.list_models())
+    drop_path: float = 0.0  # stochastic depth: maximum rate, reached at the last block
+    # -- optimisation --
+    epochs: int = 8  # passes over the training set
+    batch_size: int = 128  # global batch per optimizer step (all processes and accumulation together)
+    micro_batch_size: Optional[int] = None  # images per forward/backward; smaller accumulates gradients
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    min_lr: float = 1e-5  # floor the schedule decays to
+    warmup_epochs: float = 0.3  # linear warmup from 0 (fractions of an epoch allowed)
+    schedule: str = "cosine"  # decay after warmup: "cosine" or "linear"
+    weight_decay: float = 0.05  # AdamW decoupled decay; never on norms, biases, bias tables
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    clip_grad: Optional[float] = 1.0  # clip the global gradient norm to this (None: off)
+    ema_decay: float = 0.0  # exponential moving average of weights per step (0: off); evaluation uses it
+    # -- augmentation --
+    augment: bool = True  # False: no random augmentation at all (train images get the eval transform)
+    crop_scale: tuple[float, float] = (0.7, 1.0)  # random resized crop area range (paper/ImageNet: 0.08..1)
+    hflip: float = 0.5  # horizontal flip probability
+    randaugment_n: int = 0  # RandAugment ops per image (paper: 2); 0: off
+    randaugment_m: float = 15.0  # RandAugment magnitude, 0..30 (paper: 15)
+    mixup: float = 0.0  # Mixup Beta alpha (paper: 0.8); 0: off
+    cutmix: float = 0.0  # CutMix Beta alpha; 0: off
+    label_smoothing: float = 0.0  # (paper: 0.1)
+    # -- runtime --
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast on CPU and GPU)
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    channels_last: bool = False  # NHWC memory format for the convolutions
+    compile: bool = False  # torch.compile the model
+    threads: Optional[int] = None  # CPU threads for torch (None: all CPUs)
+    seed: int = 0  # model init, data order, subsets, augmentation
+    deterministic: bool = False  # deterministic kernels: a resumed run then equals an uninterrupted one
+    eval_batch_size: int = 500  # images per evaluation forward
+    # -- run folder --
+    out: Optional[str] = None  # run folder (None: nothing written)
+    resume: bool = False  # continue from out/checkpoint-last.* (from the start when none exists)
+    save_every: int = 0  # also checkpoint every this many optimizer steps (0: at epoch ends only)
+    stop_at_step: Optional[int] = None  # stop (after checkpointing) once this many steps are done
+    eval_train: bool = False  # also evaluate the (subset of the) training set, eval mode and no augmentation
+    skip_nonfinite: bool = False  # skip an optimizer step whose loss is NaN/inf instead of stopping
+    progress: bool = True  # tqdm progress bar per epoch (stderr)
+    quiet: bool = False  # no per-epoch summary lines
+    recipe: Optional[str] = None  # the recipe these settings came from (recorded only)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with fields changed; None values are ignored; unknown names raise ValueError."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}")
+        changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "TrainConfig":
+        def positive(name, allow_zero=False):
+            v = getattr(self, name)
+            if v is not None and (v < 0 or (v == 0 and not allow_zero)):
+                raise ValueError(f"{name}={v!r} must be {'non-negative' if allow_zero else 'positive'}")
+
+        for name in ("epochs", "batch_size", "micro_batch_size", "lr", "train_subset", "val_subset", "eval_batch_size",
+                     "threads", "stop_at_step"):
+            positive(name)
+        for name in ("min_lr", "warmup_epochs", "weight_decay", "ema_decay", "mixup", "cutmix", "save_every",
+                     "randaugment_n", "randaugment_m", "drop_path", "label_smoothing", "workers"):
+            positive(name, allow_zero=True)
+        if self.micro_batch_size and self.micro_batch_size > self.batch_size:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} exceeds batch_size={self.batch_size}")
+        if self.schedule not in ("cosine", "linear"):
+            raise ValueError(f"schedule={self.schedule!r} must be 'cosine' or 'linear'")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision={self.precision!r} must be 'fp32' or 'bf16'")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale={self.crop_scale} must satisfy 0 < low <= high <= 1")
+        if self.img_size is not None and (self.img_size < 32 or self.img_size % 32):
+            raise ValueError(f"img_size={self.img_size} must be a positive multiple of 32")
+        if self.resume and not self.out:
+            raise ValueError("resume needs the run folder (out)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls().replace(**{k: v for k, v in d.items() if k in known})

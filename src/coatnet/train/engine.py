@@ -1,0 +1,264 @@
+"""The training loop: `train(cfg) -> final metrics`, with resumable, world-size-independent data order.
+
+Order of work per optimizer step (global step s, learning rate lr_at(s)): the epoch's permutation (a
+function of seed and epoch) is cut into global batches of `batch_size`; this process takes its shard,
+cut into micro-batches; gradients accumulate over them, are clipped, and AdamW steps. Randomness inside
+the model (stochastic depth) is reseeded from (seed, step), and the data pipeline's from (seed, epoch,
+sample index), so a run resumed from any checkpoint continues exactly as if it had not stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data import build_data
+from ..data.random import mix_int, permutation
+from ..data.transforms import AugmentConfig, mix_batch, normalize, rand_augment
+from ..models import count_params, create_model
+from ..utils import atomic_write
+from .checkpoint import load_train_state, save_train_state, save_weights_checkpoint, state_path, weights_path
+from .config import TrainConfig
+from .distributed import all_reduce_sums, barrier, is_main, rank_and_world, shard, wrap_model
+from .evaluate import evaluate, subset_indices
+from .metrics import plot_curves, read_metrics, write_metrics
+from .optim import WeightEMA, build_optimizer
+from .runtime import setup_runtime
+from .schedule import lr_at
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or infinite (the message names the step)."""
+
+
+def augment_config(cfg: TrainConfig) -> AugmentConfig:
+    return AugmentConfig(enabled=cfg.augment, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
+                         randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
+                         mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing)
+
+
+def _train_inputs(batch, aug: AugmentConfig, spec, num_classes: int, seed: int, epoch: int):
+    """A decoded batch -> (normalised images (B, C, S, S), soft targets (B, classes))."""
+    x = batch.images
+    if aug.enabled and aug.randaugment_n > 0:
+        x = rand_augment(x, seed, epoch, batch.indices, aug.randaugment_n, aug.randaugment_m)
+    x = normalize(x, spec.mean, spec.std)
+    mixing = aug if aug.enabled else AugmentConfig(enabled=False, label_smoothing=aug.label_smoothing)
+    return mix_batch(x, batch.labels, num_classes, seed, epoch, batch.indices, mixing)
+
+
+def _log(cfg: TrainConfig, msg: str, err: bool = False) -> None:
+    if is_main() and (err or not cfg.quiet):
+        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _summary_line(rec: dict, epochs: int) -> str:
+    parts = [f"epoch {rec['epoch']}/{epochs}", f"train_loss {rec['train_loss']:.4f}",
+             f"train_top1 {rec['train_top1']:.2f}"]
+    if "train_eval_top1" in rec:
+        parts.append(f"train_eval_top1 {rec['train_eval_top1']:.2f}")
+    parts += [f"val_loss {rec['val_loss']:.4f}", f"val_top1 {rec['val_top1']:.2f}", f"val_top5 {rec['val_top5']:.2f}",
+              f"lr {rec['lr']:.2e}", f"{rec['img_per_s']:.0f} img/s", f"{rec['seconds']:.1f}s"]
+    return "  ".join(parts)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or resume) as `cfg` says; returns the final metrics: train_loss, train_top1 (running, with
+    augmentation), val_loss, val_top1, val_top5 (%), train_eval_* when cfg.eval_train, seconds, params,
+    epochs, steps, best_val_top1, skipped_images."""
+    cfg = cfg.validate()
+    t_start = time.time()
+    rank, world = rank_and_world()
+    runtime = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads,
+                            cfg.deterministic)
+    train_src, val_src, spec = build_data(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.img_size,
+                                          cfg.crop_fraction, cfg.seed)
+    cfg = cfg.replace(img_size=spec.img_size, crop_fraction=spec.crop_fraction)
+    workers = min(4, os.cpu_count() or 1) if cfg.workers is None else cfg.workers
+    train_idx = subset_indices(len(train_src), cfg.train_subset, cfg.seed, stream=1)
+    val_idx = subset_indices(len(val_src), cfg.val_subset, cfg.seed, stream=2)
+    if len(val_idx) == 0:
+        raise ValueError(f"{cfg.data}: no validation images (raise --val-fraction or add a val/ folder)")
+    num_classes = len(spec.classes)
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=num_classes, img_size=spec.img_size, in_chans=spec.in_chans,
+                         drop_path_rate=cfg.drop_path)
+    n_params = count_params(model)
+    runtime.prepare(model)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    eval_model = copy.deepcopy(model) if ema is not None else model
+    net = runtime.compiled(wrap_model(model))
+    eval_net = runtime.compiled(eval_model) if ema is not None else net
+    aug = augment_config(cfg)
+
+    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+    micro = max(1, -(-(cfg.micro_batch_size or cfg.batch_size) // 1))
+    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "sums": [0.0, 0.0, 0.0, 0.0],
+                "best_val_top1": None, "best_epoch": None, "skipped_images": [], "nonfinite_steps": []}
+    records: list[dict] = []
+    out = Path(cfg.out) if cfg.out else None
+
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and state_path(out).is_file():
+            state = load_train_state(state_path(out))
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if ema is not None:
+                if state["ema"] is None:
+                    raise ValueError(f"{out}: the checkpoint has no EMA weights but ema_decay={cfg.ema_decay}")
+                ema.state = {k: v.to(runtime.device) for k, v in state["ema"].items()}
+            progress = state["progress"]
+            records = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= progress["epoch"]]
+            _log(cfg, f"resuming {out} at epoch {progress['epoch'] + 1}, step {progress['global_step']}", err=True)
+        elif cfg.resume:
+            _log(cfg, f"no checkpoint in {out} yet: starting from the beginning", err=True)
+        if is_main():
+            resolved = {**cfg.replace(resume=False).to_dict(), "classes": list(spec.classes),
+                        "model_config": model.config.to_dict(), "data_spec": spec.to_dict(), "params": n_params,
+                        "train_images": len(train_idx), "val_images": len(val_idx), "steps_per_epoch": steps_per_epoch,
+                        "total_steps": total_steps, "warmup_steps": warmup_steps, "world_size": world}
+            with atomic_write(out / "config.json") as tmp:
+                tmp.write_text(json.dumps(resolved, indent=2) + "\n")
+
+    def checkpoint_info(epoch_metrics: dict | None) -> dict:
+        return {"model_config": model.config.to_dict(), "data": spec.to_dict(), "epoch": progress["epoch"],
+                "step": progress["global_step"], "metrics": epoch_metrics or {},
+                "run": {"data": cfg.data, "data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction,
+                        "seed": cfg.seed, "model": cfg.model}}
+
+    def save_last(epoch_metrics: dict | None) -> None:
+        if out is None or not is_main():
+            return
+        weights = ema.state if ema is not None else model.state_dict()
+        # State first: the weights file is for eval/predict, the state file alone resumes.
+        save_train_state(state_path(out), model.state_dict(), ema.state if ema else None, optimizer, progress)
+        save_weights_checkpoint(weights_path(out, "last"), weights, checkpoint_info(epoch_metrics))
+
+    def result(stopped: bool = False) -> dict:
+        last = records[-1] if records else {}
+        res = {k: v for k, v in last.items() if k not in ("seconds",)}
+        res.update(seconds=time.time() - t_start, params=n_params, epochs=progress["epoch"],
+                   steps=progress["global_step"], best_val_top1=progress["best_val_top1"],
+                   skipped_images=len(progress["skipped_images"]), nonfinite_steps=len(progress["nonfinite_steps"]))
+        if stopped:
+            res["stopped_at_step"] = progress["global_step"]
+        if out is not None:
+            res["out"] = str(out)
+        return res
+
+    from tqdm import tqdm
+
+    for epoch in range(progress["epoch"], cfg.epochs):
+        t_epoch = time.time()
+        order = train_idx[permutation(cfg.seed, epoch, len(train_idx))]
+        global_batches = list(order.split(cfg.batch_size))
+        start = progress["step_in_epoch"]
+        micro_batches, n_micro = [], []
+        for gb in global_batches[start:]:
+            parts = list(shard(gb, rank, world).split(micro))
+            micro_batches += parts
+            n_micro.append(len(parts))
+        batches = train_src.batches(micro_batches, spec, True, aug, cfg.seed, epoch, workers, cfg.strict)
+        model.train()
+        bar = tqdm(total=len(global_batches), initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and is_main()), leave=False, file=sys.stderr, dynamic_ncols=True)
+        images_seen, t_train, lr = 0, time.time(), lr_at(progress["global_step"], cfg.lr, total_steps,
+                                                          warmup_steps, cfg.min_lr, cfg.schedule)
+        for step_in_epoch, gb in enumerate(global_batches[start:], start):
+            step = progress["global_step"]
+            lr = lr_at(step, cfg.lr, total_steps, warmup_steps, cfg.min_lr, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(mix_int(cfg.seed, step, 0xD809))  # stochastic depth: a function of the step
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = correct = n = 0.0
+            for _ in range(n_micro[step_in_epoch - start]):
+                batch = next(batches)
+                if batch.failed:
+                    progress["skipped_images"] += batch.failed
+                    for path in batch.failed:
+                        _log(cfg, f"warning: skipped unreadable image {path}", err=True)
+                if len(batch.labels) == 0:
+                    continue
+                x, targets = _train_inputs(batch, aug, spec, num_classes, cfg.seed, epoch)
+                x, targets = runtime.inputs(x), targets.to(runtime.device)
+                with runtime.autocast():
+                    logits = net(x)
+                per_sample = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+                # Sum over the global batch divided by its size; DDP averages over ranks, hence * world.
+                (per_sample.sum() * (world / len(gb))).backward()
+                loss_sum += per_sample.sum().item()
+                correct += (logits.argmax(-1).cpu() == batch.labels).sum().item()
+                n += len(batch.labels)
+            if not math.isfinite(loss_sum):
+                where = f"step {step} (epoch {epoch + 1}, batch {step_in_epoch + 1}/{len(global_batches)})"
+                if not cfg.skip_nonfinite:
+                    raise NonFiniteLossError(f"non-finite loss at {where}; lower --lr, or pass --skip-nonfinite")
+                progress["nonfinite_steps"].append(step)
+                _log(cfg, f"warning: non-finite loss at {where}: step skipped", err=True)
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                optimizer.step()
+                if ema is not None:
+                    ema.update(model)
+                sums = progress["sums"]
+                progress["sums"] = [sums[0] + loss_sum, sums[1] + correct, sums[2] + n, sums[3]]
+            progress["global_step"] = step + 1
+            progress["step_in_epoch"] = step_in_epoch + 1
+            images_seen += n
+            if bar.n % 10 == 0 or step_in_epoch + 1 == len(global_batches):
+                bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", lr=f"{lr:.2e}",
+                                img_s=f"{images_seen * world / max(time.time() - t_train, 1e-9):.0f}", refresh=False)
+            bar.update(1)
+            last_of_epoch = step_in_epoch + 1 == len(global_batches)
+            if not last_of_epoch and cfg.save_every and progress["global_step"] % cfg.save_every == 0:
+                save_last(records[-1] if records else None)
+            if cfg.stop_at_step and progress["global_step"] >= cfg.stop_at_step and not last_of_epoch:
+                bar.close()
+                save_last(records[-1] if records else None)
+                return result(stopped=True)
+        bar.close()
+        train_seconds = time.time() - t_train
+        loss_sum, correct, n, _ = all_reduce_sums(progress["sums"][:3] + [0.0])
+        if ema is not None:
+            eval_model.load_state_dict(ema.state)
+        val = evaluate(eval_net, val_src, val_idx, spec, runtime, cfg.eval_batch_size, workers, cfg.strict)
+        rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), "train_top1": 100.0 * correct / max(n, 1),
+               "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"], "lr": lr,
+               "img_per_s": images_seen * world / max(train_seconds, 1e-9), "step": progress["global_step"]}
+        if cfg.eval_train:
+            tr = evaluate(eval_net, train_src, train_idx, spec, runtime, cfg.eval_batch_size, workers, cfg.strict)
+            rec.update(train_eval_loss=tr["loss"], train_eval_top1=tr["top1"], train_eval_top5=tr["top5"])
+        rec["seconds"] = time.time() - t_epoch
+        rec["elapsed"] = time.time() - t_start
+        records.append(rec)
+        progress.update(epoch=epoch + 1, step_in_epoch=0, sums=[0.0, 0.0, 0.0, 0.0])
+        improved = progress["best_val_top1"] is None or rec["val_top1"] > progress["best_val_top1"]
+        if improved:
+            progress.update(best_val_top1=rec["val_top1"], best_epoch=epoch + 1)
+        if out is not None and is_main():
+            save_last(rec)
+            if improved:
+                weights = ema.state if ema is not None else model.state_dict()
+                save_weights_checkpoint(weights_path(out, "best"), weights, checkpoint_info(rec))
+            write_metrics(out / "metrics.jsonl", records)
+            plot_curves(records, out / "curves.png")
+        barrier()
+        _log(cfg, _summary_line(rec, cfg.epochs))
+        if cfg.stop_at_step and progress["global_step"] >= cfg.stop_at_step and epoch + 1 < cfg.epochs:
+            return result(stopped=True)
+    return result()

@@ -1,0 +1,91 @@
+"""Evaluation: loss, top-1 and top-5 of a model on a source (eval transform, no augmentation)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.datasets import DataSpec
+from ..data.random import permutation
+from ..data.transforms import AugmentConfig, normalize
+from .distributed import all_reduce_sums, rank_and_world, shard
+from .runtime import Runtime, setup_runtime
+
+_NO_AUGMENT = AugmentConfig(enabled=False)
+
+
+def subset_indices(n: int, k: int | None, seed: int, stream: int) -> torch.Tensor:
+    """Sorted positions of a seeded subset of k of n items (all n when k is None or >= n)."""
+    if k is None or k >= n:
+        return torch.arange(n)
+    return permutation(seed, -1 - stream, n)[:k].sort().values
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, runtime: Runtime,
+             batch_size: int = 500, workers: int = 0, strict: bool = False) -> dict:
+    """{"loss": mean cross-entropy, "top1": %, "top5": % (top-k with k = min(5, classes)), "n": images}
+    over source[indices] (sharded over processes, summed back)."""
+    was_training = model.training
+    model.eval()
+    rank, world = rank_and_world()
+    batches = [shard(b, rank, world) for b in indices.split(batch_size)]
+    k = min(5, len(spec.classes))
+    loss_sum = correct1 = correct5 = n = 0.0
+    for batch in source.batches(batches, spec, False, _NO_AUGMENT, 0, 0, workers, strict):
+        if len(batch.labels) == 0:
+            continue
+        x = runtime.inputs(normalize(batch.images, spec.mean, spec.std))
+        y = batch.labels.to(runtime.device)
+        with runtime.autocast():
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(k, dim=-1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(-1).sum().item()
+        n += len(y)
+    model.train(was_training)
+    loss_sum, correct1, correct5, n = all_reduce_sums([loss_sum, correct1, correct5, n])
+    n = int(n)
+    if n == 0:
+        return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "n": 0}
+    return {"loss": loss_sum / n, "top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}
+
+
+def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str | None = None,
+                        split: str = "val", val_fraction: float | None = None, subset: int | None = None,
+                        batch_size: int = 500, device: str = "auto", precision: str = "fp32",
+                        workers: int | None = None, strict: bool = False) -> dict:
+    """Evaluate a checkpoint on `split` ("val", "train" or "both") of `data` (default: the data it was trained
+    on, as recorded in it). "both" adds train_/val_ prefixed keys and gap_top1 = train top-1 - val top-1."""
+    import os
+
+    from ..data import build_data
+    from .checkpoint import load_model
+
+    if split not in ("val", "train", "both"):
+        raise ValueError(f"split={split!r} must be 'val', 'train' or 'both'")
+    runtime = setup_runtime(device, precision)
+    model, spec, info = load_model(checkpoint, runtime.device)
+    run = info.get("run", {})
+    data = data or run.get("data") or spec.name
+    train_src, val_src, data_spec = build_data(
+        data, data_dir or run.get("data_dir"), run.get("val_fraction", 0.1) if val_fraction is None else val_fraction,
+        spec.img_size, spec.crop_fraction, run.get("seed", 0))
+    if data_spec.in_chans != spec.in_chans:
+        raise ValueError(f"{data} has {data_spec.in_chans}-channel images; the checkpoint expects {spec.in_chans}")
+    if list(data_spec.classes) != list(spec.classes):
+        raise ValueError(f"{data}'s classes ({len(data_spec.classes)}) differ from the checkpoint's "
+                         f"({len(spec.classes)}): {', '.join(data_spec.classes[:5])} ...")
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    out = {}
+    for name, src in (("train", train_src), ("val", val_src)):
+        if split in (name, "both"):
+            idx = subset_indices(len(src), subset, run.get("seed", 0), stream=7)
+            out[name] = evaluate(model.to(runtime.device), src, idx, spec, runtime, batch_size, workers, strict)
+    if split != "both":
+        return out[split]
+    result = {f"{s}_{k}": v for s in ("train", "val") for k, v in out[s].items()}
+    result["gap_top1"] = result["train_top1"] - result["val_top1"]
+    return result

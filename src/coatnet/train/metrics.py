@@ -1,0 +1,49 @@
+"""The run folder's metrics.jsonl (one JSON object per epoch) and curves.png."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..utils import atomic_write
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(path: str | os.PathLike, records: list[dict]) -> None:
+    """Rewrite the whole file atomically (a few hundred lines at most): never a torn line."""
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def plot_curves(records: list[dict], path: str | os.PathLike) -> None:
+    """Loss and top-1 per epoch, train and val, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label, style in (("train_loss", "train", "-o"), ("val_loss", "val", "-s"),
+                              ("train_eval_loss", "train (eval mode)", "--")):
+        if any(key in r for r in records):
+            ax_loss.plot(epochs, [r.get(key) for r in records], style, label=label, markersize=3)
+    for key, label, style in (("train_top1", "train", "-o"), ("val_top1", "val", "-s"),
+                              ("train_eval_top1", "train (eval mode)", "--")):
+        if any(key in r for r in records):
+            ax_acc.plot(epochs, [r.get(key) for r in records], style, label=label, markersize=3)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

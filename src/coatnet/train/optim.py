@@ -1,0 +1,42 @@
+"""AdamW with weight decay only on weight matrices and kernels, and an EMA of the weights."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weights, and the model's `no_weight_decay()` names (norms, biases, relative
+    bias tables; any 1-d parameter when the model has no such method) with weight_decay 0."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name in skip or p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    fused = all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas),
+                             **({"fused": True} if fused else {"foreach": True}))
+
+
+class WeightEMA:
+    """Exponential moving average of a model's parameters and buffers: ema <- d * ema + (1 - d) * w.
+    Buffers (BatchNorm statistics) are copied, not averaged."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for k, v in model.state_dict().items():
+            if k in params and v.is_floating_point():
+                self.state[k].lerp_(v.detach(), 1 - self.decay)
+            else:
+                self.state[k].copy_(v)

@@ -1,0 +1,62 @@
+"""Device, precision, threads, determinism, memory format and compilation: decided here, once."""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # "fp32" or "bf16" (autocast)
+    channels_last: bool
+    compile: bool
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move the model to the device and memory format (parameters keep fp32: autocast casts)."""
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def compiled(self, model: nn.Module):
+        """The callable to run forward passes with (the compiled module, or the module itself)."""
+        return torch.compile(model) if self.compile else model
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+    return dev
+
+
+def setup_runtime(device: str = "auto", precision: str = "fp32", channels_last: bool = False,
+                  compile: bool = False, threads: int | None = None, deterministic: bool = False) -> Runtime:
+    """Apply process-wide settings (threads, deterministic kernels) and return the Runtime."""
+    if threads or torch.get_num_threads() != (os.cpu_count() or 1):
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic
+        torch.backends.cudnn.allow_tf32 = not deterministic
+    return Runtime(dev, precision, channels_last, compile)

@@ -1,0 +1,178 @@
+"""Data: IDX reading, image decoding, folder scanning, counter-based randomness, batched transforms."""
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from coatnet.data import load_fashion_mnist, load_image, read_idx
+from coatnet.data.datasets import DataSpec, FolderSource, TensorSource, scan_image_folder
+from coatnet.data.random import permutation, uniform
+from coatnet.data.transforms import (AugmentConfig, center_crop_box, mix_batch, rand_augment, random_crop_boxes,
+                                     resized_crop)
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def _write_idx(path, arr: np.ndarray, gz: bool):
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(struct.pack(">I", s) for s in arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_read_idx_round_trips_shape_and_values(tmp_path, gz):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / ("x.idx.gz" if gz else "x.idx")
+    _write_idx(path, arr, gz)
+    np.testing.assert_array_equal(read_idx(path), arr)
+
+
+def test_read_idx_rejects_bad_magic_and_truncation(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="not an IDX"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"\x00" * 3)
+    with pytest.raises(ValueError, match="bytes of data"):
+        read_idx(tmp_path / "short")
+
+
+def test_missing_fashion_mnist_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path)
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_has_its_published_sizes():
+    images, labels = load_fashion_mnist(FMNIST, "test")
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [1000] * 10
+
+
+def _save(path, mode, size=(20, 12)):
+    if mode == "I;16":
+        img = Image.fromarray(np.full(size[::-1], 65535, dtype=np.uint16))
+    elif mode == "P":
+        img = Image.new("RGB", size, (200, 10, 10)).convert("P", palette=Image.ADAPTIVE)
+    else:
+        img = Image.new(mode, size, {"L": 128, "RGB": (255, 0, 0), "RGBA": (0, 255, 0, 40), "LA": (90, 10)}[mode])
+    img.save(path)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "I;16"])
+def test_load_image_converts_every_mode_to_8bit(tmp_path, mode):
+    path = tmp_path / "a.png"
+    _save(path, mode)
+    rgb, gray = np.asarray(load_image(path, 3)), np.asarray(load_image(path, 1))
+    assert rgb.shape == (12, 20, 3) and rgb.dtype == np.uint8 and gray.shape == (12, 20)
+    if mode == "I;16":
+        assert gray.min() == 255  # 65535 is full scale
+    if mode == "RGBA":
+        assert tuple(rgb[0, 0]) == (0, 255, 0)  # alpha dropped, colour kept
+    if mode == "P":
+        assert abs(int(rgb[0, 0, 0]) - 200) <= 2
+
+
+def _folder(root, counts: dict, size=(24, 16)):
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", size, (i * 10, 0, 0)).save(root / cls / f"{i}.png")
+
+
+def test_folder_split_is_seeded_stratified_and_disjoint(tmp_path):
+    _folder(tmp_path, {"a": 10, "b": 20})
+    train, val, classes = scan_image_folder(tmp_path, 0.2, seed=0)
+    assert classes == ["a", "b"]
+    assert [lab for _, lab in val].count(0) == 2 and [lab for _, lab in val].count(1) == 4
+    assert not {p for p, _ in train} & {p for p, _ in val} and len(train) + len(val) == 30
+    assert scan_image_folder(tmp_path, 0.2, seed=0)[1] == val
+    assert scan_image_folder(tmp_path, 0.2, seed=1)[1] != val
+
+
+def test_folder_with_train_and_val_uses_them(tmp_path):
+    _folder(tmp_path / "train", {"x": 3, "y": 2})
+    _folder(tmp_path / "val", {"y": 1})
+    train, val, classes = scan_image_folder(tmp_path, 0.5, seed=0)
+    assert classes == ["x", "y"] and len(train) == 5 and val == [(str(tmp_path / "val/y/0.png"), 1)]
+
+
+def test_uniform_depends_on_sample_not_on_batch():
+    idx = torch.arange(1000, 1100)
+    u = uniform(3, 2, idx, 5)
+    assert torch.equal(uniform(3, 2, idx[10:20], 5), u[10:20])
+    assert not torch.equal(uniform(3, 3, idx, 5), u) and not torch.equal(uniform(3, 2, idx, 6), u)
+    big = uniform(0, 0, torch.arange(20000), 1)
+    assert 0 <= big.min() and big.max() < 1 and abs(big.mean().item() - 0.5) < 0.01
+    p = permutation(0, 1, 50)
+    assert sorted(p.tolist()) == list(range(50)) and torch.equal(p, permutation(0, 1, 50))
+
+
+def test_random_crop_boxes_lie_inside_and_follow_the_scale():
+    u = uniform(0, 0, torch.arange(4000), 9).view(1000, 4)
+    boxes = random_crop_boxes(u, 28, 28, (0.35, 1.0), (3 / 4, 4 / 3))
+    x0, y0, w, h = boxes.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 28 + 1e-4).all() and (y0 + h <= 28 + 1e-4).all()
+    frac = w * h / 784
+    assert frac.min() >= 0.3 and frac.max() <= 1.0 + 1e-4
+
+
+def test_center_crop_box_and_resized_crop():
+    assert center_crop_box(100, 200, 0.5, 32, 32) == (75.0, 25.0, 50.0, 50.0)
+    x = torch.rand(2, 3, 32, 32)
+    full = torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 2)
+    torch.testing.assert_close(resized_crop(x, full, (32, 32)), x)
+    torch.testing.assert_close(resized_crop(x, full, (32, 32), torch.tensor([True, False]))[0], x[0].flip(-1))
+
+
+def test_rand_augment_is_per_sample_and_stays_in_range():
+    x = torch.rand(16, 3, 32, 32)
+    idx = torch.arange(100, 116)
+    out = rand_augment(x, 0, 1, idx, n=2, m=15)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert not torch.equal(out, x)
+    torch.testing.assert_close(rand_augment(x[4:10], 0, 1, idx[4:10], n=2, m=15), out[4:10])
+
+
+def test_label_smoothing_and_mixup_targets():
+    x = torch.rand(8, 1, 8, 8)
+    labels = torch.arange(8) % 4
+    idx = torch.arange(8)
+    _, t = mix_batch(x, labels, 4, 0, 0, idx, AugmentConfig(label_smoothing=0.1))
+    assert torch.allclose(t[0], torch.tensor([0.925, 0.025, 0.025, 0.025]))
+    aug = AugmentConfig(mixup_alpha=0.8, cutmix_alpha=1.0)
+    mixed, t = mix_batch(x, labels, 4, 0, 0, idx, aug)
+    torch.testing.assert_close(t.sum(1), torch.ones(8))
+    lam = t[0, 0].item()  # sample 0 (class 0) pairs with sample 1 (class 1)
+    assert t[0, 1].item() == pytest.approx(1 - lam, abs=1e-6) and 0 <= lam <= 1
+    m2, t2 = mix_batch(x[2:6], labels[2:6], 4, 0, 0, idx[2:6], aug)  # a slice at an even offset
+    torch.testing.assert_close(m2, mixed[2:6])
+    torch.testing.assert_close(t2, t[2:6])
+
+
+def test_tensor_source_eval_resizes_and_train_augments_deterministically():
+    imgs = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8)
+    src = TensorSource(imgs, torch.arange(10))
+    spec = DataSpec("t", tuple("abcdefghij"), 1, 32, 1.0, (0.5,), (0.5,))
+    (b,) = list(src.batches([torch.arange(10)], spec, False, AugmentConfig(), 0, 0))
+    assert b.images.shape == (10, 1, 32, 32) and 0 <= b.images.min() and b.images.max() <= 1
+    aug = AugmentConfig(crop_scale=(0.35, 1.0))
+    (t1,) = list(src.batches([torch.arange(10)], spec, True, aug, 0, 0))
+    (t2,) = list(src.batches([torch.tensor([3, 4])], spec, True, aug, 0, 0))
+    torch.testing.assert_close(t1.images[3:5], t2.images)
+
+
+def test_folder_source_skips_unreadable_files_and_names_them(tmp_path):
+    _folder(tmp_path, {"a": 3})
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+    train, _, classes = scan_image_folder(tmp_path, 0.01, seed=0)
+    src = FolderSource(train)
+    spec = DataSpec("f", tuple(classes), 3, 32, 0.875, (0.5,) * 3, (0.5,) * 3)
+    batches = list(src.batches([torch.arange(len(train))], spec, True, AugmentConfig(), 0, 0))
+    assert batches[0].images.shape == (3, 3, 32, 32)
+    assert [os.path.basename(p) for p in batches[0].failed] == ["broken.png"]
+    with pytest.raises(ValueError, match="broken.png"):
+        list(src.batches([torch.arange(len(train))], spec, True, AugmentConfig(), 0, 0, strict=True))

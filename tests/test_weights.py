@@ -1,0 +1,88 @@
+"""Weights files: safetensors round trip, refusal of hostile or mismatched files, atomic writes."""
+import pickle
+
+import pytest
+import torch
+
+import coatnet
+from coatnet.models.weights import load_pretrained, read_state_dict, save_weights
+from coatnet.utils import atomic_write
+
+SMALL = dict(depths=(1, 1, 1, 1, 1), widths=(16, 16, 32, 32, 64), head_dim=16, img_size=32)
+
+
+def small(**kw):
+    return coatnet.create_model("coatnet_pico", **{**SMALL, "num_classes": 4, **kw})
+
+
+def test_weights_round_trip_through_safetensors(tmp_path):
+    src, dst = small(), small()
+    save_weights(src, tmp_path / "w.safetensors")
+    load_pretrained(dst, tmp_path / "w.safetensors")
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(src.eval()(x), dst.eval()(x))
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_booby_trapped_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"stem.weight": _Payload(str(marker))}))
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        read_state_dict(path)
+    assert not marker.exists()
+    with pytest.raises(ValueError):
+        coatnet.create_model("coatnet_pico", **SMALL, pretrained=str(path))
+    assert not marker.exists()
+
+
+def test_a_malformed_safetensors_file_is_refused(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        read_state_dict(path)
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        read_state_dict(tmp_path / "nope.safetensors")
+
+
+def test_a_head_of_another_class_count_is_dropped_with_a_message(tmp_path, capsys):
+    src = small(num_classes=4)
+    save_weights(src, tmp_path / "w.safetensors")
+    dst = small(num_classes=9)
+    head_before = dst.head.weight.clone()
+    load_pretrained(dst, tmp_path / "w.safetensors")
+    assert "classifier for 4 classes dropped" in capsys.readouterr().out
+    assert torch.equal(dst.head.weight, head_before)
+    torch.testing.assert_close(dst.stem.layers[0].weight, src.stem.layers[0].weight)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    save_weights(small(), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="does not fit this architecture"):
+        load_pretrained(small(widths=(16, 16, 32, 32, 128)), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="missing"):
+        load_pretrained(small(depths=(1, 1, 1, 2, 1)), tmp_path / "w.safetensors")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "ckpt.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("disk full")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.bin"]
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new"
