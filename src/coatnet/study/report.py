@@ -325,7 +325,7 @@ def write_report(study: Study, rows: list[dict], out_dir: str | os.PathLike, com
                   + ", ".join(f"{images / n:.2g} at n={n:,}" for n in sorted({r['train_size'] for r in rows})) + ".",
                   f"- train loss / train top-1: eval mode, no augmentation, on a seeded sample of up to "
                   f"{recipe['train_eval_images']:,} of the row's own training images (`train_loss_running` in the JSON is the engine's running loss "
-                  "of the last epoch); gap = train top-1 - val top-1."]
+                  "of its last completed epoch, null when a row stopped inside its first epoch); gap = train top-1 - val top-1."]
     lines += ["", "Models (overrides of coatnet_0; parameters with a 10-class head):", "",
               "| variant | overrides | params |", "|---|---|---:|"]
     for v in study.variants:
