@@ -31,7 +31,7 @@ class TrainConfig:
     freeze_stages: int = 0  # keep the stem and the first N built stages fixed (weights and BatchNorm statistics)
     eval_before: bool = False  # evaluate once before the first step (fine-tuning: the accuracy it starts from)
     # -- optimisation --
-    epochs: int = 8  # passes over the training set
+    epochs: int = 10  # passes over the training set
     batch_size: int = 128  # global batch per optimizer step (all processes and accumulation together)
     micro_batch_size: Optional[int] = None  # images per forward/backward; smaller accumulates gradients
     lr: float = 2e-3  # peak learning rate (AdamW)
@@ -44,7 +44,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # exponential moving average of weights per step (0: off); evaluation uses it
     # -- augmentation --
     augment: bool = True  # False: no random augmentation at all (train images get the eval transform)
-    crop_scale: tuple[float, float] = (0.7, 1.0)  # random resized crop area range (paper/ImageNet: 0.08..1)
+    crop_scale: tuple[float, float] = (1.0, 1.0)  # random resized crop area range (paper/ImageNet: 0.08..1)
     hflip: float = 0.5  # horizontal flip probability
     randaugment_n: int = 0  # RandAugment ops per image (paper: 2); 0: off
     randaugment_m: float = 15.0  # RandAugment magnitude, 0..30 (paper: 15)
