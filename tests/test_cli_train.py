@@ -106,8 +106,9 @@ def test_fashion_mnist_subset_from_the_cli(tmp_path, capsys):
     assert json.loads(out.splitlines()[-1])["val_top1"] >= 0
     img = tmp_path / "item.png"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(img)
-    code, out, _ = _run(capsys, "predict", "--checkpoint", str(run / "checkpoint-best.safetensors"), str(img))
-    assert code == 0 and len(out.split()) == 1 + 2 * 5
+    code, out, _ = _run(capsys, "predict", "--checkpoint", str(run / "checkpoint-best.safetensors"), str(img),
+                        "--json")
+    assert code == 0 and len(json.loads(out)["top"]) == 5
     code, out, _ = _run(capsys, "eval", "--checkpoint", str(run / "checkpoint-best.safetensors"), "--subset", "300")
     assert json.loads(out)["n"] == 300
 

@@ -39,6 +39,11 @@ class BatchNormChannelsLast(nn.BatchNorm2d):
     """BatchNorm over the last axis of (B, H, W, C): the paper's BatchNorm-in-Transformer ablation."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.numel() == x.shape[-1] and self.running_mean is not None:
+            # One value per channel (a batch of one image on a 1x1 map, as in the last stage at 32 px):
+            # batch statistics do not exist, so normalise with the running ones and leave them unchanged.
+            return to_channels_last(F.batch_norm(to_channels_first(x), self.running_mean, self.running_var,
+                                                 self.weight, self.bias, False, 0.0, self.eps))
         return to_channels_last(super().forward(to_channels_first(x)))
 
 

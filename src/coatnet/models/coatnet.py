@@ -125,9 +125,38 @@ class CoAtNet(nn.Module):
         """Names of parameters whose gradient is zero in exact arithmetic, for optimizers to leave alone: the
         bias of an MBConv block's pre-norm BatchNorm, which the bias-free 1x1 convolution and the BatchNorm
         after it cancel. AdamW would turn the roundoff in their gradients into lr-sized steps."""
-        return {name for name, _ in self.named_parameters()
-                if ".blocks." in name and name.endswith("pre_norm.bias")
-                and isinstance(self.get_submodule(name.rsplit(".", 2)[0]), MBConvBlock)}
+        pre_norm = {name for name, _ in self.named_parameters()
+                    if ".blocks." in name and name.endswith("pre_norm.bias")
+                    and isinstance(self.get_submodule(name.rsplit(".", 2)[0]), MBConvBlock)}
+        return pre_norm | self._biases_hidden_by_batchnorm()
+
+    def _biases_hidden_by_batchnorm(self) -> set[str]:
+        """Biases added to the last stage's residual stream when every reader of that stream is a
+        BatchNorm (its blocks' norms and the final norm) and no stochastic depth varies it per sample:
+        the BatchNorms subtract any per-channel constant, so these biases never reach the output."""
+        if not isinstance(self.norm, nn.BatchNorm2d):
+            return set()
+        index = len(self.stages) - 1
+        names = []
+        for i, block in enumerate(self.stages[-1].blocks):
+            prefix = f"stages.{index}.blocks.{i}."
+            if isinstance(block, TransformerBlock):
+                if not (isinstance(block.norm1, nn.BatchNorm2d) and isinstance(block.norm2, nn.BatchNorm2d)) \
+                        or block.drop_path1.rate or block.drop_path2.rate:
+                    return set()
+                names += [prefix + "attn.proj.bias", prefix + "mlp.fc2.bias"]
+            elif isinstance(block, MBConvBlock):
+                if not isinstance(block.pre_norm, nn.BatchNorm2d) or not isinstance(block.pre_act, nn.Identity) \
+                        or block.drop_path.rate:
+                    return set()
+                names.append(prefix + "conv3.bias")
+            else:
+                return set()
+            if i > 0 and block.shortcut is not None:
+                return set()
+        names.append(f"stages.{index}.blocks.0.shortcut.bias")
+        params = dict(self.named_parameters())
+        return {n for n in names if n in params}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..layers import RelativeAttention2d, SqueezeExcite
 from ..utils import reuse_freed_memory
-from .blocks import MBConvBlock, Mlp, Stem
+from .blocks import MBConvBlock, Mlp, Stem, pool2x2
 from .coatnet import CoAtNet
 
 
@@ -157,7 +157,7 @@ class InferenceMBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         if self.stride > 1:
-            shortcut = F.max_pool2d(shortcut, 2) if self.pool_type == "max" else F.avg_pool2d(shortcut, 2)
+            shortcut = pool2x2(shortcut, self.pool_type)
         if self.shortcut is not None:
             shortcut = self.shortcut(shortcut)
         x = self.conv2(self.conv1(x))

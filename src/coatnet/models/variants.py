@@ -63,6 +63,11 @@ def coatnet_nano() -> CoAtNetConfig:
                          transformer=TransformerConfig(head_dim=32, norm="batchnorm"), img_size=32)
 
 
+@register("coatnet_nano_ln", "coatnet_nano with LayerNorm in its Transformer blocks (the paper's norm)")
+def coatnet_nano_ln() -> CoAtNetConfig:
+    return coatnet_nano().replace(norm="layernorm")
+
+
 def list_models() -> list[str]:
     """Registered model names, sorted."""
     return sorted(_REGISTRY)
