@@ -16,7 +16,8 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 # A short run: 4 steps per epoch of 12 images (6 per process); no augmentation, but stochastic depth (its
 # masks are keyed by sample and step, so they do not depend on the number of processes either).
 # NOTE: the default coatnet_nano (BatchNorm in its Transformer blocks) does not yet give equal weights:
-# the last stage's shortcut bias drifts apart (open issue [scale]); the LayerNorm preset does.
+# biases whose only effect is a constant that BatchNorm removes (attention value/output and FFN biases,
+# shortcut biases) drift apart with roundoff (open issue [scale]); the LayerNorm preset does not.
 ARGS = ["train", "--model", "coatnet_nano_ln", "--train-subset", "48", "--val-subset", "40", "--batch-size", "12", "--epochs", "2",
         "--no-augment", "--drop-path", "0.2", "--deterministic", "--no-progress", "--lr", "3e-3"]
 

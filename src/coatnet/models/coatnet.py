@@ -131,32 +131,32 @@ class CoAtNet(nn.Module):
         return pre_norm | self._biases_hidden_by_batchnorm()
 
     def _biases_hidden_by_batchnorm(self) -> set[str]:
-        """Biases added to the last stage's residual stream when every reader of that stream is a
-        BatchNorm (its blocks' norms and the final norm) and no stochastic depth varies it per sample:
-        the BatchNorms subtract any per-channel constant, so these biases never reach the output."""
+        """Biases that only add a per-channel constant to a residual stream whose every reader is a
+        BatchNorm (the blocks' norms, the final norm) or a linear map into such a stream (the next
+        stage's pooled, projected shortcut): the BatchNorms subtract the constant, so it never reaches the
+        output. Walks back from the last stage while that holds. A stage's first shortcut bias always
+        qualifies; a branch's output bias only without stochastic depth (dropping it per sample makes it vary)."""
         if not isinstance(self.norm, nn.BatchNorm2d):
             return set()
-        index = len(self.stages) - 1
         names = []
-        for i, block in enumerate(self.stages[-1].blocks):
-            prefix = f"stages.{index}.blocks.{i}."
-            if isinstance(block, TransformerBlock):
-                if not (isinstance(block.norm1, nn.BatchNorm2d) and isinstance(block.norm2, nn.BatchNorm2d)) \
-                        or block.drop_path1.rate or block.drop_path2.rate:
-                    return set()
-                names += [prefix + "attn.proj.bias", prefix + "mlp.fc2.bias"]
-            elif isinstance(block, MBConvBlock):
-                if not isinstance(block.pre_norm, nn.BatchNorm2d) or not isinstance(block.pre_act, nn.Identity) \
-                        or block.drop_path.rate:
-                    return set()
-                names.append(prefix + "conv3.bias")
-            else:
-                return set()
-            if i > 0 and block.shortcut is not None:
-                return set()
-        names.append(f"stages.{index}.blocks.0.shortcut.bias")
-        params = dict(self.named_parameters())
-        return {n for n in names if n in params}
+        for index in reversed(range(len(self.stages))):
+            stage_names = [f"stages.{index}.blocks.0.shortcut.bias"]
+            for i, block in enumerate(self.stages[index].blocks):
+                prefix = f"stages.{index}.blocks.{i}."
+                if isinstance(block, TransformerBlock):
+                    if not (isinstance(block.norm1, nn.BatchNorm2d) and isinstance(block.norm2, nn.BatchNorm2d)):
+                        return {n for n in names if n in dict(self.named_parameters())}
+                    stage_names += [prefix + "attn.proj.bias"] * (block.drop_path1.rate == 0)
+                    stage_names += [prefix + "mlp.fc2.bias"] * (block.drop_path2.rate == 0)
+                elif isinstance(block, MBConvBlock) and isinstance(block.pre_norm, nn.BatchNorm2d) \
+                        and isinstance(block.pre_act, nn.Identity):
+                    stage_names += [prefix + "conv3.bias"] * (block.drop_path.rate == 0)
+                else:
+                    return {n for n in names if n in dict(self.named_parameters())}
+                if i > 0 and block.shortcut is not None:
+                    return {n for n in names if n in dict(self.named_parameters())}
+            names += stage_names
+        return {n for n in names if n in dict(self.named_parameters())}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
