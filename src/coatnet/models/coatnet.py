@@ -140,23 +140,32 @@ class CoAtNet(nn.Module):
             return set()
         names = []
         for index in reversed(range(len(self.stages))):
-            stage_names = [f"stages.{index}.blocks.0.shortcut.bias"]
-            for i, block in enumerate(self.stages[index].blocks):
-                prefix = f"stages.{index}.blocks.{i}."
-                if isinstance(block, TransformerBlock):
-                    if not (isinstance(block.norm1, nn.BatchNorm2d) and isinstance(block.norm2, nn.BatchNorm2d)):
-                        return {n for n in names if n in dict(self.named_parameters())}
-                    stage_names += [prefix + "attn.proj.bias"] * (block.drop_path1.rate == 0)
-                    stage_names += [prefix + "mlp.fc2.bias"] * (block.drop_path2.rate == 0)
-                elif isinstance(block, MBConvBlock) and isinstance(block.pre_norm, nn.BatchNorm2d) \
-                        and isinstance(block.pre_act, nn.Identity):
-                    stage_names += [prefix + "conv3.bias"] * (block.drop_path.rate == 0)
-                else:
-                    return {n for n in names if n in dict(self.named_parameters())}
-                if i > 0 and block.shortcut is not None:
-                    return {n for n in names if n in dict(self.named_parameters())}
+            stage_names = self._stage_biases_hidden_by_batchnorm(index)
+            if stage_names is None:
+                break
             names += stage_names
-        return {n for n in names if n in dict(self.named_parameters())}
+        params = dict(self.named_parameters())
+        return {n for n in names if n in params}
+
+    def _stage_biases_hidden_by_batchnorm(self, index: int) -> list[str] | None:
+        """Stage `index`'s biases that only shift its stream by a constant, or None when some reader of
+        that stream is not a BatchNorm (the walk back stops there)."""
+        stage_names = [f"stages.{index}.blocks.0.shortcut.bias"]
+        for i, block in enumerate(self.stages[index].blocks):
+            prefix = f"stages.{index}.blocks.{i}."
+            if isinstance(block, TransformerBlock):
+                if not (isinstance(block.norm1, nn.BatchNorm2d) and isinstance(block.norm2, nn.BatchNorm2d)):
+                    return None
+                stage_names += [prefix + "attn.proj.bias"] * (block.drop_path1.rate == 0)
+                stage_names += [prefix + "mlp.fc2.bias"] * (block.drop_path2.rate == 0)
+            elif isinstance(block, MBConvBlock) and isinstance(block.pre_norm, nn.BatchNorm2d) \
+                    and isinstance(block.pre_act, nn.Identity):
+                stage_names += [prefix + "conv3.bias"] * (block.drop_path.rate == 0)
+            else:
+                return None
+            if i > 0 and block.shortcut is not None:
+                return None
+        return stage_names
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
