@@ -1,4 +1,6 @@
 """The network: shapes, layouts, sizes, gradients, errors, inference preparation."""
+import math
+
 import pytest
 import torch
 
@@ -188,3 +190,44 @@ def test_batchnorm_transformer_blocks_train_on_a_single_image_at_1x1():
     out = model(torch.randn(1, 3, 32, 32))
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.equal(model.norm.running_mean, before)
+
+
+@pytest.mark.parametrize("name, drop_path", [("coatnet_nano", 0.0), ("coatnet_nano", 0.5), ("coatnet_nano_ln", 0.0)])
+def test_frozen_redundant_parameters_are_exactly_those_with_zero_gradient(name, drop_path):
+    # In float64 a gradient that is zero in exact arithmetic is ~1e-17 of the others; AdamW would still turn
+    # it into lr-sized steps, so training freezes these (and the value part of qkv.bias behind a redundant
+    # output bias). Everything left trainable must have a real gradient.
+    torch.manual_seed(0)
+    model = coatnet.create_model(name, num_classes=10, in_chans=1, drop_path_rate=drop_path).double().train()
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    frozen = model.freeze_redundant_parameters()
+    if name == "coatnet_nano_ln":
+        assert frozen == sorted(n for n in frozen if n.endswith("pre_norm.bias"))  # only the MBConv ones
+    else:  # the 1-token last stage's norm bias and its output biases
+        assert "stages.3.blocks.0.norm1.bias" in frozen or drop_path > 0
+        assert ("stages.3.blocks.0.attn.proj.bias" in frozen) == (drop_path == 0)
+    model.requires_grad_(True)  # measure every gradient, frozen or not
+    for attn in (m for m in model.modules() if hasattr(m, "value_bias_learns")):
+        attn.value_bias_learns, attn._was = True, attn.value_bias_learns
+    torch.manual_seed(1)
+    model(torch.randn(16, 1, 32, 32, dtype=torch.float64)).logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    scale = max(float(g.abs().max()) for g in grads.values())
+    for n in frozen:
+        assert grads[n].abs().max() < 1e-12 * scale, n
+    for n, g in grads.items():
+        if n in frozen:
+            continue
+        if n.endswith("attn.qkv.bias"):
+            attn = model.get_submodule(n[:-len(".qkv.bias")])
+            q, k, v = g.chunk(3)
+            assert k.abs().max() == 0  # the key bias is left out of the forward
+            assert (v.abs().max() < 1e-12 * scale) == (not attn._was), n
+            if math.prod(attn.feature_size) == 1:
+                assert q.abs().max() == 0  # one token: the softmax is exactly 1
+            continue
+        if n.endswith("relative_bias_table") and math.prod(model.get_submodule(n.rsplit(".", 1)[0]).feature_size) == 1:
+            assert g.abs().max() == 0
+            continue
+        assert g.abs().max() > 1e-9 * scale, n  # a real gradient
+    assert all(torch.equal(p, reference[n]) for n, p in model.named_parameters())  # values are kept

@@ -74,6 +74,9 @@ class RelativeAttention2d(nn.Module):
             h, w = self.feature_size
             self.relative_bias_table = nn.Parameter(torch.zeros(self.num_heads, 2 * h - 1, 2 * w - 1))
             nn.init.trunc_normal_(self.relative_bias_table, std=0.02)
+        # False when the value bias cannot reach the loss (CoAtNet.freeze_redundant_parameters): its part of
+        # qkv.bias then keeps its value but gets no gradient.
+        self.value_bias_learns = True
         # Set by `freeze_bias()` for inference: the gathered (heads, N, N) bias, computed once.
         self.register_buffer("frozen_bias", None, persistent=False)
 
@@ -122,7 +125,8 @@ class RelativeAttention2d(nn.Module):
         if b is None:
             return None
         n = b.shape[0] // 3
-        return torch.cat((b[:n], torch.zeros_like(b[n:2 * n]), b[2 * n:]))
+        value = b[2 * n:] if self.value_bias_learns else b[2 * n:].detach()
+        return torch.cat((b[:n], torch.zeros_like(b[n:2 * n]), value))
 
     def bias(self, size: tuple[int, int]) -> torch.Tensor:
         if self.frozen_bias is not None and size == self.feature_size:
@@ -139,7 +143,9 @@ class RelativeAttention2d(nn.Module):
         bias = None if self.bias_mode == "none" else self.bias((H, W)).to(q.dtype)  # (heads, N, N)
         # An empty batch (a process left without samples in an epoch's last step) takes the reference path:
         # fused attention gives the bias table no gradient then, and data-parallel ranks must all reduce it.
-        if reference or self.bias_mode == "relative_post" or B == 0:
+        # So does a one-token map (the last stage at 32 px): the softmax over one key is exactly 1, and its
+        # backward gives q, k and the table exactly zero gradient where the fused kernel leaves roundoff.
+        if reference or self.bias_mode == "relative_post" or B == 0 or H * W == 1:
             attn = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, heads, N, N)
             if self.bias_mode == "relative":
                 attn = attn + bias

@@ -1,6 +1,8 @@
 """The CoAtNet network (paper, Sec. 3, Fig. 4): stem, four stages, final norm, pooled linear head."""
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -130,6 +132,19 @@ class CoAtNet(nn.Module):
                     and isinstance(self.get_submodule(name.rsplit(".", 2)[0]), MBConvBlock)}
         return pre_norm | self._biases_hidden_by_batchnorm()
 
+    def freeze_redundant_parameters(self) -> list[str]:
+        """Stop gradients that are zero in exact arithmetic, before training: `redundant_parameters()` get
+        requires_grad False, and the value part of an attention's qkv bias gets no gradient where the
+        attention's output bias is redundant (softmax rows sum to one, so a value bias only adds that
+        output bias's constant). Both keep their values. Returns the frozen names."""
+        names = sorted(self.redundant_parameters())
+        params = dict(self.named_parameters())
+        for name in names:
+            params[name].requires_grad_(False)
+            if name.endswith("attn.proj.bias"):
+                self.get_submodule(name[:-len(".proj.bias")]).value_bias_learns = False
+        return names
+
     def _biases_hidden_by_batchnorm(self) -> set[str]:
         """Biases that only add a per-channel constant to a residual stream whose every reader is a
         BatchNorm (the blocks' norms, the final norm) or a linear map into such a stream (the next
@@ -156,7 +171,12 @@ class CoAtNet(nn.Module):
             if isinstance(block, TransformerBlock):
                 if not (isinstance(block.norm1, nn.BatchNorm2d) and isinstance(block.norm2, nn.BatchNorm2d)):
                     return None
-                stage_names += [prefix + "attn.proj.bias"] * (block.drop_path1.rate == 0)
+                if block.drop_path1.rate == 0:
+                    stage_names.append(prefix + "attn.proj.bias")
+                    if math.prod(block.attn.feature_size) == 1:
+                        # One token: q and k cannot change the output (the softmax is 1), so the norm's
+                        # bias only reaches the values, whose constant the output bias already is.
+                        stage_names.append(prefix + "norm1.bias")
                 stage_names += [prefix + "mlp.fc2.bias"] * (block.drop_path2.rate == 0)
             elif isinstance(block, MBConvBlock) and isinstance(block.pre_norm, nn.BatchNorm2d) \
                     and isinstance(block.pre_act, nn.Identity):

@@ -104,6 +104,8 @@ def train(cfg: TrainConfig) -> dict:
                          drop_path_rate=cfg.drop_path, pretrained=cfg.pretrained)
     if cfg.freeze_stages:
         freeze_stages(model, cfg.freeze_stages)
+    if hasattr(model, "freeze_redundant_parameters"):  # AdamW would turn their roundoff gradients into steps
+        model.freeze_redundant_parameters()
     n_params = count_params(model)
     runtime.prepare(model)
     if cfg.fsdp:  # sharding replaces the parameters: before the optimizer sees them
