@@ -40,6 +40,32 @@ def test_inference_model_variants_match_the_eval_model(fuse, channels_last):
         assert (fast(inp) - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+@pytest.mark.parametrize("overrides", [
+    {"transformer.norm": "batchnorm", "pool_type": "max"},
+    {"transformer.norm": "layernorm", "pool_type": "avg", "transformer.layer_scale": 0.5},
+    {"transformer.attention_bias": "relative_post", "pool_type": "max3x3"},
+    {"transformer.attention_bias": "none", "transformer.widen_in": "proj"},
+])
+def test_inference_transformer_blocks_fold_norms_layer_scale_and_residuals_exactly(overrides):
+    from coatnet.models.inference import InferenceTransformer
+
+    torch.manual_seed(0)
+    model = tiny(**overrides)
+    with torch.no_grad():  # norms and layer scales away from their initial identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(-1.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+            if type(m).__name__ == "LayerScale":
+                m.gamma.uniform_(0.5, 1.5)
+    model = trained_stats(model)
+    fast = coatnet.inference_model(model)
+    blocks = [m for m in fast.modules() if isinstance(m, InferenceTransformer)]
+    assert len(blocks) == (2 if coatnet.models.inference.onednn_fusion_available() else 0)
+    x = torch.randn(3, 3, 64, 32)
+    ref = model(x)
+    assert (fast(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
 def test_inference_model_folds_squeeze_excite_into_the_projection_when_fused():
     fast = coatnet.inference_model(tiny(), fuse_kernels=True)
     blocks = [m for m in fast.modules() if isinstance(m, InferenceMBConv)]

@@ -136,10 +136,15 @@ class RelativeAttention2d(nn.Module):
         return gather_bias(self.relative_bias_table, size, self.table_resize)
 
     def forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        return self.proj(self.attend(x, reference))
+
+    def attend(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """Everything but the output projection: (B, H, W, dim_in) -> (B, H, W, attn_dim)."""
         B, H, W, _ = x.shape
-        q, k, v = (
-            F.linear(x, self.qkv.weight, self._qkv_bias()).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        )  # each (B, heads, N, head_dim)
+        # An nn.Linear while training; inference_model swaps in a fused one with the key bias left out.
+        qkv = F.linear(x, self.qkv.weight, self._qkv_bias()) if type(self.qkv) is nn.Linear else self.qkv(x)
+        q, k, v = qkv.reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # each (B, heads, N, head_dim)
         bias = None if self.bias_mode == "none" else self.bias((H, W)).to(q.dtype)  # (heads, N, N)
         # An empty batch (a process left without samples in an epoch's last step) takes the reference path:
         # fused attention gives the bias table no gradient then, and data-parallel ranks must all reduce it.
@@ -157,5 +162,4 @@ class RelativeAttention2d(nn.Module):
             # A 4-D mask: with a 3-D one torch's CPU dispatcher falls back to the unfused math kernel.
             mask = None if bias is None else bias.unsqueeze(0)  # (1, heads, N, N)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, head_dim)
-        out = out.transpose(1, 2).reshape(B, H, W, self.num_heads * self.head_dim)
-        return self.proj(out)
+        return out.transpose(1, 2).reshape(B, H, W, self.num_heads * self.head_dim)

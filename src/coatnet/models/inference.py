@@ -15,6 +15,10 @@
 - Optionally (`reuse_memory`, process-wide), malloc keeps freed activations for the next pass.
 - MBConv blocks in the paper's form become `InferenceMBConv`; blocks with timm's options (an activation
   after the pre-norm, pooled input, squeeze-excite before the norm) are folded in place as far as exact.
+- Transformer blocks become `InferenceTransformer` (with oneDNN): every linear runs as a oneDNN kernel
+  with its bias inside (addmm first copies the broadcast bias into its output), the output projection
+  and FFN's last linear also add the residual in the kernel, and the norms' affine parameters and layer
+  scale are folded into the linears next to them.
 - Relative-position bias gathered once into a (heads, N, N) buffer instead of at every call.
 """
 from __future__ import annotations
@@ -25,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import RelativeAttention2d, SqueezeExcite
+from ..layers import LayerScale, RelativeAttention2d, SqueezeExcite
 from ..utils import reuse_freed_memory
-from .blocks import MBConvBlock, Mlp, Stem, pool2x2
+from .blocks import MBConvBlock, Mlp, Stem, TransformerBlock, pool2x2, to_channels_first, to_channels_last
 from .coatnet import CoAtNet
 
 
@@ -115,20 +119,98 @@ class ConvAct(nn.Module):
 
 
 class LinearAct(nn.Module):
-    """nn.Linear followed by GELU as one kernel where possible. (..., in) -> (..., out)."""
+    """nn.Linear, optionally followed by GELU, as one oneDNN kernel where possible (its bias added in the
+    kernel, not broadcast into the output first as addmm does). (..., in) -> (..., out)."""
 
-    def __init__(self, linear: nn.Linear, act: nn.GELU, onednn: bool):
+    def __init__(self, linear: nn.Linear, act: nn.GELU | None, onednn: bool):
         super().__init__()
         self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
         self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False) if linear.bias is not None else None
-        self.act = act
-        self.algorithm = act.approximate
+        self.act = act if act is not None else nn.Identity()
+        self.post_op = ("gelu", act.approximate) if act is not None else ("none", "")
         self.onednn = onednn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_onednn(self, x) and x.is_contiguous():
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [None], self.algorithm)
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.post_op[0], [None], self.post_op[1])
         return self.act(F.linear(x, self.weight, self.bias))
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + linear(x) (no activation), as one kernel where possible."""
+        if (self.post_op[0] == "none" and _use_onednn(self, x) and x.is_contiguous() and residual.is_contiguous()
+                and residual.dtype == x.dtype):
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+        return residual + self(x)
+
+
+def _linear_with_layer_scale(linear: nn.Linear, scale: nn.Module) -> nn.Linear:
+    """gamma * linear(x) as one linear (rows and bias scaled)."""
+    if not isinstance(scale, LayerScale):
+        return linear
+    out = copy.deepcopy(linear)
+    out.weight.mul_(scale.gamma[:, None])
+    if out.bias is not None:
+        out.bias.mul_(scale.gamma)
+    return out
+
+
+def _fold_norm_into_linear(norm: nn.Module, linear: nn.Linear) -> tuple[nn.Module, nn.Linear]:
+    """linear(norm(x)) with the norm's per-channel affine moved into the linear: (plain norm, linear).
+    LayerNorm keeps its normalization without weight and bias; an eval BatchNorm disappears."""
+    if isinstance(norm, nn.LayerNorm) and norm.elementwise_affine:
+        scale, shift = norm.weight, norm.bias if norm.bias is not None else torch.zeros_like(norm.weight)
+        plain = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False)
+    elif isinstance(norm, nn.BatchNorm2d):
+        (scale, shift), plain = _bn_affine(norm), nn.Identity()
+    else:
+        return norm, linear
+    out = copy.deepcopy(linear)
+    bias = out.bias if out.bias is not None else torch.zeros(out.out_features)
+    out.bias = nn.Parameter(bias + out.weight @ shift, requires_grad=False)
+    out.weight = nn.Parameter(out.weight * scale, requires_grad=False)
+    return plain, out
+
+
+class InferenceTransformer(nn.Module):
+    """A TransformerBlock for inference, (B, H, W, C_in) -> (B, H', W', C_out), the same function:
+    each branch's last linear and its residual add as one oneDNN kernel, the other linears fused with
+    their bias (and GELU), layer scale folded into the linears, and the norms' per-channel affine folded
+    into the linear after them (where no max pooling sits between; an eval BatchNorm then disappears)."""
+
+    def __init__(self, block: TransformerBlock, onednn: bool):
+        super().__init__()
+        self.stride, self.pool_type = block.stride, block.pool_type
+        self.shortcut = LinearAct(block.shortcut, None, onednn) if block.shortcut is not None else None
+        attn = copy.deepcopy(block.attn)
+        qkv = nn.Linear(attn.qkv.in_features, attn.qkv.out_features, bias=attn.qkv.bias is not None)
+        qkv.weight, qkv.bias = attn.qkv.weight, (nn.Parameter(attn._qkv_bias()) if qkv.bias is not None else None)
+        self.norm1 = block.norm1
+        if self.stride == 1 or self.pool_type == "avg":  # a per-channel affine commutes with average pooling
+            self.norm1, qkv = _fold_norm_into_linear(block.norm1, qkv)
+        attn.qkv = LinearAct(qkv, None, onednn)
+        attn.freeze_bias()
+        self.proj = LinearAct(_linear_with_layer_scale(attn.proj, block.ls1), None, onednn)
+        del attn.proj
+        self.attn = attn
+        self.norm2, fc1 = _fold_norm_into_linear(block.norm2, block.mlp.fc1)
+        self.fc1 = LinearAct(fc1, block.mlp.act, onednn) if type(block.mlp.act) is nn.GELU else None
+        self.mlp_act = None if self.fc1 is not None else block.mlp.act
+        if self.fc1 is None:
+            self.fc1 = LinearAct(fc1, None, onednn)
+        self.fc2 = LinearAct(_linear_with_layer_scale(block.mlp.fc2, block.ls2), None, onednn)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return to_channels_last(pool2x2(to_channels_first(x), self.pool_type)) if self.stride > 1 else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self._pool(x)
+        if self.shortcut is not None:
+            shortcut = self.shortcut(shortcut)
+        x = self.proj.add(self.attn.attend(self._pool(self.norm1(x))), shortcut)
+        hidden = self.fc1(self.norm2(x))
+        if self.mlp_act is not None:
+            hidden = self.mlp_act(hidden)
+        return self.fc2.add(hidden, x)
 
 
 class InferenceMBConv(nn.Module):
@@ -223,6 +305,8 @@ def inference_model(model: CoAtNet, channels_last: bool = True, fuse_kernels: bo
         for i, block in enumerate(stage.blocks):
             if type(block) is MBConvBlock and _paper_form(block):
                 stage.blocks[i] = InferenceMBConv(block, onednn)
+            elif type(block) is TransformerBlock and onednn:
+                stage.blocks[i] = InferenceTransformer(block, onednn)
     for m in model.modules():
         if type(m) is Stem:
             _fold_stem(m, onednn, channels_last)
