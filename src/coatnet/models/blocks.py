@@ -27,6 +27,14 @@ def pool2x2(x: torch.Tensor, pool_type: str) -> torch.Tensor:
     return F.max_pool2d(x, 2) if pool_type == "max" else F.avg_pool2d(x, 2)
 
 
+def pooled_shortcut(x: torch.Tensor, stride: int, pool_type: str, projection: nn.Module | None) -> torch.Tensor:
+    """A residual block's shortcut on (B, C, H, W): Proj(Pool(x)) when it downsamples, x otherwise (the
+    projection, if any, also when only the width changes)."""
+    if stride > 1:
+        x = pool2x2(x, pool_type)
+    return projection(x) if projection is not None else x
+
+
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C), a view
 
@@ -118,11 +126,7 @@ class MBConvBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        if self.stride > 1:
-            shortcut = pool2x2(shortcut, self.pool_type)
-        if self.shortcut is not None:
-            shortcut = self.shortcut(shortcut)
+        shortcut = pooled_shortcut(x, self.stride, self.pool_type, self.shortcut)
         x = self.pre_act(self.pre_norm(x))
         if self.pool_input:  # always 2x2 average, whatever the shortcut's pooling (as timm)
             x = F.avg_pool2d(x, 2)
@@ -179,6 +183,7 @@ class TransformerBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H/stride, W/stride, C)."""
         return to_channels_last(pool2x2(to_channels_first(x), self.pool_type)) if self.stride > 1 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..layers import LayerScale, RelativeAttention2d, SqueezeExcite
 from ..utils import reuse_freed_memory
-from .blocks import MBConvBlock, Mlp, Stem, TransformerBlock, pool2x2, to_channels_first, to_channels_last
+from .blocks import MBConvBlock, Mlp, Stem, TransformerBlock, pooled_shortcut
 from .coatnet import CoAtNet
 
 
@@ -199,8 +199,7 @@ class InferenceTransformer(nn.Module):
             self.fc1 = LinearAct(fc1, None, onednn)
         self.fc2 = LinearAct(_linear_with_layer_scale(block.mlp.fc2, block.ls2), None, onednn)
 
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        return to_channels_last(pool2x2(to_channels_first(x), self.pool_type)) if self.stride > 1 else x
+    _pool = TransformerBlock._pool  # the same stride and pool_type attributes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self._pool(x)
@@ -237,11 +236,7 @@ class InferenceMBConv(nn.Module):
             self.conv3.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        if self.stride > 1:
-            shortcut = pool2x2(shortcut, self.pool_type)
-        if self.shortcut is not None:
-            shortcut = self.shortcut(shortcut)
+        shortcut = pooled_shortcut(x, self.stride, self.pool_type, self.shortcut)
         x = self.conv2(self.conv1(x))
         if self.fuse_se and not torch.jit.is_tracing() and _channels_last(x) and _channels_last(shortcut):
             return self._gated_projection(x, shortcut)

@@ -161,6 +161,19 @@ def plot(study: Study, rows: list[dict], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def _chain_checks(rows, values, chain, n: int, metrics) -> list[str]:
+    """For each (metric, label, unit, higher_is_better): the measured ordering at training-set size n, the
+    seed noise, and how each pair of the paper's chain fares, as Markdown lines."""
+    out = []
+    for metric, label, unit, higher in metrics:
+        sd, where = _noise(rows, metric, n)
+        vals = values(metric, n)
+        pairs = compare_chain(chain, vals, sd, higher)
+        out += [f"*{label}* at n={n:,}: {_ordering(vals, higher)}. Noise: {where}. "
+                f"Pairs of the paper's ordering: {_summary(pairs)}.", ""] + _pairs_table(pairs, unit) + [""]
+    return out
+
+
 def _pairs_table(pairs: list[dict], unit: str) -> list[str]:
     lines = ["| claim | ours: difference | noise band (2 s.d.) | verdict |", "|---|---:|---:|---|"]
     for p in pairs:
@@ -230,24 +243,14 @@ def reading(study: Study, rows: list[dict]) -> list[str]:
                 "over-fit. The paper compares the train/val gap at equal train loss; our models reach different "
                 "train losses in the same budget, so we give both the test accuracy (higher is better) and "
                 "the gap (smaller is better), with the train losses beside them in the table.", ""]
-        for metric, label, unit, higher in (("val_top1", "val top-1", " pt", True),
-                                            ("gap_top1", "gap train-val top-1", " pt", False)):
-            sd, where = _noise(rows, metric, small)
-            vals = values(metric, small)
-            pairs = compare_chain(chain, vals, sd, higher)
-            out += [f"*{label}* at n={small:,}: {_ordering(vals, higher)}. Noise: {where}. "
-                    f"Pairs of the paper's ordering: {_summary(pairs)}.", ""] + _pairs_table(pairs, unit) + [""]
+        out += _chain_checks(rows, values, chain, small, (("val_top1", "val top-1", " pt", True),
+                                                          ("gap_top1", "gap train-val top-1", " pt", False)))
         chain = _chain_of(cap_claim)
         out += [f"**Capacity** (paper: {chain}). Measured at the largest training set (n={large:,}, "
                 f"{_epochs(rows, large)} epoch), where no model can "
                 "memorise: lower train loss means the model fits the data better in the same budget.", ""]
-        for metric, label, unit, higher in (("train_loss", "train loss", "", False),
-                                            ("val_top1", "val top-1", " pt", True)):
-            sd, where = _noise(rows, metric, large)
-            vals = values(metric, large)
-            pairs = compare_chain(chain, vals, sd, higher)
-            out += [f"*{label}* at n={large:,}: {_ordering(vals, higher)}. Noise: {where}. "
-                    f"Pairs of the paper's ordering: {_summary(pairs)}.", ""] + _pairs_table(pairs, unit) + [""]
+        out += _chain_checks(rows, values, chain, large, (("train_loss", "train loss", "", False),
+                                                          ("val_top1", "val top-1", " pt", True)))
     elif study.name == "attention":
         out += [f"**Paper:** {study.paper_claims[0]}.", ""]
         for size in sizes:
