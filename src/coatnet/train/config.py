@@ -24,6 +24,7 @@ class TrainConfig:
     strict: bool = False  # fail on an unreadable image instead of skipping it (and naming it in the log)
     # -- model --
     model: str = "coatnet_nano"  # registered variant (coatnet.list_models())
+    layout: Optional[str] = None  # block types of S1..S4 replacing the variant's, e.g. "C-T-T-T" (None: its own)
     drop_path: float = 0.0  # stochastic depth: maximum rate, reached at the last block
     pretrained: Optional[str] = None  # start from these weights (ours, timm's, or a tag): fine-tuning; a head
     #                                   for another class count is replaced, tables are resized to img_size
@@ -116,6 +117,9 @@ class TrainConfig:
             raise ValueError("fsdp does not keep an EMA of sharded weights: drop ema_decay (--ema-decay) or fsdp")
         if self.resume and not self.out:
             raise ValueError("resume needs the run folder (out)")
+        from ..models import get_config
+
+        get_config(self.model, layout=self.layout)  # an unknown model or a bad layout: named now, not after loading
         return self
 
     def to_dict(self) -> dict:
