@@ -1,9 +1,18 @@
 """The run folder under faults, in-process: an interruption between writing the checkpoint and the metrics,
 a second process on the same folder, a finished run started again without --resume, a damaged resume
 state, resuming a finished run."""
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+
+import coatnet
 
 from coatnet.cli import main
 from coatnet.train import TrainConfig, train
@@ -96,3 +105,28 @@ def test_only_the_temporaries_of_interrupted_writes_are_removed(tmp_path):
         (tmp_path / n).write_text("x")
     assert remove_stale_temp_files(tmp_path) == sorted(names)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def test_the_lock_dies_with_its_process_even_when_forked_children_live_on(tmp_path):
+    """A killed trainer's DataLoader workers (forked children) may outlive it for seconds: they must not keep
+    its run folder locked, or an immediate --resume is refused."""
+    script = (f"import os, time\nfrom coatnet.train.runfolder import run_folder_lock\nfrom pathlib import Path\n"
+              f"with run_folder_lock(Path({str(tmp_path)!r})):\n"
+              f"    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+              f"    print('locked', flush=True)\n    time.sleep(60)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(coatnet.__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "locked\n"
+        with pytest.raises(OSError, match="in use by another training process"):
+            with run_folder_lock(tmp_path):
+                pass
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        time.sleep(0.1)
+        with run_folder_lock(tmp_path):  # the orphaned child still runs, the lock is free
+            pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the forked child too (it is in the session we started)

@@ -365,9 +365,11 @@ def _train(cfg: TrainConfig) -> dict:
                 save_last(records[-1] if records else None, mid_epoch=True)
             if cfg.stop_at_step and progress["global_step"] >= cfg.stop_at_step and not last_of_epoch:
                 bar.close()
+                batches.close()
                 save_last(records[-1] if records else None, mid_epoch=True)
                 return result(stopped=True)
         bar.close()
+        batches.close()  # a folder's DataLoader workers end now, not when the next epoch replaces them
         train_seconds = time.time() - t_train
         loss_sum, correct, n, _ = all_reduce_sums(progress["sums"][:3] + [0.0])
         if ema is not None:

@@ -19,6 +19,21 @@ RUN_FILES = ("checkpoint-last.safetensors", "checkpoint-best.safetensors", "chec
              "config.json", "metrics.jsonl", "curves.png")
 
 
+_held_lock_fds: set[int] = set()  # descriptors of the run-folder locks this process holds
+
+
+def _close_held_locks_in_child() -> None:
+    # A forked child (a DataLoader worker) shares the lock's open file description; if it kept it, the lock
+    # would outlive a killed trainer for as long as its orphaned workers live. The parent's copy holds it.
+    for fd in _held_lock_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_lock_fds.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 class RunFolderError(OSError):
     """The run folder cannot be used or written (the message says which file and why)."""
 
@@ -70,10 +85,12 @@ def run_folder_lock(out: Path) -> Iterator[None]:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise RunFolderError(f"run folder {out} is in use by another training process (pid {holder}); "
                                  f"wait for it to finish or pass another --out") from None
+        _held_lock_fds.add(fd)
         with contextlib.suppress(OSError):  # who holds it, for the message above (only the holder writes)
             path.write_text(str(os.getpid()))
         yield
     finally:
+        _held_lock_fds.discard(fd)
         os.close(fd)  # releases the lock
 
 
