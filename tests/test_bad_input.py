@@ -242,3 +242,25 @@ def test_evaluating_a_folder_with_broken_files_warns_once_and_counts_the_rest(br
                   f"(image file is truncated)\n"
     assert _one_error_line(capsys, ["eval", "--checkpoint", files["ckpt"], "--data", str(broken_folder), "--strict",
                                     "--workers", "0"]).startswith("error: cannot read image ")
+
+
+def test_a_run_folder_with_a_damaged_config_is_one_error_line(tmp_path, capsys):
+    for text, says in (("{oops", "config.json is not valid JSON"), ("[1, 2]", "config.json does not hold"),
+                       ('{"lr": "fast"}', "lr='fast' must be of type float")):
+        (tmp_path / "config.json").write_text(text)
+        line = _one_error_line(capsys, ["train", "--resume", str(tmp_path)])
+        assert says in line, line
+
+
+def test_layout_replaces_the_models_and_travels_with_the_checkpoint(colour_images, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["train", "--data", str(colour_images), "--img-size", "32", "--epochs", "1", "--batch-size", "24",
+                 "--val-fraction", "0.25", "--workers", "0", "--threads", "1", "--no-progress", "--quiet",
+                 "--layout", "C-C-C-T", "--out", str(run)])
+    assert code == 0, capsys.readouterr().err
+    from coatnet.train.checkpoint import load_model
+    from coatnet.train.finetune import finetune_config
+
+    model, _, _ = load_model(run / "checkpoint-last.safetensors")
+    assert model.config.layout == "C-C-C-T"
+    assert finetune_config(str(run / "checkpoint-last.safetensors")).layout == "C-C-C-T"

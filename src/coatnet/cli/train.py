@@ -139,7 +139,13 @@ def build_config(args: argparse.Namespace):
             raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a run folder)")
         if hasattr(args, "recipe"):
             raise CliError("--resume takes the settings of the run; drop --recipe")
-        cfg = TrainConfig.from_dict(json.loads(cfg_file.read_text()))
+        try:
+            saved = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise CliError(f"--resume {run_dir}: config.json is not valid JSON ({e})") from None
+        if not isinstance(saved, dict):
+            raise CliError(f"--resume {run_dir}: config.json does not hold the run's settings")
+        cfg = TrainConfig.from_dict(saved)
         fixed = sorted(k for k, v in flags.items() if k not in _RESUME_CHANGEABLE and getattr(cfg, k) != v)
         if fixed:
             raise CliError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)} when resuming "
