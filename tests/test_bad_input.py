@@ -120,14 +120,18 @@ def test_a_booby_trapped_pickle_in_a_real_process_prints_one_line_and_creates_no
         assert not os.path.exists(files["marker"])
 
 
-def test_a_checkpoint_whose_weights_are_of_another_architecture_is_one_error_line(files, tmp_path, capsys):
+@pytest.mark.parametrize("claimed", ["pico", "15 billion parameters"])
+def test_a_checkpoint_whose_metadata_claims_another_network_is_one_error_line(files, tmp_path, capsys, claimed):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with safe_open(files["ckpt"], "pt") as f:  # nano's weights under coatnet_pico's model config
+    with safe_open(files["ckpt"], "pt") as f:  # nano's weights under another model config
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     info = json.loads(meta["coatnet"])
-    info["model_config"] = coatnet.create_model("coatnet_pico", num_classes=4, img_size=32).config.to_dict()
+    config = coatnet.create_model("coatnet_pico", num_classes=4, img_size=32).config
+    if claimed != "pico":  # would need ~60 GB if it were built: it must be refused before that
+        config = coatnet.get_config("coatnet_nano", num_classes=4, img_size=32, widths=(64, 4096, 8192, 16384, 32768))
+    info["model_config"] = config.to_dict()
     save_file(tensors, str(tmp_path / "mixed.safetensors"), metadata={**meta, "coatnet": json.dumps(info)})
     line = _one_error_line(capsys, ["predict", "--checkpoint", str(tmp_path / "mixed.safetensors"), files["good"]])
     assert "weights do not match the model config in its metadata" in line

@@ -130,3 +130,16 @@ def test_the_lock_dies_with_its_process_even_when_forked_children_live_on(tmp_pa
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the forked child too (it is in the session we started)
+
+
+def test_files_written_atomically_get_the_umask_mode_not_a_private_one(tmp_path):
+    import torch
+
+    from coatnet.train.checkpoint import save_weights_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        save_weights_checkpoint(tmp_path / "c.safetensors", {"w": torch.ones(2)}, {})  # safetensors replaces the file
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o644

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): no lock
+    fcntl = None
 
 LOCK_NAME = ".lock"
 # Files the engine writes with coatnet.utils.atomic_write; their temporaries are ".<name>.<random>.tmp".
@@ -31,7 +35,8 @@ def _close_held_locks_in_child() -> None:
     _held_lock_fds.clear()
 
 
-os.register_at_fork(after_in_child=_close_held_locks_in_child)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
 class RunFolderError(OSError):
@@ -72,7 +77,11 @@ def prepare_run_folder(out: Path) -> None:
 @contextlib.contextmanager
 def run_folder_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on `out` (flock on out/.lock, released by the kernel even on SIGKILL): a second
-    process training into the same folder is refused instead of interleaving its checkpoints."""
+    process training into the same folder is refused instead of interleaving its checkpoints. Without
+    fcntl (Windows) there is no lock."""
+    if fcntl is None:
+        yield
+        return
     path = out / LOCK_NAME
     # Read-only descriptor: holding it does not keep the file system from being remounted read-only.
     fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
