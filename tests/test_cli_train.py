@@ -85,10 +85,10 @@ def test_unreadable_images_are_skipped_and_named_or_fail_with_strict(folder, tmp
     shutil.copytree(folder / "red", data / "val" / "red")
     (data / "train" / "red" / "zz-broken.png").write_bytes(b"\x89PNG garbage")
     args = ["train", "--data", str(data), "--img-size", "32", "--epochs", "1", "--batch-size", "32",
-            "--val-subset", "4", "--workers", "0", "--no-progress", "--out", str(tmp_path / "r")]
-    code, out, err = _run(capsys, *args)
+            "--val-subset", "4", "--workers", "0", "--no-progress"]
+    code, out, err = _run(capsys, *args, "--out", str(tmp_path / "r"))
     assert code == 0 and "zz-broken.png" in err and json.loads(out.splitlines()[-1])["skipped_images"] == 1
-    code, _, err = _run(capsys, *args, "--strict")
+    code, _, err = _run(capsys, *args, "--out", str(tmp_path / "r2"), "--strict")
     assert code == 1 and "zz-broken.png" in err
 
 

@@ -11,10 +11,18 @@ import traceback
 COMMAND_MODULES = ("models", "train", "finetune", "weights", "scale", "perf", "study")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: "error: <what>; see `<prog> --help`" and exit code 2 (subcommands'
+    parsers are of this class too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message.strip().splitlines()[0]} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="coatnet", description="CoAtNet: train, evaluate, export.")
+    parser = _Parser(prog="coatnet", description="CoAtNet: train, evaluate, export.")
     parser.add_argument("--version", action="version", version=f"coatnet {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -30,7 +38,10 @@ class CliError(Exception):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a parse error (already printed as one line)
+        return e.code if isinstance(e.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
@@ -39,9 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (CliError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError, OSError) as e:
+    except (CliError, ValueError, OSError) as e:  # the user's input or the machine: the message says it
         if args.debug:
             traceback.print_exc()
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except Exception as e:  # anything else is a fault of ours: still one line, the traceback under --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:  # "[Errno 2] No such ..." -> plain words
+        text = f"{e.filename}: {e.strerror}"
+    return text.splitlines()[0] if text else type(e).__name__

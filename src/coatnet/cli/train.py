@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--strict", action="store_const", const=True, default=S, help="fail on an unreadable image")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=S, help=f"registered variant (default {d.model}); see `coatnet models`")
+    g.add_argument("--layout", default=S, help="block types of S1..S4 instead of the model's, e.g. C-T-T-T "
+                                               "(C: MBConv, T: Transformer)")
     g.add_argument("--drop-path", type=float, default=S, help="stochastic depth rate")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=S, help=f"default {d.epochs}")
@@ -137,7 +139,13 @@ def build_config(args: argparse.Namespace):
             raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a run folder)")
         if hasattr(args, "recipe"):
             raise CliError("--resume takes the settings of the run; drop --recipe")
-        cfg = TrainConfig.from_dict(json.loads(cfg_file.read_text()))
+        try:
+            saved = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise CliError(f"--resume {run_dir}: config.json is not valid JSON ({e})") from None
+        if not isinstance(saved, dict):
+            raise CliError(f"--resume {run_dir}: config.json does not hold the run's settings")
+        cfg = TrainConfig.from_dict(saved)
         fixed = sorted(k for k, v in flags.items() if k not in _RESUME_CHANGEABLE and getattr(cfg, k) != v)
         if fixed:
             raise CliError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)} when resuming "
@@ -188,12 +196,24 @@ def run_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise CliError("--top-k must be at least 1")
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"image not found: {missing[0]}")
-    for res in predict_files(args.checkpoint, args.images, args.top_k, args.device):
-        if args.json:
-            print(json.dumps(res))
+    for p in map(Path, args.images):  # before loading the model: the cheap mistakes first
+        if p.is_dir():
+            raise CliError(f"{p} is a folder, not an image file (pass the files, e.g. {p / '*.jpg'})")
+        if not p.is_file():
+            raise FileNotFoundError(f"image not found: {p}")
+    # Like cat(1): every readable image is predicted, then one error line names those that were not.
+    failed = []
+    for res in predict_files(args.checkpoint, args.images, args.top_k, args.device, skip_unreadable=True):
+        if "error" in res:
+            failed.append(res)
+        elif args.json:
+            print(json.dumps(res), flush=True)
         else:
-            print(res["image"] + "  " + "  ".join(f"{t['class']} {t['prob']:.4f}" for t in res["top"]))
+            print(res["image"] + "  " + "  ".join(f"{t['class']} {t['prob']:.4f}" for t in res["top"]), flush=True)
+    if failed:
+        first = f"{failed[0]['image']}: {failed[0]['error']}"
+        if len(args.images) == 1:
+            raise CliError(f"cannot read image {first}")
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise CliError(f"cannot read {len(failed)} of {len(args.images)} images: {first}{more}")
     return 0

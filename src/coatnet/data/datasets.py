@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, load_fashion_mnist
-from .images import IMAGE_EXTENSIONS, load_image
+from .images import IMAGE_EXTENSIONS, UnreadableImageError, load_image
 from .random import permutation
 from .transforms import AugmentConfig, center_crop_box, crop_params, resized_crop
 
@@ -52,6 +52,7 @@ class Batch:
     labels: torch.Tensor  # (B,) int64
     indices: torch.Tensor  # (B,) int64, positions in the source
     failed: list[str] = field(default_factory=list)  # paths of unreadable files dropped from this batch
+    reasons: list[str] = field(default_factory=list)  # why each failed file could not be read (when known)
 
 
 class TensorSource:
@@ -79,7 +80,8 @@ class TensorSource:
 
 
 class _FolderDataset(torch.utils.data.Dataset):
-    """Decodes one file per item in a DataLoader worker: (uint8 (C, S, S) or None, label, index, path)."""
+    """Decodes one file per item in a DataLoader worker: (uint8 (C, S, S) or None, label, index, path,
+    reason it could not be read or None)."""
 
     def __init__(self, samples, spec: DataSpec, train: bool, aug: AugmentConfig, seed: int, epoch: int):
         self.samples, self.spec, self.train, self.aug, self.seed, self.epoch = samples, spec, train, aug, seed, epoch
@@ -91,9 +93,12 @@ class _FolderDataset(torch.utils.data.Dataset):
         path, label = self.samples[i]
         try:
             img = load_image(path, self.spec.in_chans)
-        except Exception:  # unreadable or corrupt: reported by the collate function
-            return None, label, i, path
-        return transform_image(img, i, self.spec, self.train, self.aug, self.seed, self.epoch), label, i, path
+            x = transform_image(img, i, self.spec, self.train, self.aug, self.seed, self.epoch)
+        except UnreadableImageError as e:  # not an image, empty, truncated, a decompression bomb: reported
+            return None, label, i, path, e.reason
+        except Exception as e:  # anything else Pillow raised on a hostile file: skipped the same way
+            return None, label, i, path, f"{type(e).__name__}: {str(e)[:160]}"
+        return x, label, i, path, None
 
 
 def transform_image(img: Image.Image, index: int, spec: DataSpec, train: bool, aug: AugmentConfig, seed: int,
@@ -120,13 +125,14 @@ def transform_image(img: Image.Image, index: int, spec: DataSpec, train: bool, a
 def _collate(items) -> tuple:
     ok = [it for it in items if it[0] is not None]
     failed = [it[3] for it in items if it[0] is None]
+    reasons = [it[4] for it in items if it[0] is None]
     if ok:
         images = torch.stack([it[0] for it in ok])
     else:
         images = torch.zeros(0, 1, 1, 1, dtype=torch.uint8)
     labels = torch.tensor([it[1] for it in ok], dtype=torch.int64)
     indices = torch.tensor([it[2] for it in ok], dtype=torch.int64)
-    return images, labels, indices, failed
+    return images, labels, indices, failed, reasons
 
 
 class FolderSource:
@@ -145,12 +151,13 @@ class FolderSource:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b.tolist() for b in index_batches],
                                              num_workers=workers, collate_fn=_collate,
                                              persistent_workers=False, prefetch_factor=4 if workers else None)
-        for images, labels, indices, failed in loader:
+        for images, labels, indices, failed, reasons in loader:
             if failed and strict:
-                raise ValueError(f"cannot read image {failed[0]} (run without --strict to skip unreadable files)")
+                raise ValueError(f"cannot read image {failed[0]}: {reasons[0]} (run without --strict to skip "
+                                 f"unreadable files)")
             if images.shape[0] == 0:
                 images = torch.zeros(0, spec.in_chans, spec.img_size, spec.img_size, dtype=torch.uint8)
-            yield Batch(images.to(torch.float32).div_(255), labels, indices, failed)
+            yield Batch(images.to(torch.float32).div_(255), labels, indices, failed, reasons)
 
 
 # -- building ------------------------------------------------------------------------------------------

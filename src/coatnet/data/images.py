@@ -1,10 +1,11 @@
-"""Decoding image files with Pillow into 8-bit grayscale or RGB, whatever their mode."""
+"""Decoding image files with Pillow into 8-bit grayscale or RGB, whatever their mode; a file that cannot be
+decoded raises UnreadableImageError saying why (Pillow's decompression-bomb guard stays on)."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
@@ -23,14 +24,44 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
-    """Open `path` as an 8-bit image with `channels` channels (1: 'L', 3: 'RGB').
+class UnreadableImageError(ValueError):
+    """A file that is not a decodable image: `reason` says why in a few words."""
 
-    Grayscale, palette, RGBA/LA (alpha dropped), CMYK and 16-bit images are converted."""
+    def __init__(self, path, reason: str):
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _reason(path, error: Exception) -> str:
+    if isinstance(path, (str, os.PathLike)):
+        if os.path.isdir(path):
+            return "a folder, not an image file"
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            return "empty file"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if isinstance(error, Image.DecompressionBombError):
+        return f"refused by Pillow's decompression-bomb guard ({text})"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file Pillow can decode"
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, OSError) and text:  # Pillow's own words: "image file is truncated", ...
+        return text
+    return f"{text} ({type(error).__name__})" if text else type(error).__name__
+
+
+def load_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
+    """Open `path` (or a binary file object) as an 8-bit image with `channels` channels (1: 'L', 3: 'RGB').
+
+    Grayscale, palette, RGBA/LA (alpha dropped), CMYK and 16-bit images are converted. A file Pillow
+    cannot decode (not an image, empty, truncated, too many pixels) raises UnreadableImageError."""
     if channels not in (1, 3):
         raise ValueError(f"channels={channels} must be 1 or 3")
-    with Image.open(path) as img:
-        img.load()
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, EOFError, struct.error, ... on bad files
+        raise UnreadableImageError(path, _reason(path, e)) from e
     img = to_8bit(img)
     if img.mode == "P":  # palette: expand through RGBA so a transparent index keeps its colour
         img = img.convert("RGBA")

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,11 +31,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types for malformed headers
             raise ValueError(f"{path} is not a valid safetensors file ({e})") from None
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty, not a weights file")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} could not be read as plain tensors (refusing to unpickle code): "
-                         f"{str(e).splitlines()[0]}") from None
+        text = str(e)
+        if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+            calls = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            what = f" (it calls {calls.group(1)})" if calls else ""
+            raise ValueError(f"{path} holds more than plain tensors{what}: refusing to unpickle it (that can run "
+                             f"code); nothing in it was run") from None
+        reason = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise ValueError(f"{path} is neither a safetensors file nor PyTorch weights ({reason})") from None
     for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

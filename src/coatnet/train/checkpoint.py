@@ -42,20 +42,57 @@ def save_weights_checkpoint(path: str | os.PathLike, weights: dict[str, torch.Te
         save_file(_cpu(weights), str(tmp), metadata=meta)
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(weights, info) of a checkpoint-*.safetensors file."""
+def _not_safetensors(path: Path, error: Exception) -> ValueError:
+    """The error for a file safetensors cannot parse, saying what it looks like instead."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return ValueError(f"{path} is empty, not a checkpoint")
+    if head[:1] == b"\x80" or head[:2] == b"PK":  # a pickle, or PyTorch's zip of pickles
+        return ValueError(f"{path} is a pickle (PyTorch .pth/.pt/.bin), not a safetensors checkpoint; refusing to "
+                          f"unpickle it (that can run code). Plain weights of that kind load with "
+                          f"coatnet.create_model(name, pretrained=...)")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"{path} is not a valid safetensors file ({reason})")
+
+
+def _open_metadata(path: str | os.PathLike, what: str) -> tuple[Path, dict]:
+    """(path, safetensors metadata) of an existing checkpoint file; clear errors for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file"
+                                + (f" (its checkpoints: {path / 'checkpoint-best.safetensors'}, ...)"
+                                   if weights_path(path, "best").is_file() else ""))
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"{path} is not a valid safetensors file ({e})") from None
+            return path, f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise _not_safetensors(path, e) from None
+
+
+def read_checkpoint_info(path: str | os.PathLike) -> dict:
+    """The JSON info (model_config, data, epoch, step, metrics, run) of a checkpoint-*.safetensors file,
+    without reading its tensors."""
+    path, meta = _open_metadata(path, "checkpoint")
     if meta.get("format") != FORMAT or "coatnet" not in meta:
         raise ValueError(f"{path} is not a coatnet training checkpoint (no model config in its metadata)")
-    return tensors, json.loads(meta["coatnet"])
+    try:
+        return json.loads(meta["coatnet"])
+    except ValueError:
+        raise ValueError(f"{path}: its metadata is not valid JSON (damaged file?)") from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, info) of a checkpoint-*.safetensors file."""
+    info = read_checkpoint_info(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{path}: its tensors cannot be read ({e}); the file is damaged") from None
+    return tensors, info
 
 
 def save_train_state(path: str | os.PathLike, model_state: dict, ema_state: dict | None,
@@ -78,11 +115,29 @@ def save_train_state(path: str | os.PathLike, model_state: dict, ema_state: dict
         save_file(_cpu(tensors), str(tmp), metadata={"format": FORMAT, "state": json.dumps(meta_state)})
 
 
+def read_progress(path: str | os.PathLike) -> dict:
+    """The progress (epoch, step_in_epoch, global_step, ...) recorded in a checkpoint-last.state file."""
+    path, meta = _open_metadata(path, "training state")
+    try:
+        return json.loads(meta["state"])["progress"]
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(f"{path} is not a coatnet training state (no progress in its metadata)") from None
+
+
 def load_train_state(path: str | os.PathLike) -> dict:
     """{"model": state dict, "ema": state dict or None, "optimizer": optimizer state dict, "progress": dict}."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {})["state"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        read_progress(path)
+    except ValueError as e:
+        what = str(e).removeprefix(f"{path} is ").removeprefix(f"{path} ")
+        raise ValueError(f"cannot resume from {path}: {what}; move it away to start the run over") from None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"cannot resume from {path}: the file is damaged ({e}); move it away to start over"
+                         ) from None
     model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
     state: dict[int, dict] = {}
@@ -102,9 +157,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     from ..models import CoAtNet, CoAtNetConfig
 
     tensors, info = read_checkpoint(path)
-    model = CoAtNet(CoAtNetConfig.from_dict(info["model_config"]))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the model config in its metadata "
-                         f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
-    return model.to(device).eval(), DataSpec.from_dict(info["data"]), info
+    try:
+        config, spec = CoAtNetConfig.from_dict(info["model_config"]), DataSpec.from_dict(info["data"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the model config or data spec in its metadata is invalid ({e})") from None
+    # The shapes the config implies, from a model built on the meta device (no memory): a file whose
+    # metadata claims a network its tensors do not hold is refused before anything is allocated for it.
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in CoAtNet(config).state_dict().items()}
+    if expected != {k: tuple(v.shape) for k, v in tensors.items()}:
+        differ = (sorted(set(expected) ^ set(tensors))
+                  or sorted(k for k in expected if expected[k] != tuple(tensors[k].shape)))
+        raise ValueError(f"{path}: weights do not match the model config in its metadata (e.g. {differ[0]})")
+    model = CoAtNet(config)
+    model.load_state_dict(tensors)
+    return model.to(device).eval(), spec, info

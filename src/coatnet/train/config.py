@@ -3,8 +3,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from typing import Any, Optional
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """isinstance for the field types of TrainConfig: bool, int, float (an int is a float, a bool is neither a
+    float nor an int), str, and tuple[X, ...]."""
+    if typing.get_origin(hint) is tuple:
+        items = typing.get_args(hint)
+        return (isinstance(value, tuple) and len(value) == len(items)
+                and all(_is_a(v, t) for v, t in zip(value, items)))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 @dataclass(frozen=True)
@@ -24,6 +39,7 @@ class TrainConfig:
     strict: bool = False  # fail on an unreadable image instead of skipping it (and naming it in the log)
     # -- model --
     model: str = "coatnet_nano"  # registered variant (coatnet.list_models())
+    layout: Optional[str] = None  # block types of S1..S4 replacing the variant's, e.g. "C-T-T-T" (None: its own)
     drop_path: float = 0.0  # stochastic depth: maximum rate, reached at the last block
     pretrained: Optional[str] = None  # start from these weights (ours, timm's, or a tag): fine-tuning; a head
     #                                   for another class count is replaced, tables are resized to img_size
@@ -83,6 +99,8 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> "TrainConfig":
+        self._check_types()
+
         def positive(name, allow_zero=False):
             v = getattr(self, name)
             if v is not None and (v < 0 or (v == 0 and not allow_zero)):
@@ -116,7 +134,24 @@ class TrainConfig:
             raise ValueError("fsdp does not keep an EMA of sharded weights: drop ema_decay (--ema-decay) or fsdp")
         if self.resume and not self.out:
             raise ValueError("resume needs the run folder (out)")
+        from ..models import get_config
+
+        get_config(self.model, layout=self.layout)  # an unknown model or a bad layout: named now, not after loading
         return self
+
+    def _check_types(self) -> None:
+        """ValueError naming the first field whose value is not of its declared type (config.json files and
+        Python callers can hold anything)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            args = typing.get_args(hint)
+            if typing.get_origin(hint) is typing.Union:  # Optional[X]
+                if value is None:
+                    continue
+                hint = next(a for a in args if a is not type(None))
+            if not _is_a(value, hint):
+                raise ValueError(f"{f.name}={value!r} must be of type {getattr(hint, '__name__', hint)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

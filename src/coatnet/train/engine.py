@@ -8,6 +8,7 @@ sample index), so a run resumed from any checkpoint continues exactly as if it h
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -27,14 +28,16 @@ from ..layers import drop_path_noise
 from ..models import count_params, create_model
 from ..models.transfer import freeze_stages
 from ..utils import atomic_write
-from .checkpoint import load_train_state, save_train_state, save_weights_checkpoint, state_path, weights_path
+from .checkpoint import (load_train_state, read_checkpoint_info, read_progress, save_train_state,
+                         save_weights_checkpoint, state_path, weights_path)
 from .config import TrainConfig
 from .distributed import (all_reduce_sums, apply_fsdp, barrier, convert_sync_batchnorm, full_model_state,
                           full_optimizer_state_dict, is_main, load_full_state, local_threads, rank_and_world, shard,
                           shard_optimizer_state_dict, split_micro_batches, wrap_model)
-from .evaluate import evaluate, subset_indices
+from .evaluate import evaluate, skipped_summary, subset_indices
 from .metrics import plot_curves, read_metrics, write_metrics
 from .optim import WeightEMA, build_optimizer
+from .runfolder import prepare_run_folder, remove_stale_temp_files, run_folder_lock, writing
 from .runtime import setup_runtime
 from .schedule import lr_at
 
@@ -70,6 +73,16 @@ def _log(cfg: TrainConfig, msg: str, err: bool = False) -> None:
         print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
 
+def _best_on_disk(out: Path) -> tuple[float | None, int | None]:
+    """(val_top1, epoch) recorded in out/checkpoint-best.safetensors; (None, None) when it is missing or
+    unreadable (the next epoch then writes it)."""
+    try:
+        info = read_checkpoint_info(weights_path(out, "best"))
+        return float(info["metrics"]["val_top1"]), int(info["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+
+
 def _summary_line(rec: dict, epochs: int) -> str:
     parts = [f"epoch {rec['epoch']}/{epochs}", f"train_loss {rec['train_loss']:.4f}",
              f"train_top1 {rec['train_top1']:.2f}"]
@@ -80,11 +93,46 @@ def _summary_line(rec: dict, epochs: int) -> str:
     return "  ".join(parts)
 
 
+def _position(progress: dict) -> str:
+    """Where a checkpoint's progress stands, in words."""
+    if progress["step_in_epoch"] == 0:
+        return f"end of epoch {progress['epoch']}"
+    return f"step {progress['global_step']}, in epoch {progress['epoch'] + 1}"
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) as `cfg` says; returns the final metrics: train_loss, train_top1 (running, with
     augmentation), val_loss, val_top1, val_top5 (%), train_eval_* when cfg.eval_train, seconds, params,
-    epochs, steps, best_val_top1, skipped_images."""
+    epochs, steps, best_val_top1, skipped_images (unreadable files, counted once each).
+
+    With a run folder (cfg.out), before any work: the folder is created and proved writable, locked against
+    a second training process, cleared of temporaries a killed write left, and a folder that already holds
+    a checkpoint is only continued with cfg.resume (never overwritten)."""
     cfg = cfg.validate()
+    if not cfg.out or not is_main():
+        return _train(cfg)
+    out = Path(cfg.out)
+    prepare_run_folder(out)
+    with run_folder_lock(out):
+        stale = remove_stale_temp_files(out)
+        if stale:
+            _log(cfg, f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(stale)}",
+                 err=True)
+        if not cfg.resume and (state_path(out).is_file() or (out / "metrics.jsonl").is_file()):
+            at = ""
+            if state_path(out).is_file():
+                with contextlib.suppress(ValueError):
+                    at = f" (checkpoint at the {_position(read_progress(state_path(out)))})"
+            raise ValueError(f"run folder {out} already holds a training run{at}: continue it with "
+                             f"--resume {out}, or pass another --out")
+        if not cfg.resume or not (out / "config.json").is_file():
+            # The settings, at once: a run killed before its first checkpoint can be resumed (from the start).
+            with writing(out / "config.json", "nothing was trained yet"), atomic_write(out / "config.json") as tmp:
+                tmp.write_text(json.dumps(cfg.replace(resume=False).to_dict(), indent=2) + "\n")
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict:
     t_start = time.time()
     rank, world = rank_and_world()
     runtime = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads or local_threads(),
@@ -101,7 +149,7 @@ def train(cfg: TrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=num_classes, img_size=spec.img_size, in_chans=spec.in_chans,
-                         drop_path_rate=cfg.drop_path, pretrained=cfg.pretrained)
+                         drop_path_rate=cfg.drop_path, layout=cfg.layout, pretrained=cfg.pretrained)
     if cfg.freeze_stages:
         freeze_stages(model, cfg.freeze_stages)
     if hasattr(model, "freeze_redundant_parameters"):  # AdamW would turn their roundoff gradients into steps
@@ -127,9 +175,8 @@ def train(cfg: TrainConfig) -> dict:
     records: list[dict] = []
     out = Path(cfg.out) if cfg.out else None
 
+    saved_at: str | None = None  # where the newest checkpoint on disk stands
     if out is not None:
-        if is_main():  # the only process that writes the run folder
-            out.mkdir(parents=True, exist_ok=True)
         if cfg.resume and state_path(out).is_file():
             state = load_train_state(state_path(out))
             if cfg.fsdp:  # whole states, written by any number of processes, into this sharding
@@ -145,8 +192,23 @@ def train(cfg: TrainConfig) -> dict:
             progress = state["progress"]
             if rank != 0:  # the checkpoint holds the running sums of all processes: count them once
                 progress["sums"] = [0.0] * len(progress["sums"])
-            records = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= progress["epoch"]]
-            _log(cfg, f"resuming {out} at epoch {progress['epoch'] + 1}, step {progress['global_step']}", err=True)
+            # The epoch records travel in the checkpoint: metrics.jsonl is rewritten to match it, so a kill
+            # between writing the checkpoint and the metrics neither loses nor repeats an epoch.
+            saved_records = progress.pop("records", None)
+            records = (saved_records if saved_records is not None else
+                       [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= progress["epoch"]])
+            best = _best_on_disk(out)  # the best checkpoint file is the truth about the best epoch
+            progress.update(best_val_top1=best[0], best_epoch=best[1])
+            saved_at = _position(progress)
+            if is_main() and records != read_metrics(out / "metrics.jsonl"):
+                with writing(out / "metrics.jsonl", f"the checkpoint ({saved_at}) is kept"):
+                    write_metrics(out / "metrics.jsonl", records)
+            if progress["epoch"] >= cfg.epochs:
+                _log(cfg, f"{out} is complete ({progress['epoch']} of {cfg.epochs} epochs): nothing to do "
+                          f"(--epochs N extends it)", err=True)
+            else:
+                _log(cfg, f"resuming {out} at epoch {progress['epoch'] + 1}, step {progress['global_step']}",
+                     err=True)
         elif cfg.resume:
             _log(cfg, f"no checkpoint in {out} yet: starting from the beginning", err=True)
         if is_main():
@@ -154,32 +216,43 @@ def train(cfg: TrainConfig) -> dict:
                         "model_config": model.config.to_dict(), "data_spec": spec.to_dict(), "params": n_params,
                         "train_images": len(train_idx), "val_images": len(val_idx), "steps_per_epoch": steps_per_epoch,
                         "total_steps": total_steps, "warmup_steps": warmup_steps, "world_size": world}
-            with atomic_write(out / "config.json") as tmp:
+            with writing(out / "config.json", "nothing was trained yet"), atomic_write(out / "config.json") as tmp:
                 tmp.write_text(json.dumps(resolved, indent=2) + "\n")
 
     def checkpoint_info(epoch_metrics: dict | None) -> dict:
         return {"model_config": model.config.to_dict(), "data": spec.to_dict(), "epoch": progress["epoch"],
                 "step": progress["global_step"], "metrics": epoch_metrics or {},
                 "run": {"data": cfg.data, "data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction,
-                        "seed": cfg.seed, "model": cfg.model}}
+                        "seed": cfg.seed, "model": cfg.model, "layout": cfg.layout}}
 
-    def save_last(epoch_metrics: dict | None, mid_epoch: bool = False) -> dict | None:
-        """Write the last checkpoint (all processes call: gathering sharded states and the running sums is
-        collective); returns the weights written, on the main process."""
+    def save_last(epoch_metrics: dict | None, mid_epoch: bool = False, best: bool = False) -> None:
+        """Write the last checkpoint, and the best one first when `best` (all processes call: gathering
+        sharded states and the running sums is collective). A failed write raises RunFolderError naming
+        the file; what was on disk before stays intact (atomic writes)."""
+        nonlocal saved_at
         if out is None:
-            return None
+            return
         # Mid-epoch: the epoch's running sums of every process go into the checkpoint, so a run resumed
         # with another number of processes reports the same epoch metrics.
-        saved = dict(progress, sums=all_reduce_sums(progress["sums"])) if mid_epoch else progress
+        saved = dict(progress, sums=all_reduce_sums(progress["sums"])) if mid_epoch else dict(progress)
+        saved["records"] = records
         model_state = full_model_state(model) if cfg.fsdp else model.state_dict()
         optim_state = full_optimizer_state_dict(optimizer) if cfg.fsdp else optimizer
         if not is_main():
-            return None
+            return
         weights = ema.state if ema is not None else model_state
-        # State first: the weights file is for eval/predict, the state file alone resumes.
-        save_train_state(state_path(out), model_state, ema.state if ema else None, optim_state, saved)
-        save_weights_checkpoint(weights_path(out, "last"), weights, checkpoint_info(epoch_metrics))
-        return weights
+        kept = (f"the previous checkpoint ({saved_at}) is kept" if saved_at else "no earlier checkpoint exists")
+        # Best before the resume state: a kill between the two never loses a better model (a resumed run
+        # reads the best epoch from checkpoint-best itself).
+        if best:
+            with writing(weights_path(out, "best"), kept):
+                save_weights_checkpoint(weights_path(out, "best"), weights, checkpoint_info(epoch_metrics))
+        # The state file alone resumes; the weights file after it is for eval/predict.
+        with writing(state_path(out), kept):
+            save_train_state(state_path(out), model_state, ema.state if ema else None, optim_state, saved)
+        saved_at = _position(progress)
+        with writing(weights_path(out, "last"), f"the resume state ({saved_at}) was saved"):
+            save_weights_checkpoint(weights_path(out, "last"), weights, checkpoint_info(epoch_metrics))
 
     def result(stopped: bool = False) -> dict:
         last = records[-1] if records else {}
@@ -194,11 +267,24 @@ def train(cfg: TrainConfig) -> dict:
             res["out"] = str(out)
         return res
 
+    skipped_in_epoch: dict[str, str] = {}  # unreadable files met in this epoch: path -> reason
+
+    def note_skipped(failed: dict[str, str]) -> None:
+        """Count unreadable files once per run (named on stderr when first met) and list them per epoch."""
+        known = set(progress["skipped_images"])
+        for path, reason in failed.items():
+            if path not in known:
+                known.add(path)
+                progress["skipped_images"].append(path)
+                _log(cfg, f"warning: skipping unreadable file {path}: {reason}", err=True)
+        skipped_in_epoch.update(failed)
+
     from tqdm import tqdm
 
     initial: dict = {}
     if cfg.eval_before and progress["global_step"] == 0:
         before = evaluate(eval_net, val_src, val_idx, spec, runtime, cfg.eval_batch_size, workers, cfg.strict)
+        note_skipped(before["skipped"])
         initial = {"initial_val_loss": before["loss"], "initial_val_top1": before["top1"]}
         _log(cfg, f"before training: val_loss {before['loss']:.4f}  val_top1 {before['top1']:.2f}")
 
@@ -232,9 +318,7 @@ def train(cfg: TrainConfig) -> dict:
             for _ in range(n_micro[step_in_epoch - start]):
                 batch = next(batches)
                 if batch.failed:
-                    progress["skipped_images"] += batch.failed
-                    for path in batch.failed:
-                        _log(cfg, f"warning: skipped unreadable image {path}", err=True)
+                    note_skipped(dict(zip(batch.failed, batch.reasons or ["unreadable"] * len(batch.failed))))
                 if len(batch.labels) == 0 and world == 1:  # across processes every forward is collective
                     continue
                 x, targets = _train_inputs(batch, aug, spec, num_classes, cfg.seed, epoch)
@@ -281,19 +365,23 @@ def train(cfg: TrainConfig) -> dict:
                 save_last(records[-1] if records else None, mid_epoch=True)
             if cfg.stop_at_step and progress["global_step"] >= cfg.stop_at_step and not last_of_epoch:
                 bar.close()
+                batches.close()
                 save_last(records[-1] if records else None, mid_epoch=True)
                 return result(stopped=True)
         bar.close()
+        batches.close()  # a folder's DataLoader workers end now, not when the next epoch replaces them
         train_seconds = time.time() - t_train
         loss_sum, correct, n, _ = all_reduce_sums(progress["sums"][:3] + [0.0])
         if ema is not None:
             eval_model.load_state_dict(ema.state)
         val = evaluate(eval_net, val_src, val_idx, spec, runtime, cfg.eval_batch_size, workers, cfg.strict)
+        note_skipped(val["skipped"])
         rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), "train_top1": 100.0 * correct / max(n, 1),
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"], "lr": lr,
                "img_per_s": images_seen * world / max(train_seconds, 1e-9), "step": progress["global_step"]}
         if cfg.eval_train:
             tr = evaluate(eval_net, train_src, train_idx, spec, runtime, cfg.eval_batch_size, workers, cfg.strict)
+            note_skipped(tr["skipped"])
             rec.update(train_eval_loss=tr["loss"], train_eval_top1=tr["top1"], train_eval_top5=tr["top5"])
         rec["seconds"] = time.time() - t_epoch
         rec["elapsed"] = time.time() - t_start
@@ -302,12 +390,15 @@ def train(cfg: TrainConfig) -> dict:
         improved = progress["best_val_top1"] is None or rec["val_top1"] > progress["best_val_top1"]
         if improved:
             progress.update(best_val_top1=rec["val_top1"], best_epoch=epoch + 1)
-        weights = save_last(rec)
+        if skipped_in_epoch:
+            _log(cfg, f"warning: epoch {epoch + 1}: {skipped_summary(skipped_in_epoch)}", err=True)
+            skipped_in_epoch.clear()
+        save_last(rec, best=improved)
         if out is not None and is_main():
-            if improved:
-                save_weights_checkpoint(weights_path(out, "best"), weights, checkpoint_info(rec))
-            write_metrics(out / "metrics.jsonl", records)
-            plot_curves(records, out / "curves.png")
+            with writing(out / "metrics.jsonl", f"the checkpoint ({saved_at}) was saved"):
+                write_metrics(out / "metrics.jsonl", records)
+            with writing(out / "curves.png", f"the checkpoint ({saved_at}) was saved"):
+                plot_curves(records, out / "curves.png")
         barrier()
         _log(cfg, _summary_line(rec, cfg.epochs))
         if cfg.stop_at_step and progress["global_step"] >= cfg.stop_at_step and epoch + 1 < cfg.epochs:

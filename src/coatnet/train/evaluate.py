@@ -14,6 +14,14 @@ from .runtime import Runtime, setup_runtime
 _NO_AUGMENT = AugmentConfig(enabled=False)
 
 
+def skipped_summary(skipped: dict[str, str], limit: int = 10) -> str:
+    """ "skipped 3 unreadable files: a.jpg (empty file), ..." on one line, the first `limit` named."""
+    items = [f"{p} ({r})" if r else p for p, r in sorted(skipped.items())]
+    more = f", and {len(items) - limit} more" if len(items) > limit else ""
+    noun = "file" if len(items) == 1 else "files"
+    return f"skipped {len(items)} unreadable {noun}: {', '.join(items[:limit])}{more}"
+
+
 def subset_indices(n: int, k: int | None, seed: int, stream: int) -> torch.Tensor:
     """Sorted positions of a seeded subset of k of n items (all n when k is None or >= n)."""
     if k is None or k >= n:
@@ -24,15 +32,18 @@ def subset_indices(n: int, k: int | None, seed: int, stream: int) -> torch.Tenso
 @torch.no_grad()
 def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, runtime: Runtime,
              batch_size: int = 500, workers: int = 0, strict: bool = False) -> dict:
-    """{"loss": mean cross-entropy, "top1": %, "top5": % (top-k with k = min(5, classes)), "n": images}
-    over source[indices] (sharded over processes, summed back)."""
+    """{"loss": mean cross-entropy, "top1": %, "top5": % (top-k with k = min(5, classes)), "n": images,
+    "skipped": {path: reason} of unreadable files left out (this process's)} over source[indices] (sharded
+    over processes, summed back)."""
     was_training = model.training
     model.eval()
     rank, world = rank_and_world()
     batches = [shard(b, rank, world) for b in indices.split(batch_size)]
     k = min(5, len(spec.classes))
     loss_sum = correct1 = correct5 = n = 0.0
+    skipped: dict[str, str] = {}
     for batch in source.batches(batches, spec, False, _NO_AUGMENT, 0, 0, workers, strict):
+        skipped.update(zip(batch.failed, batch.reasons or ["unreadable"] * len(batch.failed)))
         if len(batch.labels) == 0 and not is_sharded(model):  # a sharded forward is collective
             continue
         x = runtime.inputs(normalize(batch.images, spec.mean, spec.std))
@@ -49,8 +60,9 @@ def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, ru
     loss_sum, correct1, correct5, n = all_reduce_sums([loss_sum, correct1, correct5, n])
     n = int(n)
     if n == 0:
-        return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "n": 0}
-    return {"loss": loss_sum / n, "top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}
+        return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "n": 0, "skipped": skipped}
+    return {"loss": loss_sum / n, "top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n,
+            "skipped": skipped}
 
 
 def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str | None = None,
@@ -64,8 +76,15 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
     from ..data import build_data
     from .checkpoint import load_model
 
+    import sys
+
     if split not in ("val", "train", "both"):
         raise ValueError(f"split={split!r} must be 'val', 'train' or 'both'")
+    for name, value in (("batch_size", batch_size), ("subset", subset)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} must be at least 1")
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers={workers} must be non-negative")
     runtime = setup_runtime(device, precision)
     model, spec, info = load_model(checkpoint, runtime.device)
     run = info.get("run", {})
@@ -84,6 +103,9 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
         if split in (name, "both"):
             idx = subset_indices(len(src), subset, run.get("seed", 0), stream=7)
             out[name] = evaluate(model.to(runtime.device), src, idx, spec, runtime, batch_size, workers, strict)
+            skipped = out[name].pop("skipped")
+            if skipped:
+                print(f"warning: {name}: {skipped_summary(skipped)}", file=sys.stderr, flush=True)
     if split != "both":
         return out[split]
     result = {f"{s}_{k}": v for s in ("train", "val") for k, v in out[s].items()}

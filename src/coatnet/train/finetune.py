@@ -14,19 +14,24 @@ from .config import TrainConfig
 FINETUNE_RECIPE = dict(epochs=30, lr=5e-5, min_lr=5e-5, warmup_epochs=0.0, weight_decay=1e-8, ema_decay=0.9999)
 
 
-def checkpoint_model_name(checkpoint: str) -> str | None:
-    """The registered model name recorded in one of our training checkpoints; None for other files."""
+def checkpoint_run(checkpoint: str) -> dict:
+    """The run settings recorded in one of our training checkpoints ({"model", "layout", ...}); {} for others."""
     path = Path(checkpoint)
     if path.suffix != ".safetensors" or not path.is_file():
-        return None
+        return {}
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        return json.loads(meta["coatnet"])["run"]["model"]
+        return dict(json.loads(meta["coatnet"])["run"])
     except Exception:  # not ours, or no metadata: the caller must name the model
-        return None
+        return {}
+
+
+def checkpoint_model_name(checkpoint: str) -> str | None:
+    """The registered model name recorded in one of our training checkpoints; None for other files."""
+    return checkpoint_run(checkpoint).get("model")
 
 
 def finetune_config(checkpoint: str, model: str | None = None, num_classes: int | None = None,
@@ -35,9 +40,12 @@ def finetune_config(checkpoint: str, model: str | None = None, num_classes: int 
     FINETUNE_RECIPE, then `settings` (TrainConfig fields; None ignored). The model is the one recorded
     in the checkpoint, or `model` (needed for files without our metadata). `num_classes`, when given,
     must be the data's class count (a new head is made whenever it differs from the checkpoint's)."""
-    name = model or checkpoint_model_name(checkpoint)
+    run = checkpoint_run(checkpoint)
+    name = model or run.get("model")
     if name is None:
         raise ValueError(f"{checkpoint}: no model name recorded in it; pass the model (--model NAME)")
+    if model is None and run.get("layout") and settings.get("layout") is None:
+        settings["layout"] = run["layout"]  # the architecture it was trained with
     cfg = TrainConfig().replace(**FINETUNE_RECIPE, model=name, pretrained=str(checkpoint), eval_before=True,
                                 recipe="finetune").replace(**settings)
     if num_classes is not None:

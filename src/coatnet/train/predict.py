@@ -20,15 +20,29 @@ def preprocess(path: str, spec) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_files(checkpoint: str, paths: list[str], top_k: int = 5, device: str = "cpu") -> list[dict]:
-    """[{"image": path, "top": [{"class", "index", "prob"}, ...]}] for each file, top_k best first."""
-    from .checkpoint import load_model
+def predict_files(checkpoint: str, paths: list[str], top_k: int = 5, device: str = "cpu",
+                  skip_unreadable: bool = False) -> list[dict]:
+    """[{"image": path, "top": [{"class", "index", "prob"}, ...]}] for each file, top_k best first.
 
+    A file that is not a readable image raises UnreadableImageError (a ValueError naming it and why), or
+    with `skip_unreadable` gives {"image": path, "error": reason} and the others are still predicted."""
+    from ..data.images import UnreadableImageError
+    from .checkpoint import load_model
+    from .runtime import resolve_device
+
+    device = resolve_device(device)
     model, spec, _ = load_model(checkpoint, device)
     k = max(1, min(top_k, len(spec.classes)))
     results = []
     for path in paths:
-        x = normalize(preprocess(path, spec).unsqueeze(0), spec.mean, spec.std).to(device)
+        try:
+            image = preprocess(path, spec)
+        except UnreadableImageError as e:
+            if not skip_unreadable:
+                raise
+            results.append({"image": str(path), "error": e.reason})
+            continue
+        x = normalize(image.unsqueeze(0), spec.mean, spec.std).to(device)
         probs = model(x).float().softmax(-1)[0]
         p, i = probs.topk(k)
         results.append({"image": str(path), "top": [{"class": spec.classes[j], "index": j, "prob": round(q, 6)}

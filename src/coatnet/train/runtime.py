@@ -38,11 +38,22 @@ class Runtime:
 
 
 def resolve_device(device: str) -> torch.device:
+    """'auto', 'cpu', 'cuda', 'cuda:N', ... as a torch.device that exists here (ValueError otherwise)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)  # torch.mps, torch.xpu, ...
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise ValueError(f"device={device!r} is not available on this machine")
     return dev
 
 
