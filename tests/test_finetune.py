@@ -52,3 +52,82 @@ def test_finetune_continues_from_the_checkpoint_at_a_new_size_with_decay_and_fro
     config = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert config["model_config"]["img_size"] == 64 and config["pretrained"] == str(checkpoint)
     assert (config["layer_decay"], config["freeze_stages"], config["weight_decay"]) == (0.7, 2, 1e-8)
+
+
+def _eval(capsys, *argv) -> dict:
+    code = main(["eval", *argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@needs_fmnist
+def test_eval_at_another_size_resizes_the_tables_and_can_first_recalibrate_batchnorm(checkpoint, tmp_path, capsys):
+    import dataclasses
+
+    from coatnet.data import build_data
+    from coatnet.models import create_model
+    from coatnet.train.checkpoint import read_checkpoint, save_weights_checkpoint
+    from coatnet.train.evaluate import evaluate, subset_indices
+    from coatnet.train.runtime import setup_runtime
+
+    # A 64-image run predicts nearly uniformly; a sharper head makes the input size visible in the loss.
+    weights, info = read_checkpoint(checkpoint)
+    weights["head.weight"] = weights["head.weight"] * 200
+    sharp = tmp_path / "sharp.safetensors"
+    save_weights_checkpoint(sharp, weights, info)
+    args = ("--checkpoint", str(sharp), "--subset", "40", "--threads", "1")
+    at32 = _eval(capsys, *args)
+    assert _eval(capsys, *args, "--img-size", "32") == at32  # the checkpoint's own size: nothing changes
+    at64 = _eval(capsys, *args, "--img-size", "64")
+    assert at64["n"] == 40 and abs(at64["loss"] - at32["loss"]) > 1e-2
+    # The same as the model fine-tuning starts from: built at 64 px from the file, tables resized on load.
+    model = create_model("coatnet_nano", pretrained=str(sharp), img_size=64, in_chans=1).eval()
+    _, val, spec = build_data("fashion-mnist", img_size=32)
+    direct = evaluate(model, val, subset_indices(len(val), 40, 0, stream=7), dataclasses.replace(spec, img_size=64),
+                      setup_runtime("cpu", threads=1))
+    assert direct["top1"] == at64["top1"] and abs(direct["loss"] - at64["loss"]) < 1e-5
+    recalibrated = _eval(capsys, *args, "--img-size", "64", "--recalibrate-bn", "50")
+    assert abs(recalibrated["loss"] - at64["loss"]) > 1e-2
+    assert _eval(capsys, *args, "--img-size", "64", "--recalibrate-bn", "50") == recalibrated  # seeded images
+    assert main(["eval", *args, "--img-size", "48"]) == 1
+    assert "not a multiple of 32" in capsys.readouterr().err
+    assert main(["eval", *args, "--recalibrate-bn", "-1"]) == 1
+    assert "recalibrate_bn=-1" in capsys.readouterr().err
+
+
+@needs_fmnist
+def test_finetune_recalibrates_batchnorm_at_the_new_size_before_freezing(checkpoint, tmp_path, capsys):
+    """All four stages frozen: their BatchNorms keep, through training, the statistics re-estimated at 64 px
+    on N seeded training images of the run, not the 32-px ones of the checkpoint."""
+    import torch
+
+    from coatnet.data import build_data
+    from coatnet.models import create_model
+    from coatnet.train.checkpoint import read_checkpoint
+    from coatnet.train.evaluate import subset_indices
+    from coatnet.train.recalibrate import recalibrate_batchnorm
+    from coatnet.train.runtime import setup_runtime
+
+    code = main(["finetune", "--checkpoint", str(checkpoint), "--img-size", "64", "--epochs", "1",
+                 "--train-subset", "64", "--val-subset", "32", "--batch-size", "32", "--freeze-stages", "4",
+                 "--recalibrate-bn", "40", "--ema-decay", "0", "--threads", "1", "--no-progress",
+                 "--out", str(tmp_path / "ft")])
+    out = capsys.readouterr().out
+    assert code == 0 and "re-estimated on 40 training images at 64x64" in out
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["recalibrate_bn"] == 40
+    tuned, _ = read_checkpoint(tmp_path / "ft" / "checkpoint-last.safetensors")
+    base, _ = read_checkpoint(checkpoint)
+
+    model = create_model("coatnet_nano", pretrained=str(checkpoint), img_size=64, in_chans=1)
+    train_src, _, spec = build_data("fashion-mnist", img_size=64)
+    train_idx = subset_indices(len(train_src), 64, 0, stream=1)
+    calib = train_idx[subset_indices(64, 40, 0, stream=3)]
+    recalibrate_batchnorm(model, train_src, calib, spec, setup_runtime("cpu", threads=1), batch_size=500)
+    frozen = [k for k in tuned if k.startswith("stages.") and ".running_" in k]
+    assert len(frozen) == 20  # mean and variance of the ten BatchNorms in the four stages
+    recalibrated = model.state_dict()
+    for key in frozen:
+        torch.testing.assert_close(tuned[key], recalibrated[key], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(tuned["stages.0.blocks.0.norm1.running_var"],
+                              base["stages.0.blocks.0.norm1.running_var"], rtol=1e-2)

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema-decay", type=float, default=S, help=f"default {R['ema_decay']} (paper); 0: off")
     p.add_argument("--layer-decay", type=float, default=S, help="layer-wise lr decay per block (default 1: off)")
     p.add_argument("--freeze-stages", type=int, default=S, help="keep the stem and the first N stages fixed")
+    p.add_argument("--recalibrate-bn", type=int, default=S, metavar="N",
+                   help="before the first step: re-estimate the BatchNorm statistics on N training images at "
+                        "the new size (eval transform, no labels; default 0: off)")
     p.add_argument("--batch-size", type=int, default=S)
     p.add_argument("--train-subset", type=int, default=S, metavar="N")
     p.add_argument("--val-subset", type=int, default=S, metavar="N")

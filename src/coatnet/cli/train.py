@@ -101,7 +101,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="auto")
     e.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     e.add_argument("--workers", type=int)
+    e.add_argument("--threads", type=int, help="CPU threads (default: all)")
     e.add_argument("--strict", action="store_true", help="fail on an unreadable image")
+    e.add_argument("--img-size", type=int, help="evaluate at this input side instead of the checkpoint's "
+                                                "(relative-position tables resized, no training)")
+    e.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+                   help="first re-estimate the BatchNorm statistics on N training images at the input size "
+                        "(eval transform, no labels, no weight changes)")
     e.set_defaults(func=run_eval)
 
     q = sub.add_parser("predict", help="top-k classes with probabilities for image files")
@@ -186,7 +192,8 @@ def run_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir, split=args.split,
                                  val_fraction=args.val_fraction, subset=args.subset, batch_size=args.batch_size,
                                  device=args.device, precision=args.precision, workers=args.workers,
-                                 strict=args.strict)
+                                 strict=args.strict, img_size=args.img_size, recalibrate_bn=args.recalibrate_bn,
+                                 threads=args.threads)
     print(json.dumps(result))
     return 0
 

@@ -46,6 +46,9 @@ class TrainConfig:
     layer_decay: float = 1.0  # layer-wise lr decay: block d of D (stem 0, head D) trains at lr * layer_decay^(D-d)
     freeze_stages: int = 0  # keep the stem and the first N built stages fixed (weights and BatchNorm statistics)
     eval_before: bool = False  # evaluate once before the first step (fine-tuning: the accuracy it starts from)
+    recalibrate_bn: int = 0  # before the first step (and before freezing stages): re-estimate every BatchNorm's
+    #                          running statistics on this many training images at img_size, eval transform,
+    #                          no labels (train.recalibrate); 0: off
     # -- optimisation --
     epochs: int = 10  # passes over the training set
     batch_size: int = 128  # global batch per optimizer step (all processes and accumulation together)
@@ -110,12 +113,14 @@ class TrainConfig:
                      "threads", "stop_at_step"):
             positive(name)
         for name in ("min_lr", "warmup_epochs", "weight_decay", "ema_decay", "mixup", "cutmix", "save_every",
-                     "randaugment_n", "randaugment_m", "drop_path", "label_smoothing", "workers"):
+                     "randaugment_n", "randaugment_m", "drop_path", "label_smoothing", "workers", "recalibrate_bn"):
             positive(name, allow_zero=True)
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay={self.layer_decay} must be in (0, 1]")
-        if isinstance(self.freeze_stages, bool) or not isinstance(self.freeze_stages, int) or self.freeze_stages < 0:
-            raise ValueError(f"freeze_stages={self.freeze_stages!r} must be a non-negative integer")
+        for name in ("freeze_stages", "recalibrate_bn"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}={v!r} must be a non-negative integer")
         if self.micro_batch_size and self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} exceeds batch_size={self.batch_size}")
         if self.schedule not in ("cosine", "linear"):

@@ -37,6 +37,7 @@ from .distributed import (all_reduce_sums, apply_fsdp, barrier, convert_sync_bat
 from .evaluate import evaluate, skipped_summary, subset_indices
 from .metrics import plot_curves, read_metrics, write_metrics
 from .optim import WeightEMA, build_optimizer
+from .recalibrate import recalibrate_batchnorm
 from .runfolder import prepare_run_folder, remove_stale_temp_files, run_folder_lock, writing
 from .runtime import setup_runtime
 from .schedule import lr_at
@@ -150,12 +151,18 @@ def _train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=num_classes, img_size=spec.img_size, in_chans=spec.in_chans,
                          drop_path_rate=cfg.drop_path, layout=cfg.layout, pretrained=cfg.pretrained)
+    runtime.prepare(model)
+    resuming = bool(cfg.resume and cfg.out and state_path(cfg.out).is_file())
+    if cfg.recalibrate_bn and not resuming:  # before freezing: frozen stages keep the statistics of the new size
+        calib_idx = train_idx[subset_indices(len(train_idx), cfg.recalibrate_bn, cfg.seed, stream=3)]
+        used = recalibrate_batchnorm(model, train_src, calib_idx, spec, runtime, cfg.eval_batch_size, workers,
+                                     cfg.strict)
+        _log(cfg, f"BatchNorm statistics re-estimated on {used} training images at {spec.img_size}x{spec.img_size}")
     if cfg.freeze_stages:
         freeze_stages(model, cfg.freeze_stages)
     if hasattr(model, "freeze_redundant_parameters"):  # AdamW would turn their roundoff gradients into steps
         model.freeze_redundant_parameters()
     n_params = count_params(model)
-    runtime.prepare(model)
     if cfg.fsdp:  # sharding replaces the parameters: before the optimizer sees them
         apply_fsdp(convert_sync_batchnorm(model) if cfg.sync_bn else model, grad_checkpointing=True,
                    param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)

@@ -68,13 +68,19 @@ def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, ru
 def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str | None = None,
                         split: str = "val", val_fraction: float | None = None, subset: int | None = None,
                         batch_size: int = 500, device: str = "auto", precision: str = "fp32",
-                        workers: int | None = None, strict: bool = False) -> dict:
+                        workers: int | None = None, strict: bool = False, img_size: int | None = None,
+                        recalibrate_bn: int = 0, threads: int | None = None) -> dict:
     """Evaluate a checkpoint on `split` ("val", "train" or "both") of `data` (default: the data it was trained
-    on, as recorded in it). "both" adds train_/val_ prefixed keys and gap_top1 = train top-1 - val top-1."""
+    on, as recorded in it). "both" adds train_/val_ prefixed keys and gap_top1 = train top-1 - val top-1.
+    `img_size`: evaluate at another input side (relative-position tables resized, no training), e.g. a
+    model trained at 32 px at 64 px. `recalibrate_bn` N > 0: first re-estimate the BatchNorm statistics on
+    a seeded subset of N training images (eval transform, no labels; train.recalibrate)."""
+    import dataclasses
     import os
 
     from ..data import build_data
     from .checkpoint import load_model
+    from .recalibrate import recalibrate_batchnorm
 
     import sys
 
@@ -85,8 +91,13 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
             raise ValueError(f"{name}={value} must be at least 1")
     if workers is not None and workers < 0:
         raise ValueError(f"workers={workers} must be non-negative")
-    runtime = setup_runtime(device, precision)
+    if isinstance(recalibrate_bn, bool) or not isinstance(recalibrate_bn, int) or recalibrate_bn < 0:
+        raise ValueError(f"recalibrate_bn={recalibrate_bn!r} must be a non-negative integer")
+    runtime = setup_runtime(device, precision, threads=threads)
     model, spec, info = load_model(checkpoint, runtime.device)
+    if img_size is not None and img_size != spec.img_size:
+        model.set_input_size(img_size)  # raises ValueError unless a multiple of the model's reduction
+        spec = dataclasses.replace(spec, img_size=img_size)
     run = info.get("run", {})
     data = data or run.get("data") or spec.name
     train_src, val_src, data_spec = build_data(
@@ -98,6 +109,9 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
         raise ValueError(f"{data}'s classes ({len(data_spec.classes)}) differ from the checkpoint's "
                          f"({len(spec.classes)}): {', '.join(data_spec.classes[:5])} ...")
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    if recalibrate_bn:
+        calib_idx = subset_indices(len(train_src), recalibrate_bn, run.get("seed", 0), stream=3)
+        recalibrate_batchnorm(model, train_src, calib_idx, spec, runtime, batch_size, workers, strict)
     out = {}
     for name, src in (("train", train_src), ("val", val_src)):
         if split in (name, "both"):
