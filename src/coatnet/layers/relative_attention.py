@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bf16_cpu import Linear, linear
 from .relative_position_mlp import RelativePositionMlp
 from .table_resize import resize_table
 
@@ -65,8 +66,8 @@ class RelativeAttention2d(nn.Module):
         self.bias_mode = bias_mode
         self.feature_size = tuple(feature_size)
         self.table_resize = table_resize
-        self.qkv = nn.Linear(dim_in, 3 * attn_dim, bias=qkv_bias)
-        self.proj = nn.Linear(attn_dim, dim_out)
+        self.qkv = Linear(dim_in, 3 * attn_dim, bias=qkv_bias)
+        self.proj = Linear(attn_dim, dim_out)
         self.relative_position_mlp = None
         if bias_mode != "none" and mlp_width > 0:
             self.relative_position_mlp = RelativePositionMlp(self.num_heads, mlp_width)
@@ -142,7 +143,7 @@ class RelativeAttention2d(nn.Module):
         """Everything but the output projection: (B, H, W, dim_in) -> (B, H, W, attn_dim)."""
         B, H, W, _ = x.shape
         # An nn.Linear while training; inference_model swaps in a fused one with the key bias left out.
-        qkv = F.linear(x, self.qkv.weight, self._qkv_bias()) if type(self.qkv) is nn.Linear else self.qkv(x)
+        qkv = linear(x, self.qkv.weight, self._qkv_bias()) if isinstance(self.qkv, nn.Linear) else self.qkv(x)
         q, k, v = qkv.reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         # each (B, heads, N, head_dim)
         bias = None if self.bias_mode == "none" else self.bias((H, W)).to(q.dtype)  # (heads, N, N)

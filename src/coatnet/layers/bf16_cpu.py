@@ -1,0 +1,115 @@
+"""bf16 linears and dense convolutions on CPUs without bf16 dot-product instructions.
+
+Under bf16 autocast torch sends linears and convolutions to oneDNN's bf16 kernels. On a CPU without
+AVX512-BF16 or AMX those kernels emulate bf16 arithmetic and run 2-4x slower than the fp32 ones (measured
+in docs/performance.md). The fp32 kernels give the same numbers: a bf16 value is exact in fp32, and so is
+the product of two of them (8-bit significands), so upcasting the operands, multiplying with fp32
+accumulation and rounding the result to bf16 is what a bf16 kernel with fp32 accumulation computes, up to
+the order of its sums. Inputs, saved activations, outputs and gradients stay bf16; only the kernel differs.
+
+`Linear` and `Conv2d` are nn.Linear and nn.Conv2d (same parameters and state-dict keys) that take this path
+under CPU bf16 autocast when `emulated_bf16_cpu()`; depthwise convolutions keep torch's bf16 kernel, which
+is faster than fp32 there (memory-bound). Set COATNET_NATIVE_BF16=1 to always use torch's kernels.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BF16 = torch.bfloat16
+
+
+@functools.cache
+def emulated_bf16_cpu() -> bool:
+    """Whether this CPU lacks bf16 dot-product instructions (AVX512-BF16, AMX-BF16), read from
+    /proc/cpuinfo; False where that cannot be read, or when COATNET_NATIVE_BF16=1."""
+    if os.environ.get("COATNET_NATIVE_BF16") == "1":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return False
+    return flags is not None and not {"avx512_bf16", "amx_bf16"} & set(flags)
+
+
+def _bf16_autocast_on_emulating_cpu(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == BF16 and emulated_bf16_cpu())
+
+
+def _cast(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(BF16)
+
+
+class _LinearBf16(torch.autograd.Function):
+    """y = x W^T + b on bf16 tensors, computed by fp32 kernels. x (..., in), W (out, in), b (out,)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(BF16)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad.float()
+        gx = (g @ weight.float()).to(BF16) if ctx.needs_input_grad[0] else None
+        g2 = g.reshape(-1, g.shape[-1])
+        gw = (g2.t() @ x.reshape(-1, x.shape[-1]).float()).to(BF16) if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0).to(BF16) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+class _Conv2dBf16(torch.autograd.Function):
+    """2-D convolution on bf16 tensors (B, C, H, W), computed by fp32 kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, dilation, groups, None if bias is None else bias.shape)
+        return F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(),
+                        stride, padding, dilation, groups).to(BF16)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, bias_shape = ctx.conf
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_shape is not None and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad.float(), x.float(), weight.float(), bias_shape, stride, padding, dilation, False, [0, 0],
+            groups, mask)
+        return (*(None if t is None else t.to(BF16) for t in (gx, gw, gb)), None, None, None, None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through fp32 kernels under bf16 autocast on an emulating CPU."""
+    if not _bf16_autocast_on_emulating_cpu(x):
+        return F.linear(x, weight, bias)
+    with torch.autocast("cpu", enabled=False):
+        return _LinearBf16.apply(x.to(BF16), weight.to(BF16), _cast(bias))
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose bf16 autocast path uses fp32 kernels on CPUs that emulate bf16 (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d whose bf16 autocast path uses fp32 kernels on CPUs that emulate bf16, except for
+    depthwise convolutions (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.groups > 1 or self.padding_mode != "zeros" or isinstance(self.padding, str)
+                or not _bf16_autocast_on_emulating_cpu(x)):
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):
+            return _Conv2dBf16.apply(x.to(BF16), self.weight.to(BF16), _cast(self.bias), self.stride,
+                                     self.padding, self.dilation, self.groups)
