@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .layers.bf16_cpu import cpu_has_native_bf16
 from .utils import reuse_freed_memory
 
 PRECISIONS = ("fp32", "bf16")
@@ -254,13 +255,6 @@ class BenchResult:
         return {"settings": self.settings, "matmul_2048_gflops": self.matmul_gflops, "ours": m(self.ours),
                 "timm": m(self.timm), "ratios": self.ratios,
                 "gflops_fraction_of_matmul": self.ours.gflops / self.matmul_gflops}
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); without them bf16 is emulated."""
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
 
 
 def benchmark(name: str, batch: int = 8, img_size: int = 224, precision: str = "fp32", train: bool = False,

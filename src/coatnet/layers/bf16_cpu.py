@@ -23,18 +23,18 @@ from torch import nn
 BF16 = torch.bfloat16
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), as torch detects them."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 @functools.cache
 def emulated_bf16_cpu() -> bool:
-    """Whether this CPU lacks bf16 dot-product instructions (AVX512-BF16, AMX-BF16), read from
-    /proc/cpuinfo; False where that cannot be read, or when COATNET_NATIVE_BF16=1."""
-    if os.environ.get("COATNET_NATIVE_BF16") == "1":
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        return False
-    return flags is not None and not {"avx512_bf16", "amx_bf16"} & set(flags)
+    """Whether bf16 linears and dense convolutions go through fp32 kernels here: on a CPU without bf16
+    instructions, unless COATNET_NATIVE_BF16=1."""
+    return os.environ.get("COATNET_NATIVE_BF16") != "1" and not cpu_has_native_bf16()
 
 
 def _bf16_autocast_on_emulating_cpu(x: torch.Tensor) -> bool:
