@@ -66,6 +66,21 @@ def test_inference_transformer_blocks_fold_norms_layer_scale_and_residuals_exact
     assert (fast(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+def test_inference_mbconv_cuts_large_batches_into_chunks_with_the_same_result(monkeypatch):
+    model = trained_stats(tiny(downsample="dwconv"))
+    fast = coatnet.inference_model(model)
+    x = torch.randn(5, 3, 64, 32)
+    whole = fast(x)
+    calls = []
+    original = InferenceMBConv._forward
+    monkeypatch.setattr(InferenceMBConv, "_forward", lambda self, part: calls.append(len(part)) or original(self, part))
+    monkeypatch.setattr(InferenceMBConv, "max_expanded_bytes", 1)  # one image at a time
+    chunked = fast(x)
+    assert calls == [1] * 5 * 2  # two MBConv blocks, five images each
+    assert (chunked - whole).abs().max() <= 1e-5 * whole.abs().max()
+    assert (chunked - model(x)).abs().max() <= 1e-4 * whole.abs().max()
+
+
 def test_inference_model_folds_squeeze_excite_into_the_projection_when_fused():
     fast = coatnet.inference_model(tiny(), fuse_kernels=True)
     blocks = [m for m in fast.modules() if isinstance(m, InferenceMBConv)]
