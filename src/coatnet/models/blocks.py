@@ -187,10 +187,13 @@ class TransformerBlock(nn.Module):
         """(B, H, W, C) -> (B, H/stride, W/stride, C)."""
         return to_channels_last(pool2x2(to_channels_first(x), self.pool_type)) if self.stride > 1 else x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C_in) -> (B, H', W', C_out): Proj(Pool(x)), each where the block has it."""
         shortcut = self._pool(x)
-        if self.shortcut is not None:
-            shortcut = self.shortcut(shortcut)
+        return self.shortcut(shortcut) if self.shortcut is not None else shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self._shortcut(x)
         x = shortcut + self.drop_path1(self.ls1(self.attn(self._pool(self.norm1(x)))))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 

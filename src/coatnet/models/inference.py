@@ -190,28 +190,21 @@ class InferenceTransformer(nn.Module):
         if self.stride == 1 or self.pool_type == "avg":  # a per-channel affine commutes with average pooling
             self.norm1, qkv = _fold_norm_into_linear(block.norm1, qkv)
         attn.qkv = LinearAct(qkv, None, onednn)
-        attn.freeze_bias()
         self.proj = LinearAct(_linear_with_layer_scale(attn.proj, block.ls1), None, onednn)
         del attn.proj
         self.attn = attn
         self.norm2, fc1 = _fold_norm_into_linear(block.norm2, block.mlp.fc1)
-        self.fc1 = LinearAct(fc1, block.mlp.act, onednn) if type(block.mlp.act) is nn.GELU else None
-        self.mlp_act = None if self.fc1 is not None else block.mlp.act
-        if self.fc1 is None:
-            self.fc1 = LinearAct(fc1, None, onednn)
+        fuse_act = type(block.mlp.act) is nn.GELU  # oneDNN's post-op; any other activation runs after
+        self.fc1 = LinearAct(fc1, block.mlp.act if fuse_act else None, onednn)
+        self.mlp_act = nn.Identity() if fuse_act else block.mlp.act
         self.fc2 = LinearAct(_linear_with_layer_scale(block.mlp.fc2, block.ls2), None, onednn)
 
-    _pool = TransformerBlock._pool  # the same stride and pool_type attributes
+    # The same stride, pool_type and shortcut attributes as the block's.
+    _pool, _shortcut = TransformerBlock._pool, TransformerBlock._shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = self._pool(x)
-        if self.shortcut is not None:
-            shortcut = self.shortcut(shortcut)
-        x = self.proj.add(self.attn.attend(self._pool(self.norm1(x))), shortcut)
-        hidden = self.fc1(self.norm2(x))
-        if self.mlp_act is not None:
-            hidden = self.mlp_act(hidden)
-        return self.fc2.add(hidden, x)
+        x = self.proj.add(self.attn.attend(self._pool(self.norm1(x))), self._shortcut(x))
+        return self.fc2.add(self.mlp_act(self.fc1(self.norm2(x))), x)
 
 
 class InferenceMBConv(nn.Module):
