@@ -54,6 +54,11 @@ class Batch:
     failed: list[str] = field(default_factory=list)  # paths of unreadable files dropped from this batch
     reasons: list[str] = field(default_factory=list)  # why each failed file could not be read (when known)
 
+    @property
+    def failures(self) -> dict[str, str]:
+        """{path: reason} of the unreadable files dropped from this batch."""
+        return dict(zip(self.failed, self.reasons or ["unreadable"] * len(self.failed)))
+
 
 class TensorSource:
     """Images held in memory as a uint8 tensor (N, C, H, W) with labels (N,)."""

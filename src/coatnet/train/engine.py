@@ -325,7 +325,7 @@ def _train(cfg: TrainConfig) -> dict:
             for _ in range(n_micro[step_in_epoch - start]):
                 batch = next(batches)
                 if batch.failed:
-                    note_skipped(dict(zip(batch.failed, batch.reasons or ["unreadable"] * len(batch.failed))))
+                    note_skipped(batch.failures)
                 if len(batch.labels) == 0 and world == 1:  # across processes every forward is collective
                     continue
                 x, targets = _train_inputs(batch, aug, spec, num_classes, cfg.seed, epoch)

@@ -11,7 +11,7 @@ from ..data.transforms import AugmentConfig, normalize
 from .distributed import all_reduce_sums, is_sharded, rank_and_world, shard
 from .runtime import Runtime, setup_runtime
 
-_NO_AUGMENT = AugmentConfig(enabled=False)
+NO_AUGMENT = AugmentConfig(enabled=False)  # the eval transform
 
 
 def skipped_summary(skipped: dict[str, str], limit: int = 10) -> str:
@@ -42,8 +42,8 @@ def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, ru
     k = min(5, len(spec.classes))
     loss_sum = correct1 = correct5 = n = 0.0
     skipped: dict[str, str] = {}
-    for batch in source.batches(batches, spec, False, _NO_AUGMENT, 0, 0, workers, strict):
-        skipped.update(zip(batch.failed, batch.reasons or ["unreadable"] * len(batch.failed)))
+    for batch in source.batches(batches, spec, False, NO_AUGMENT, 0, 0, workers, strict):
+        skipped.update(batch.failures)
         if len(batch.labels) == 0 and not is_sharded(model):  # a sharded forward is collective
             continue
         x = runtime.inputs(normalize(batch.images, spec.mean, spec.std))
@@ -77,12 +77,11 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
     a seeded subset of N training images (eval transform, no labels; train.recalibrate)."""
     import dataclasses
     import os
+    import sys
 
     from ..data import build_data
     from .checkpoint import load_model
     from .recalibrate import recalibrate_batchnorm
-
-    import sys
 
     if split not in ("val", "train", "both"):
         raise ValueError(f"split={split!r} must be 'val', 'train' or 'both'")

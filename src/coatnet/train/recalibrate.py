@@ -13,10 +13,9 @@ import torch
 from torch import nn
 
 from ..data.datasets import DataSpec
-from ..data.transforms import AugmentConfig, normalize
+from ..data.transforms import normalize
+from .evaluate import NO_AUGMENT
 from .runtime import Runtime
-
-_NO_AUGMENT = AugmentConfig(enabled=False)
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -48,7 +47,7 @@ def recalibrate_batchnorm(model: nn.Module, source, indices: torch.Tensor, spec:
         m.train()
     n, completed = 0, False
     try:
-        for batch in source.batches(list(indices.split(batch_size)), spec, False, _NO_AUGMENT, 0, 0, workers,
+        for batch in source.batches(list(indices.split(batch_size)), spec, False, NO_AUGMENT, 0, 0, workers,
                                     strict):
             if len(batch.labels) == 0:
                 continue
