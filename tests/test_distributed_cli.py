@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_distributed import worst_rel_err  # the per-tensor measure the library tests use
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # A short run: 4 steps per epoch of 12 images (6 per process), without augmentation or stochastic depth, on
@@ -35,13 +36,6 @@ def coatnet(*args: str, nproc: int = 0) -> subprocess.CompletedProcess:
     proc = subprocess.run([*launcher, "coatnet", *args], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
-
-
-def worst_rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
-    errs = {k: float((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-12))
-            for k in b if b[k].is_floating_point()}
-    key = max(errs, key=errs.get)
-    return errs[key], key
 
 
 @pytest.fixture(scope="module")
