@@ -7,6 +7,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_weights_on_this_machine(monkeypatch, tmp_path_factory):
+    """Published weights are looked up in our weights folder and the Hugging Face cache: point both at
+    empty folders, so that no test depends on what this machine has downloaded."""
+    empty = tmp_path_factory.mktemp("no-weights")
+    monkeypatch.setenv("COATNET_WEIGHTS", str(empty / "coatnet"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(empty / "hf"))
+
+
 @pytest.fixture(scope="session")
 def colour_images(tmp_path_factory):
     """An ImageFolder of 96 32x32 PNG files in 4 colour classes, 24 each (with --val-fraction 0.25:

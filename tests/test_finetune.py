@@ -131,3 +131,36 @@ def test_finetune_recalibrates_batchnorm_at_the_new_size_before_freezing(checkpo
         torch.testing.assert_close(tuned[key], recalibrated[key], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(tuned["stages.0.blocks.0.norm1.running_var"],
                               base["stages.0.blocks.0.norm1.running_var"], rtol=1e-2)
+
+
+def test_finetune_from_a_tag_takes_its_model_and_its_preprocessing(monkeypatch, tmp_path, colour_images, capsys):
+    """`--checkpoint TAG` with the weights in the Hugging Face cache (as timm leaves them): the model is the
+    tag's, the head is replaced for the 4 colour classes, and the inputs are normalised with the tag's
+    mean/std (0.5, not the ImageNet statistics of image folders) and evaluated with its crop (0.9)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from coatnet.models import create_model
+    from coatnet.train.checkpoint import load_model
+
+    tag = "coatnet_nano_rw_224.sw_in1k"
+    snapshot = tmp_path / "hf" / f"models--timm--{tag}" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    src = create_model("coatnet_nano_rw_224")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(snapshot / "model.safetensors"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    cfg = finetune_config(tag, data=str(colour_images), img_size=32)
+    assert cfg.model == "coatnet_nano_rw_224" and cfg.pretrained == tag
+    out = tmp_path / "ft"
+    code = main(["finetune", "--checkpoint", tag, "--data", str(colour_images), "--img-size", "32",
+                 "--num-classes", "4", "--epochs", "1", "--batch-size", "24", "--threads", "1", "--no-progress",
+                 "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "preprocessing of coatnet_nano_rw_224.sw_in1k: mean (0.5, 0.5, 0.5)" in printed.out
+    model, spec, _ = load_model(out / "checkpoint-last.safetensors")
+    assert (spec.mean, spec.std, spec.crop_fraction) == ((0.5,) * 3, (0.5,) * 3, 0.9)
+    assert model.num_classes == 4
+    # The stem started from the published weights (one epoch at lr 5e-5 barely moves it).
+    torch.testing.assert_close(model.state_dict()["stem.layers.0.weight"], src.state_dict()["stem.layers.0.weight"],
+                               atol=2e-3, rtol=0)

@@ -107,3 +107,76 @@ def test_a_tag_that_is_not_downloaded_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setenv("COATNET_WEIGHTS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="run `coatnet download coatnet_0_rw_224.sw_in1k`"):
         coatnet.create_model("coatnet_0_rw_224", pretrained="coatnet_0_rw_224.sw_in1k")
+
+
+def _hf_cache_entry(cache, tag, state, filename="model.safetensors", commit="c0ffee"):
+    """Lay out `state` the way huggingface_hub caches timm/<tag>: a blob, a snapshot symlink, refs/main."""
+    repo = cache / f"models--timm--{tag}"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    blob = repo / "blobs" / "0123abcd"
+    if filename.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in state.items()}, str(blob))
+    else:
+        torch.save(state, blob)
+    (repo / "snapshots" / commit / filename).symlink_to(blob)
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit / filename
+
+
+def test_weights_that_timm_downloaded_load_by_tag_and_by_pretrained_true(monkeypatch, tmp_path, capsys):
+    cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    src = coatnet.create_model("coatnet_nano_rw_224")
+    path = _hf_cache_entry(cache, "coatnet_nano_rw_224.sw_in1k", src.state_dict())
+    assert pretrained.find_weights("coatnet_nano_rw_224.sw_in1k") == path
+    expected = src.state_dict()["stages.3.blocks.2.attn.relative_bias_table"]
+    for name, weights in [("coatnet_nano_rw_224", "coatnet_nano_rw_224.sw_in1k"),
+                          ("coatnet_nano_rw_224", "timm/coatnet_nano_rw_224.sw_in1k"),
+                          ("coatnet_nano_rw_224", True),  # timm's default tag for the model
+                          ("coatnet_nano_rw_224.sw_in1k", True),
+                          ("hf-hub:timm/coatnet_nano_rw_224.sw_in1k", True)]:
+        model = coatnet.create_model(name, pretrained=weights)
+        torch.testing.assert_close(model.state_dict()["stages.3.blocks.2.attn.relative_bias_table"], expected,
+                                   rtol=0, atol=0, msg=f"{name} {weights}")
+    assert main(["weights", "--json"]) == 0
+    rows = [__import__("json").loads(line) for line in capsys.readouterr().out.splitlines()]
+    have = {r["tag"]: r["path"] for r in rows if r["downloaded"]}
+    assert have == {"coatnet_nano_rw_224.sw_in1k": str(path)}
+
+
+def test_the_hf_cache_prefers_refs_main_and_safetensors_and_reads_bin_files(monkeypatch, tmp_path):
+    cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    src = coatnet.create_model("coatnet_pico_rw_224", num_classes=3)
+    # An older snapshot that refs/main does not name must not win.
+    bin_path = _hf_cache_entry(cache, "coatnet_0_rw_224.sw_in1k", src.state_dict(), "pytorch_model.bin", "new")
+    old = bin_path.parents[1] / "old"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"stale")
+    assert pretrained.find_weights("coatnet_0_rw_224.sw_in1k") == bin_path
+    model = coatnet.create_model("coatnet_pico_rw_224", pretrained="coatnet_0_rw_224.sw_in1k")
+    assert model.num_classes == 3  # the class count of the checkpoint
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert pretrained.hf_cache_dir() == tmp_path / "home" / "hub"
+
+
+def test_model_names_with_tags_and_pretrained_true_without_weights():
+    assert pretrained.default_tag("coatnet_2_rw_224") == "coatnet_2_rw_224.sw_in12k_ft_in1k"  # timm's default
+    assert pretrained.default_tag("coatnet_rmlp_2_rw_224") == "coatnet_rmlp_2_rw_224.sw_in12k_ft_in1k"
+    assert pretrained.default_tag("coatnet_0_224") is None
+    # A tag picks its head, as in timm: ImageNet-12k has 11821 classes.
+    assert coatnet.get_config("coatnet_2_rw_224.sw_in12k").num_classes == 11821
+    assert coatnet.get_config("coatnet_2_rw_224.sw_in12k", num_classes=5).num_classes == 5
+    with pytest.raises(ValueError, match="coatnet_0_224 has no published weights"):
+        coatnet.create_model("coatnet_0_224", pretrained=True)
+    with pytest.raises(ValueError, match="unknown weights tag 'coatnet_0_rw_224.nope'"):
+        coatnet.create_model("coatnet_0_rw_224.nope")
+    with pytest.raises(FileNotFoundError, match="nor in the Hugging Face cache"):
+        coatnet.create_model("coatnet_0_rw_224", pretrained=True)
+    assert pretrained.weights_of("/x/models--timm--coatnet_0_rw_224.sw_in1k/snapshots/1/model.safetensors").tag \
+        == "coatnet_0_rw_224.sw_in1k"
+    assert pretrained.weights_of("/x/coatnet_1_rw_224.sw_in1k.safetensors").tag == "coatnet_1_rw_224.sw_in1k"
+    assert pretrained.weights_of("/x/model.safetensors") is None

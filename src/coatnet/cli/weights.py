@@ -19,14 +19,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_weights(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from ..models.pretrained import list_weights, local_path
+    from ..models.pretrained import find_weights, list_weights
 
     if not args.json:
         print(f"{'tag':<42} {'input':>5} {'top-1':>6} {'classes':>7}  {'license':<10} downloaded")
     for w in list_weights():
-        have = local_path(w.tag).is_file()
+        path = find_weights(w.tag)  # ours (`coatnet download`) or the Hugging Face cache (timm's downloads)
+        have = path is not None
         if args.json:
-            print(json.dumps({**asdict(w), "hub_id": w.hub_id, "downloaded": have}))
+            print(json.dumps({**asdict(w), "hub_id": w.hub_id, "downloaded": have,
+                              "path": str(path) if have else None}))
         else:
             top1 = f"{w.top1:.2f}" if w.top1 is not None else "-"
             print(f"{w.tag:<42} {w.input_size:>5} {top1:>6} {w.num_classes:>7}  {w.license:<10} "

@@ -86,6 +86,91 @@ def get_weights(tag: str) -> PretrainedWeights:
     return WEIGHTS[tag]
 
 
+def default_tag(model: str) -> str | None:
+    """The tag `pretrained=True` loads for `model`: timm's default (the first of its tags in timm's order,
+    which WEIGHTS keeps); None for a model without published weights."""
+    return next((w.tag for w in WEIGHTS.values() if w.model == model), None)
+
+
+def split_model_name(name: str) -> tuple[str, str | None]:
+    """("coatnet_0_rw_224", "coatnet_0_rw_224.sw_in1k") for timm's "<model>.<tag>" names (also with a
+    "timm/" or "hf-hub:timm/" prefix); (name, None) for a plain model name."""
+    name = _strip_hub_prefix(name)
+    model, dot, _ = name.partition(".")
+    if not dot:
+        return name, None
+    get_weights(name)  # a one-line error naming `coatnet weights` for an unknown tag
+    return model, name
+
+
+def weights_of(pretrained: str | os.PathLike | None) -> PretrainedWeights | None:
+    """The published weights that `pretrained` (a tag, a downloaded <tag>.safetensors, or a file in the
+    Hugging Face cache's models--timm--<tag> folder) holds; None for anything else."""
+    if pretrained is None or isinstance(pretrained, bool):
+        return None
+    text = _strip_hub_prefix(str(pretrained))
+    if text in WEIGHTS:
+        return WEIGHTS[text]
+    path = Path(text)
+    candidates = [path.name.removesuffix(".safetensors")]
+    candidates += [p.removeprefix("models--timm--") for p in path.parts if p.startswith("models--timm--")]
+    return next((WEIGHTS[t] for t in candidates if t in WEIGHTS), None)
+
+
+def _strip_hub_prefix(text: str) -> str:
+    return text.removeprefix("hf-hub:").removeprefix("timm/")
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face Hub cache, where timm and huggingface_hub keep what they download: $HF_HUB_CACHE,
+    else $HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub (huggingface_hub's rule)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def find_in_hf_cache(tag: str) -> Path | None:
+    """`tag`'s weights file if timm or huggingface_hub has downloaded it (no network): the snapshot that
+    refs/main names, else the newest one; model.safetensors preferred to pytorch_model.bin."""
+    repo = hf_cache_dir() / f"models--timm--{tag}"
+    snapshots = repo / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    main = ref.read_text().strip() if ref.is_file() else None
+    candidates = sorted((p for p in snapshots.iterdir() if p.is_dir()),
+                        key=lambda p: (p.name != main, -p.stat().st_mtime))
+    for snapshot in candidates:
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            if (snapshot / filename).is_file():  # is_file follows the cache's symlink into blobs/
+                return snapshot / filename
+    return None
+
+
+def find_weights(tag: str) -> Path | None:
+    """Where `tag`'s weights are on this machine: our weights folder (`coatnet download`), then the Hugging
+    Face cache; None if neither has them."""
+    ours = local_path(tag)
+    return ours if ours.is_file() else find_in_hf_cache(tag)
+
+
+def resolve_pretrained(pretrained: str | os.PathLike) -> Path:
+    """A weights file from `pretrained`: an existing path as it is, or a tag (optionally "timm/"-prefixed)
+    looked up with find_weights. Never downloads."""
+    if os.path.exists(pretrained):
+        return Path(pretrained)
+    tag = _strip_hub_prefix(str(pretrained))
+    if tag not in WEIGHTS:
+        return Path(pretrained)  # read_weights says that the file does not exist
+    found = find_weights(tag)
+    if found is None:
+        raise FileNotFoundError(f"weights {tag} are not downloaded (not in {local_path(tag)} nor in the Hugging "
+                                f"Face cache {hf_cache_dir()}); run `coatnet download {tag}`")
+    return found
+
+
 def weights_dir() -> Path:
     """Where downloaded weights live: $COATNET_WEIGHTS, or ~/.cache/coatnet/weights."""
     return Path(os.environ.get("COATNET_WEIGHTS") or Path.home() / ".cache" / "coatnet" / "weights")

@@ -78,32 +78,42 @@ def describe_model(name: str) -> str:
 
 
 def get_config(name: str, **overrides: Any) -> CoAtNetConfig:
-    """The named variant's config with overrides applied (None overrides ignored), validated."""
+    """The named variant's config with overrides applied (None overrides ignored), validated. timm's
+    "<model>.<tag>" names are accepted: the tag sets the class count of its head unless overridden."""
+    from .pretrained import get_weights, split_model_name
+
+    name, tag = split_model_name(name) if "." in name or "/" in name else (name, None)
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    if tag is not None and overrides.get("num_classes") is None:
+        overrides["num_classes"] = get_weights(tag).num_classes
     return _REGISTRY[name]().replace(**overrides).validate()
 
 
-def create_model(name: str, pretrained: str | None = None, **overrides: Any) -> CoAtNet:
+def create_model(name: str, pretrained: str | os.PathLike | bool | None = None, **overrides: Any) -> CoAtNet:
     """Build a registered variant. `overrides` replace config fields (flat or dotted names; None is
-    ignored). `pretrained` is a weights file to load (ours, or timm's .safetensors/.pth/.bin), or a tag
-    from `coatnet weights` already fetched with `coatnet download TAG`. Without a num_classes override
-    the model takes the checkpoint's class count; with another one the checkpoint's classifier is dropped
-    with a message. Relative-position tables are resized to img_size."""
-    if pretrained is None:
+    ignored). `pretrained`: a weights file to load (ours, or timm's .safetensors/.pth/.bin); a tag from
+    `coatnet weights` (found in our weights folder after `coatnet download TAG`, or in the Hugging Face
+    cache where timm keeps what it downloads; never fetched here); or True for the tag in `name`
+    ("coatnet_0_rw_224.sw_in1k") or else the model's default tag, as in timm. Without a num_classes
+    override the model takes the checkpoint's class count; with another one the checkpoint's classifier
+    is dropped with a message. Relative-position tables are resized to img_size."""
+    from .pretrained import default_tag, resolve_pretrained, split_model_name
+
+    model_name, tag = split_model_name(name) if "." in name or "/" in name else (name, None)
+    if pretrained is True:
+        pretrained = tag or default_tag(model_name)
+        if pretrained is None:
+            raise ValueError(f"{model_name} has no published weights (`coatnet weights` lists them); "
+                             f"pass a weights file as pretrained=")
+    if pretrained is None or pretrained is False:
         return CoAtNet(get_config(name, **overrides))
-    from .pretrained import WEIGHTS, local_path
     from .weights import checkpoint_num_classes, load_state, read_weights
 
-    if str(pretrained) in WEIGHTS and not os.path.exists(pretrained):
-        tag = str(pretrained)
-        pretrained = local_path(tag)
-        if not pretrained.is_file():
-            raise FileNotFoundError(f"weights {tag} are not downloaded ({pretrained}); "
-                                    f"run `coatnet download {tag}`")
-    state = read_weights(pretrained)
+    path = resolve_pretrained(pretrained)
+    state = read_weights(path)
     if overrides.get("num_classes") is None and checkpoint_num_classes(state) is not None:
         overrides["num_classes"] = checkpoint_num_classes(state)
-    model = CoAtNet(get_config(name, **overrides))
-    load_state(model, state, pretrained)
+    model = CoAtNet(get_config(model_name, **overrides))
+    load_state(model, state, path)
     return model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -133,6 +134,22 @@ def train(cfg: TrainConfig) -> dict:
         return _train(cfg)
 
 
+def _published_preprocessing(cfg: TrainConfig, spec):
+    """Starting from published weights (a tag, or a file named after one) on RGB images: normalise with
+    the mean and std they were trained with, and (unless --crop-fraction is given) evaluate with their
+    centre crop. Recorded in the checkpoint's data spec, so eval and predict use the same."""
+    from ..models.pretrained import weights_of
+
+    published = weights_of(cfg.pretrained)
+    if published is None or spec.in_chans != 3:
+        return spec
+    crop = spec.crop_fraction if cfg.crop_fraction is not None else published.crop_pct
+    if (spec.mean, spec.std, spec.crop_fraction) != (published.mean, published.std, crop):
+        _log(cfg, f"preprocessing of {published.tag}: mean {published.mean}, std {published.std}, "
+                  f"eval crop {crop}")
+    return dataclasses.replace(spec, mean=published.mean, std=published.std, crop_fraction=crop)
+
+
 def _train(cfg: TrainConfig) -> dict:
     t_start = time.time()
     rank, world = rank_and_world()
@@ -140,6 +157,7 @@ def _train(cfg: TrainConfig) -> dict:
                             cfg.deterministic)
     train_src, val_src, spec = build_data(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.img_size,
                                           cfg.crop_fraction, cfg.seed)
+    spec = _published_preprocessing(cfg, spec)
     cfg = cfg.replace(img_size=spec.img_size, crop_fraction=spec.crop_fraction)
     workers = min(4, os.cpu_count() or 1) if cfg.workers is None else cfg.workers
     train_idx = subset_indices(len(train_src), cfg.train_subset, cfg.seed, stream=1)

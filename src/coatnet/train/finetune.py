@@ -40,8 +40,11 @@ def finetune_config(checkpoint: str, model: str | None = None, num_classes: int 
     FINETUNE_RECIPE, then `settings` (TrainConfig fields; None ignored). The model is the one recorded
     in the checkpoint, or `model` (needed for files without our metadata). `num_classes`, when given,
     must be the data's class count (a new head is made whenever it differs from the checkpoint's)."""
+    from ..models.pretrained import weights_of
+
     run = checkpoint_run(checkpoint)
-    name = model or run.get("model")
+    published = weights_of(checkpoint)  # a tag, or a file named after one: its model is known
+    name = model or run.get("model") or (published.model if published else None)
     if name is None:
         raise ValueError(f"{checkpoint}: no model name recorded in it; pass the model (--model NAME)")
     if model is None and run.get("layout") and settings.get("layout") is None:
