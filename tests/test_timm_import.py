@@ -137,13 +137,37 @@ def test_geometric_resize_spreads_source_entries_and_holds_the_ends():
 def test_every_timm_name_is_registered_and_builds_on_meta():
     from coatnet.models import build_on_meta, count_params, get_config
 
-    assert len(TIMM_VARIANTS) == 20 and set(TIMM_VARIANTS) <= set(coatnet.list_models())
+    assert len(TIMM_VARIANTS) == 21 and set(TIMM_VARIANTS) <= set(coatnet.list_models())
     # parameter counts published in timm's results table (millions)
     published = {"coatnet_0_rw_224": 27.44, "coatnet_1_rw_224": 41.72, "coatnet_2_rw_224": 73.87,
                  "coatnet_rmlp_1_rw_224": 41.69, "coatnet_rmlp_2_rw_384": 73.88, "coatnet_nano_rw_224": 15.14,
-                 "coatnet_rmlp_nano_rw_224": 15.15, "coatnet_bn_0_rw_224": 27.44}
+                 "coatnet_rmlp_nano_rw_224": 15.15, "coatnet_bn_0_rw_224": 27.44, "coatnet_nano_cc_224": 13.76}
     for name, millions in published.items():
         assert round(count_params(build_on_meta(get_config(name))) / 1e6, 2) == millions, name
+
+
+def test_timms_mixed_stages_map_onto_our_split_stages():
+    """timm's coatnet_nano_cc_224 keeps stage 3 (one MBConv block, then five Transformer blocks) as one
+    stage, stages.2.blocks.0..5; we build it as two, stages.2.blocks.0 and stages.3.blocks.0..4."""
+    from coatnet.models.timm_import import convert_timm_state_dict
+
+    model = coatnet.create_model("coatnet_nano_cc_224")
+    ours = model.state_dict()
+    timm_numbering = {2: (2, 0), 3: (2, 1), 4: (3, 0), 5: (3, 1)}  # our stage -> (timm stage, block offset)
+
+    def to_timm(key):
+        if not key.startswith("stages."):
+            return key
+        _, i, _, j, rest = key.split(".", 4)
+        stage, offset = timm_numbering.get(int(i), (int(i), 0))
+        return f"stages.{stage}.blocks.{int(j) + offset}.{rest}"
+
+    timm_state = {to_timm(k): v for k, v in ours.items()}
+    assert "stages.2.blocks.5.attn.qkv.weight" in timm_state and "stages.3.blocks.2.mlp.fc2.bias" in timm_state
+    converted = convert_timm_state_dict(timm_state, model)
+    assert converted.keys() == ours.keys()
+    for k in ("stages.2.blocks.0.conv2.weight", "stages.3.blocks.4.mlp.fc1.weight", "stages.5.blocks.1.norm1.weight"):
+        assert converted[k] is ours[k], k
 
 
 @needs_fixtures

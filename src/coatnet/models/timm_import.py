@@ -35,6 +35,7 @@ _TOP_RENAMES = [
     (r"^head\.pre_logits\.fc\.", "pre_logits.fc."),
 ]
 _BLOCK_KEY = re.compile(r"^(stages\.\d+\.blocks\.\d+\.)(.*)$")
+_STAGE_BLOCK = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.")
 
 
 def is_timm_state_dict(state: dict[str, torch.Tensor]) -> bool:
@@ -74,6 +75,17 @@ def _table_to_ours(table: torch.Tensor, num_heads: int, model_size: tuple[int, i
     return table.T.reshape(num_heads, *grid)
 
 
+def _block_positions(config) -> list[list[str]]:
+    """For each of timm's stages, our "stages.{i}.blocks.{j}." prefix of each of its blocks. timm keeps a
+    stage of mixed block types (its ('C', 'T') stages) as one stage; we build such a split stage as two."""
+    stages, ours = [], 0
+    for letters, depth in zip(config.layout.split("-"), config.depths[1:]):
+        depths = depth if len(letters) == 2 else (depth,)
+        stages.append([f"stages.{ours + part}.blocks.{j}." for part, d in enumerate(depths) for j in range(d)])
+        ours += len(depths)
+    return stages
+
+
 def convert_timm_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """timm's keys and layouts -> ours, for loading into `model` (a CoAtNet built from a timm variant's
     config). Keys we do not know pass through renamed as well as possible, so that the loader reports them."""
@@ -81,11 +93,16 @@ def convert_timm_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Modu
 
     attn = {name: m for name, m in model.named_modules() if isinstance(m, RelativeAttention2d)}
     own = model.state_dict()
+    config = getattr(model, "config", None)
+    positions = _block_positions(config) if config is not None and not config.is_vit else None
     out = {}
     for key, value in state.items():
         if key.endswith((".relative_position_index", ".rel_coords_log")):
             continue  # buffers derived from the map size (persistent in some older timm checkpoints)
         new = timm_key_to_ours(key)
+        m = _STAGE_BLOCK.match(new)
+        if m and positions is not None and int(m[1]) < len(positions) and int(m[2]) < len(positions[int(m[1])]):
+            new = positions[int(m[1])][int(m[2])] + new[m.end():]
         if new.endswith(("attn.qkv.weight", "attn.qkv.bias")) and new.rsplit(".", 2)[0] in attn:
             heads = attn[new.rsplit(".", 2)[0]].num_heads
             value = _qkv_rows_to_ours(value.reshape(value.shape[0], -1) if value.ndim == 4 else value, heads)

@@ -86,6 +86,16 @@ def _describe(name: str) -> str:
 for _name, _spec in RW_VARIANTS.items():
     register(_name, _describe(_name))(lambda n=_name, s=_spec: _rw(n, *s))
 
+
+
+# timm's coatnet_nano_cc_224: stages 3 and 4 open with one MBConv block (the stride), then Transformer
+# blocks at the same width (timm's block type ('C', 'T')); here split stages "CT" of equal widths.
+@register("coatnet_nano_cc_224", "timm's coatnet_nano_cc_224 (C-C-CT-CT); no published weights")
+def coatnet_nano_cc_224() -> CoAtNetConfig:
+    return _rw("coatnet_nano_cc_224", "coat", "nano", (3, 4, 6, 3), {}, {}, 224).replace(
+        layout="C-C-CT-CT", depths=(2, 3, 4, (1, 5), (1, 2)), widths=(64, 64, 128, (256, 256), (512, 512)))
+
+
 # timm's paper-style configs: name: (depths S1..S4, widths S1..S4, stem width)
 PAPER_STYLE_VARIANTS: dict[str, tuple] = {
     "coatnet_0_224": ((2, 3, 5, 2), (96, 192, 384, 768), 64),
@@ -109,4 +119,4 @@ for _name, _spec in PAPER_STYLE_VARIANTS.items():
     register(_name, f"timm's paper-style {_name}; no published weights")(
         lambda s=_spec: _paper_style(*s))
 
-TIMM_VARIANTS = tuple(RW_VARIANTS) + tuple(PAPER_STYLE_VARIANTS)
+TIMM_VARIANTS = tuple(RW_VARIANTS) + ("coatnet_nano_cc_224",) + tuple(PAPER_STYLE_VARIANTS)
