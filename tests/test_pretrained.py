@@ -180,3 +180,40 @@ def test_model_names_with_tags_and_pretrained_true_without_weights():
         == "coatnet_0_rw_224.sw_in1k"
     assert pretrained.weights_of("/x/coatnet_1_rw_224.sw_in1k.safetensors").tag == "coatnet_1_rw_224.sw_in1k"
     assert pretrained.weights_of("/x/model.safetensors") is None
+
+
+def test_eval_of_published_weights_uses_their_own_transform(monkeypatch, tmp_path, colour_images, capsys):
+    """`coatnet eval --checkpoint TAG --data FOLDER`: the weights' resize/crop/mean/std (nano: crop 0.9,
+    mean = std = 0.5, bicubic), class folders in sorted order, and the same numbers as doing it by hand."""
+    import json
+
+    import torch.nn.functional as F
+
+    monkeypatch.setenv("COATNET_WEIGHTS", str(tmp_path))
+    tag = "coatnet_nano_rw_224.sw_in1k"
+    src = coatnet.create_model("coatnet_nano_rw_224", num_classes=4).eval()
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / f"{tag}.safetensors"))
+    assert main(["eval", "--checkpoint", tag, "--data", str(colour_images), "--subset", "12", "--batch-size", "5",
+                 "--threads", "1", "--workers", "0"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    transform = get_weights(tag).eval_transform()
+    classes = sorted(p.name for p in colour_images.iterdir())
+    files = [(p, k) for k, c in enumerate(classes) for p in sorted((colour_images / c).iterdir())]
+    from coatnet.train.evaluate import subset_indices
+    chosen = [files[i] for i in subset_indices(len(files), 12, 0, stream=7).tolist()]
+    with torch.no_grad():
+        logits = src(torch.stack([transform(Image.open(p)) for p, _ in chosen]))
+    labels = torch.tensor([k for _, k in chosen])
+    assert got["n"] == 12 and got["model"] == "coatnet_nano_rw_224" and got["weights"] == tag
+    assert got["top1"] == pytest.approx(100.0 * (logits.argmax(-1) == labels).float().mean().item())
+    assert got["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-4)
+    assert got["published_top1"] == pytest.approx(81.698)
+    # The ImageNet statistics of our own folder pipeline would give another loss: the check can tell.
+    imagenet = (transform(Image.open(chosen[0][0])) * 0.5 + 0.5 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+                ) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    with torch.no_grad():
+        assert (src(imagenet[None]) - logits[:1]).abs().max() > 1e-2
+    assert main(["eval", "--checkpoint", tag, "--data", str(colour_images / "red")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: no images under {colour_images / 'red'}/<class>/")
+    assert main(["eval", "--checkpoint", tag]) == 1
+    assert "pass --data FOLDER" in capsys.readouterr().err

@@ -90,7 +90,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint: JSON line with top1, top5, loss, n")
-    e.add_argument("--checkpoint", required=True, help="a checkpoint-*.safetensors file")
+    e.add_argument("--checkpoint", required=True,
+                   help="a checkpoint-*.safetensors file of ours; or published weights (a tag from `coatnet "
+                        "weights`, or timm's file with --model) on --data, with their own eval transform")
+    e.add_argument("--model", help="the model of a timm file not named after a tag")
     e.add_argument("--data", help="'fashion-mnist' or an image folder (default: the data it was trained on)")
     e.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
     e.add_argument("--split", choices=("val", "train", "both"), default="val",
@@ -187,8 +190,21 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ..models.pretrained import weights_of
     from ..train import evaluate_checkpoint
 
+    if args.model or weights_of(args.checkpoint):  # published weights: a tag, a file named after one, timm's file
+        from ..train.evaluate import evaluate_published
+
+        if args.data is None:
+            raise CliError(f"{args.checkpoint} is not one of our checkpoints: pass --data FOLDER of its classes")
+        if args.split != "val" or args.recalibrate_bn or args.val_fraction is not None:
+            raise CliError("--split, --val-fraction and --recalibrate-bn apply to our checkpoints only")
+        result = evaluate_published(args.checkpoint, args.data, args.model, args.img_size, args.subset,
+                                    args.batch_size, args.device, args.precision, args.workers, args.strict,
+                                    args.threads)
+        print(json.dumps(result))
+        return 0
     result = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir, split=args.split,
                                  val_fraction=args.val_fraction, subset=args.subset, batch_size=args.batch_size,
                                  device=args.device, precision=args.precision, workers=args.workers,

@@ -30,6 +30,14 @@ def subset_indices(n: int, k: int | None, seed: int, stream: int) -> torch.Tenso
 
 
 @torch.no_grad()
+def _scores(logits: torch.Tensor, y: torch.Tensor, k: int) -> tuple[float, int, int]:
+    """(summed cross-entropy, top-1 hits, top-k hits) of one batch."""
+    logits = logits.float()
+    top = logits.topk(k, dim=-1).indices
+    return (F.cross_entropy(logits, y, reduction="sum").item(), (top[:, 0] == y).sum().item(),
+            (top == y[:, None]).any(-1).sum().item())
+
+
 def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, runtime: Runtime,
              batch_size: int = 500, workers: int = 0, strict: bool = False) -> dict:
     """{"loss": mean cross-entropy, "top1": %, "top5": % (top-k with k = min(5, classes)), "n": images,
@@ -50,12 +58,8 @@ def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, ru
         y = batch.labels.to(runtime.device)
         with runtime.autocast():
             logits = model(x)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(k, dim=-1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(-1).sum().item()
-        n += len(y)
+        loss, c1, c5 = _scores(logits, y, k)
+        loss_sum, correct1, correct5, n = loss_sum + loss, correct1 + c1, correct5 + c5, n + len(y)
     model.train(was_training)
     loss_sum, correct1, correct5, n = all_reduce_sums([loss_sum, correct1, correct5, n])
     n = int(n)
@@ -124,3 +128,100 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
     result = {f"{s}_{k}": v for s in ("train", "val") for k, v in out[s].items()}
     result["gap_top1"] = result["train_top1"] - result["val_top1"]
     return result
+
+
+class _PublishedEvalImages(torch.utils.data.Dataset):
+    """(image tensor through `transform`, label, index) of (path, label) samples; an unreadable file gives
+    an empty image and its reason instead (left out and reported, like the training loaders)."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from ..data.images import UnreadableImageError, load_image
+
+        path, label = self.samples[i]
+        try:
+            return self.transform(load_image(path, 3)), label, path, None
+        except UnreadableImageError as e:
+            return None, label, path, e.reason
+
+
+def _collate_published(items):
+    kept = [it for it in items if it[3] is None]
+    images = torch.stack([it[0] for it in kept]) if kept else None
+    return images, torch.tensor([it[1] for it in kept], dtype=torch.int64), {it[2]: it[3] for it in items if it[3]}
+
+
+def evaluate_published(checkpoint: str, data: str, model: str | None = None, img_size: int | None = None,
+                       subset: int | None = None, batch_size: int = 100, device: str = "auto",
+                       precision: str = "fp32", workers: int | None = None, strict: bool = False,
+                       threads: int | None = None, seed: int = 0) -> dict:
+    """Published weights (a tag from `coatnet weights`, or timm's file) on a folder of their label set,
+    with their own eval transform (the weights' metadata: resize, centre crop, interpolation, mean/std):
+    {"top1", "top5", "loss", "n", "model", "weights", "published_top1"}. `data`: <class>/<image> folders,
+    or a root with val/ (used whole); sorted class folders must be the weights' classes in order (ImageNet's
+    wnid folders n01440764 ... are). `model` is needed for a file not named after a tag; `img_size` builds
+    the model at another size (tables resized) and evaluates at that size."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from ..data.datasets import _class_dirs, _list_images
+    from ..models import create_model
+    from ..models.pretrained import HALF, EvalTransform, default_tag, get_weights, weights_of
+
+    published = weights_of(checkpoint)
+    name = model or (published.model if published else None)
+    if name is None:
+        raise ValueError(f"{checkpoint}: not one of our checkpoints nor named after a published tag; "
+                         f"name its model (--model NAME)")
+    root = Path(data)
+    root = root / "val" if (root / "val").is_dir() else root
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {data}")
+    classes = _class_dirs(root)
+    samples = [(p, k) for k, c in enumerate(classes) for p in _list_images(root / c)]
+    if not samples:
+        raise ValueError(f"no images under {root}/<class>/ to evaluate on")
+    runtime = setup_runtime(device, precision, threads=threads)
+    net = create_model(name, pretrained=checkpoint, img_size=img_size).to(runtime.device).eval()
+    if len(classes) != net.num_classes:
+        raise ValueError(f"{data} has {len(classes)} class folders; the weights classify {net.num_classes} classes")
+    recipe = published or (get_weights(default_tag(name)) if default_tag(name) else None)
+    transform = (recipe.eval_transform() if recipe else  # timm's default for its CoAtNets
+                 EvalTransform(net.config.image_size[0], 0.95, "center", "bicubic", HALF, HALF))
+    if img_size is not None:
+        transform = EvalTransform(img_size, transform.crop_pct, transform.crop_mode, transform.interpolation,
+                                  transform.mean, transform.std)
+    idx = subset_indices(len(samples), subset, seed, stream=7).tolist()
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    loader = torch.utils.data.DataLoader(_PublishedEvalImages([samples[i] for i in idx], transform),
+                                         batch_size=batch_size, num_workers=workers,
+                                         collate_fn=_collate_published)
+    k = min(5, net.num_classes)
+    loss_sum = correct1 = correct5 = n = 0.0
+    skipped: dict[str, str] = {}
+    with torch.no_grad():
+        for images, labels, failures in loader:
+            if failures and strict:
+                path, reason = next(iter(failures.items()))
+                raise ValueError(f"cannot read image {path}: {reason} (run without --strict to skip unreadable files)")
+            skipped.update(failures)
+            if images is None:
+                continue
+            y = labels.to(runtime.device)
+            with runtime.autocast():
+                logits = net(runtime.inputs(images))
+            loss, c1, c5 = _scores(logits, y, k)
+            loss_sum, correct1, correct5, n = loss_sum + loss, correct1 + c1, correct5 + c5, n + len(y)
+    if skipped:
+        print(f"warning: {skipped_summary(skipped)}", file=sys.stderr, flush=True)
+    if n == 0:
+        raise ValueError(f"none of the {len(idx)} images under {root} could be read")
+    return {"loss": loss_sum / n, "top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": int(n),
+            "model": name, "weights": published.tag if published else str(checkpoint),
+            "published_top1": published.top1 if published and img_size in (None, published.input_size) else None}
