@@ -217,3 +217,15 @@ def test_eval_of_published_weights_uses_their_own_transform(monkeypatch, tmp_pat
     assert capsys.readouterr().err.startswith(f"error: no images under {colour_images / 'red'}/<class>/")
     assert main(["eval", "--checkpoint", tag]) == 1
     assert "pass --data FOLDER" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="Fashion-MNIST IDX files not present")
+def test_eval_refuses_a_model_name_for_our_own_checkpoints(tmp_path, capsys):
+    from coatnet.train import TrainConfig, train
+
+    train(TrainConfig(out=str(tmp_path / "run"), train_subset=32, val_subset=32, batch_size=32, epochs=1,
+                      progress=False, quiet=True, threads=1))
+    ckpt = str(tmp_path / "run" / "checkpoint-last.safetensors")
+    assert main(["eval", "--checkpoint", ckpt, "--model", "coatnet_0_rw_224", "--data", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --model is for timm's files: {ckpt} records its own model"

@@ -192,7 +192,10 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from ..models.pretrained import weights_of
     from ..train import evaluate_checkpoint
+    from ..train.finetune import checkpoint_run
 
+    if args.model and checkpoint_run(args.checkpoint):
+        raise CliError(f"--model is for timm's files: {args.checkpoint} records its own model")
     if args.model or weights_of(args.checkpoint):  # published weights: a tag, a file named after one, timm's file
         from ..train.evaluate import evaluate_published
 
