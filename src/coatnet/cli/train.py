@@ -100,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="which split; 'both' adds the train-val gap")
     e.add_argument("--val-fraction", type=float, help="held-out share when the folder has no val/")
     e.add_argument("--subset", type=int, help="evaluate a seeded subset of N images")
-    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--batch-size", type=int, help="default 500 (64 for published weights at full size)")
     e.add_argument("--device", default="auto")
     e.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     e.add_argument("--workers", type=int)
@@ -204,12 +204,13 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.split != "val" or args.recalibrate_bn or args.val_fraction is not None:
             raise CliError("--split, --val-fraction and --recalibrate-bn apply to our checkpoints only")
         result = evaluate_published(args.checkpoint, args.data, args.model, args.img_size, args.subset,
-                                    args.batch_size, args.device, args.precision, args.workers, args.strict,
+                                    64 if args.batch_size is None else args.batch_size, args.device, args.precision, args.workers, args.strict,
                                     args.threads)
         print(json.dumps(result))
         return 0
     result = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir, split=args.split,
-                                 val_fraction=args.val_fraction, subset=args.subset, batch_size=args.batch_size,
+                                 val_fraction=args.val_fraction, subset=args.subset,
+                                 batch_size=500 if args.batch_size is None else args.batch_size,
                                  device=args.device, precision=args.precision, workers=args.workers,
                                  strict=args.strict, img_size=args.img_size, recalibrate_bn=args.recalibrate_bn,
                                  threads=args.threads)

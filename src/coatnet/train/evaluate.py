@@ -174,6 +174,9 @@ def evaluate_published(checkpoint: str, data: str, model: str | None = None, img
     from ..models import create_model
     from ..models.pretrained import HALF, EvalTransform, default_tag, get_weights, weights_of
 
+    for what, value in (("batch_size", batch_size), ("subset", subset)):
+        if value is not None and value < 1:
+            raise ValueError(f"{what}={value} must be at least 1")
     published = weights_of(checkpoint)
     name = model or (published.model if published else None)
     if name is None:
