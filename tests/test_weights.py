@@ -43,6 +43,22 @@ def test_a_booby_trapped_pickle_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+def test_a_checkpoint_of_timms_train_script_loads(tmp_path):
+    """timm's train.py writes {"state_dict", "optimizer", "args": argparse.Namespace, ...} to .pth.tar;
+    weights saved from a DistributedDataParallel wrapper carry "module." prefixes."""
+    import argparse
+
+    src = small()
+    state = {f"module.{k}": v for k, v in src.state_dict().items()}
+    torch.save({"epoch": 3, "arch": "coatnet_pico", "state_dict": state, "optimizer": {"state": {}},
+                "args": argparse.Namespace(model="coatnet_pico", lr=1e-3), "version": 2},
+               tmp_path / "model_best.pth.tar")
+    dst = coatnet.create_model("coatnet_pico", **SMALL, pretrained=str(tmp_path / "model_best.pth.tar"))
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(src.eval()(x), dst.eval()(x))
+    assert dst.num_classes == 4
+
+
 def test_a_malformed_safetensors_file_is_refused(tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(b"\xff" * 64)

@@ -1,6 +1,7 @@
 """Loading and saving model weights as safetensors (never pickle)."""
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
@@ -36,7 +37,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says enough
             warnings.simplefilter("ignore")
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            # timm's train.py stores its argparse.Namespace beside the weights: plain data, allowed.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e)
         if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
@@ -52,6 +55,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
     return obj
 
 
