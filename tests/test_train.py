@@ -158,3 +158,22 @@ def test_nonfinite_loss_stops_with_the_step_named():
 
     with pytest.raises(NonFiniteLossError, match=r"step \d+"):
         train(TrainConfig(**{**TINY, "epochs": 1}, lr=1e30, clip_grad=None, weight_decay=0))
+
+
+def test_evaluate_builds_no_autograd_graph():
+    """Evaluation runs under no_grad: no activations are kept for a backward pass that never comes."""
+    from coatnet.data.datasets import DataSpec, TensorSource
+    from coatnet.train.evaluate import evaluate
+    from coatnet.train.runtime import setup_runtime
+
+    seen = []
+
+    class Probe(torch.nn.Linear):
+        def forward(self, x):
+            seen.append(torch.is_grad_enabled())
+            return super().forward(x.flatten(1))
+
+    source = TensorSource(torch.zeros(6, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 0, 1, 0, 1]))
+    spec = DataSpec("t", ("a", "b"), 1, 2, 1.0, (0.5,), (0.5,))
+    result = evaluate(Probe(4, 2), source, torch.arange(6), spec, setup_runtime("cpu", threads=1), batch_size=4)
+    assert result["n"] == 6 and seen == [False, False]

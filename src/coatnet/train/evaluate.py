@@ -29,7 +29,6 @@ def subset_indices(n: int, k: int | None, seed: int, stream: int) -> torch.Tenso
     return permutation(seed, -1 - stream, n)[:k].sort().values
 
 
-@torch.no_grad()
 def _scores(logits: torch.Tensor, y: torch.Tensor, k: int) -> tuple[float, int, int]:
     """(summed cross-entropy, top-1 hits, top-k hits) of one batch."""
     logits = logits.float()
@@ -38,6 +37,7 @@ def _scores(logits: torch.Tensor, y: torch.Tensor, k: int) -> tuple[float, int, 
             (top == y[:, None]).any(-1).sum().item())
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, runtime: Runtime,
              batch_size: int = 500, workers: int = 0, strict: bool = False) -> dict:
     """{"loss": mean cross-entropy, "top1": %, "top5": % (top-k with k = min(5, classes)), "n": images,
