@@ -88,8 +88,10 @@ class _FolderDataset(torch.utils.data.Dataset):
     """Decodes one file per item in a DataLoader worker: (uint8 (C, S, S) or None, label, index, path,
     reason it could not be read or None)."""
 
-    def __init__(self, samples, spec: DataSpec, train: bool, aug: AugmentConfig, seed: int, epoch: int):
+    def __init__(self, samples, spec: DataSpec, train: bool, aug: AugmentConfig, seed: int, epoch: int,
+                 eval_image=None):
         self.samples, self.spec, self.train, self.aug, self.seed, self.epoch = samples, spec, train, aug, seed, epoch
+        self.eval_image = eval_image
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -98,7 +100,10 @@ class _FolderDataset(torch.utils.data.Dataset):
         path, label = self.samples[i]
         try:
             img = load_image(path, self.spec.in_chans)
-            x = transform_image(img, i, self.spec, self.train, self.aug, self.seed, self.epoch)
+            if self.eval_image is not None and not self.train:
+                x = self.eval_image(img)
+            else:
+                x = transform_image(img, i, self.spec, self.train, self.aug, self.seed, self.epoch)
         except UnreadableImageError as e:  # not an image, empty, truncated, a decompression bomb: reported
             return None, label, i, path, e.reason
         except Exception as e:  # anything else Pillow raised on a hostile file: skipped the same way
@@ -141,10 +146,11 @@ def _collate(items) -> tuple:
 
 
 class FolderSource:
-    """Image files with labels: a list of (path, label)."""
+    """Image files with labels: a list of (path, label). `eval_image`, optional: PIL image -> uint8 (C, S, S)
+    used instead of the eval centre crop (e.g. the resize and crop that published weights were evaluated with)."""
 
-    def __init__(self, samples: list[tuple[str, int]]):
-        self.samples = samples
+    def __init__(self, samples: list[tuple[str, int]], eval_image=None):
+        self.samples, self.eval_image = samples, eval_image
         self.labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
 
     def __len__(self) -> int:
@@ -152,7 +158,7 @@ class FolderSource:
 
     def batches(self, index_batches: list[torch.Tensor], spec: DataSpec, train: bool, aug: AugmentConfig,
                 seed: int, epoch: int, workers: int = 0, strict: bool = False) -> Iterator[Batch]:
-        dataset = _FolderDataset(self.samples, spec, train, aug, seed, epoch)
+        dataset = _FolderDataset(self.samples, spec, train, aug, seed, epoch, self.eval_image)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b.tolist() for b in index_batches],
                                              num_workers=workers, collate_fn=_collate,
                                              persistent_workers=False, prefetch_factor=4 if workers else None)

@@ -228,6 +228,11 @@ class EvalTransform:
         self.interpolation, self.mean, self.std = interpolation, mean, std
 
     def __call__(self, image) -> torch.Tensor:
+        x = self.resize_crop(image).to(torch.float32) / 255.0
+        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+
+    def resize_crop(self, image) -> torch.Tensor:
+        """The geometric part: PIL image -> uint8 (3, size, size), before scaling and normalisation."""
         from PIL import Image
 
         resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[self.interpolation]
@@ -243,8 +248,7 @@ class EvalTransform:
         image = image.resize(new, resample)
         left, top = round((new[0] - self.size) / 2), round((new[1] - self.size) / 2)
         image = image.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
     def __repr__(self) -> str:
         return (f"EvalTransform(size={self.size}, crop_pct={self.crop_pct}, crop_mode={self.crop_mode!r}, "

@@ -22,6 +22,12 @@ def skipped_summary(skipped: dict[str, str], limit: int = 10) -> str:
     return f"skipped {len(items)} unreadable {noun}: {', '.join(items[:limit])}{more}"
 
 
+def _at_least_one(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} must be at least 1")
+
+
 def subset_indices(n: int, k: int | None, seed: int, stream: int) -> torch.Tensor:
     """Sorted positions of a seeded subset of k of n items (all n when k is None or >= n)."""
     if k is None or k >= n:
@@ -89,9 +95,7 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
 
     if split not in ("val", "train", "both"):
         raise ValueError(f"split={split!r} must be 'val', 'train' or 'both'")
-    for name, value in (("batch_size", batch_size), ("subset", subset)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name}={value} must be at least 1")
+    _at_least_one(batch_size=batch_size, subset=subset)
     if workers is not None and workers < 0:
         raise ValueError(f"workers={workers} must be non-negative")
     if isinstance(recalibrate_bn, bool) or not isinstance(recalibrate_bn, int) or recalibrate_bn < 0:
@@ -130,32 +134,6 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
     return result
 
 
-class _PublishedEvalImages(torch.utils.data.Dataset):
-    """(image tensor through `transform`, label, index) of (path, label) samples; an unreadable file gives
-    an empty image and its reason instead (left out and reported, like the training loaders)."""
-
-    def __init__(self, samples: list[tuple[str, int]], transform):
-        self.samples, self.transform = samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        from ..data.images import UnreadableImageError, load_image
-
-        path, label = self.samples[i]
-        try:
-            return self.transform(load_image(path, 3)), label, path, None
-        except UnreadableImageError as e:
-            return None, label, path, e.reason
-
-
-def _collate_published(items):
-    kept = [it for it in items if it[3] is None]
-    images = torch.stack([it[0] for it in kept]) if kept else None
-    return images, torch.tensor([it[1] for it in kept], dtype=torch.int64), {it[2]: it[3] for it in items if it[3]}
-
-
 def evaluate_published(checkpoint: str, data: str, model: str | None = None, img_size: int | None = None,
                        subset: int | None = None, batch_size: int = 100, device: str = "auto",
                        precision: str = "fp32", workers: int | None = None, strict: bool = False,
@@ -170,13 +148,11 @@ def evaluate_published(checkpoint: str, data: str, model: str | None = None, img
     import sys
     from pathlib import Path
 
-    from ..data.datasets import _class_dirs, _list_images
+    from ..data.datasets import FolderSource, _class_dirs, _list_images
     from ..models import create_model
     from ..models.pretrained import HALF, EvalTransform, default_tag, get_weights, weights_of
 
-    for what, value in (("batch_size", batch_size), ("subset", subset)):
-        if value is not None and value < 1:
-            raise ValueError(f"{what}={value} must be at least 1")
+    _at_least_one(batch_size=batch_size, subset=subset)
     published = weights_of(checkpoint)
     name = model or (published.model if published else None)
     if name is None:
@@ -200,31 +176,15 @@ def evaluate_published(checkpoint: str, data: str, model: str | None = None, img
     if img_size is not None:
         transform = EvalTransform(img_size, transform.crop_pct, transform.crop_mode, transform.interpolation,
                                   transform.mean, transform.std)
-    idx = subset_indices(len(samples), subset, seed, stream=7).tolist()
+    spec = DataSpec(str(root), tuple(classes), 3, transform.size, transform.crop_pct, transform.mean, transform.std)
+    source = FolderSource(samples, eval_image=transform.resize_crop)  # the weights' resize and crop
+    idx = subset_indices(len(samples), subset, seed, stream=7)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    loader = torch.utils.data.DataLoader(_PublishedEvalImages([samples[i] for i in idx], transform),
-                                         batch_size=batch_size, num_workers=workers,
-                                         collate_fn=_collate_published)
-    k = min(5, net.num_classes)
-    loss_sum = correct1 = correct5 = n = 0.0
-    skipped: dict[str, str] = {}
-    with torch.no_grad():
-        for images, labels, failures in loader:
-            if failures and strict:
-                path, reason = next(iter(failures.items()))
-                raise ValueError(f"cannot read image {path}: {reason} (run without --strict to skip unreadable files)")
-            skipped.update(failures)
-            if images is None:
-                continue
-            y = labels.to(runtime.device)
-            with runtime.autocast():
-                logits = net(runtime.inputs(images))
-            loss, c1, c5 = _scores(logits, y, k)
-            loss_sum, correct1, correct5, n = loss_sum + loss, correct1 + c1, correct5 + c5, n + len(y)
+    result = evaluate(net, source, idx, spec, runtime, batch_size, workers, strict)
+    skipped = result.pop("skipped")
     if skipped:
         print(f"warning: {skipped_summary(skipped)}", file=sys.stderr, flush=True)
-    if n == 0:
+    if result["n"] == 0:
         raise ValueError(f"none of the {len(idx)} images under {root} could be read")
-    return {"loss": loss_sum / n, "top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": int(n),
-            "model": name, "weights": published.tag if published else str(checkpoint),
+    return {**result, "model": name, "weights": published.tag if published else str(checkpoint),
             "published_top1": published.top1 if published and img_size in (None, published.input_size) else None}
