@@ -204,8 +204,8 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.split != "val" or args.recalibrate_bn or args.val_fraction is not None:
             raise CliError("--split, --val-fraction and --recalibrate-bn apply to our checkpoints only")
         result = evaluate_published(args.checkpoint, args.data, args.model, args.img_size, args.subset,
-                                    64 if args.batch_size is None else args.batch_size, args.device, args.precision, args.workers, args.strict,
-                                    args.threads)
+                                    64 if args.batch_size is None else args.batch_size, args.device,
+                                    args.precision, args.workers, args.strict, args.threads)
         print(json.dumps(result))
         return 0
     result = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir, split=args.split,

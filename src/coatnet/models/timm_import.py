@@ -34,8 +34,7 @@ _TOP_RENAMES = [
     (r"^head\.norm\.", "head_norm."),
     (r"^head\.pre_logits\.fc\.", "pre_logits.fc."),
 ]
-_BLOCK_KEY = re.compile(r"^(stages\.\d+\.blocks\.\d+\.)(.*)$")
-_STAGE_BLOCK = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.")
+_BLOCK_KEY = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.(.*)$")
 
 
 def is_timm_state_dict(state: dict[str, torch.Tensor]) -> bool:
@@ -43,13 +42,17 @@ def is_timm_state_dict(state: dict[str, torch.Tensor]) -> bool:
     return "stem.conv1.weight" in state
 
 
-def timm_key_to_ours(key: str) -> str:
+def timm_key_to_ours(key: str, positions: list[list[str]] | None = None) -> str:
+    """Our name for timm's `key`; `positions` (from _block_positions) renumbers the blocks of stages that
+    timm keeps as one and we split in two."""
     m = _BLOCK_KEY.match(key)
     if m:
-        prefix, rest = m.groups()
+        stage, block, rest = int(m[1]), int(m[2]), m[3]
         for pattern, repl in _BLOCK_RENAMES:
             rest = re.sub(pattern, repl, rest)
-        return prefix + rest
+        if positions is not None and stage < len(positions) and block < len(positions[stage]):
+            return positions[stage][block] + rest
+        return f"stages.{stage}.blocks.{block}.{rest}"
     for pattern, repl in _TOP_RENAMES:
         key = re.sub(pattern, repl, key)
     return key
@@ -99,10 +102,7 @@ def convert_timm_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Modu
     for key, value in state.items():
         if key.endswith((".relative_position_index", ".rel_coords_log")):
             continue  # buffers derived from the map size (persistent in some older timm checkpoints)
-        new = timm_key_to_ours(key)
-        m = _STAGE_BLOCK.match(new)
-        if m and positions is not None and int(m[1]) < len(positions) and int(m[2]) < len(positions[int(m[1])]):
-            new = positions[int(m[1])][int(m[2])] + new[m.end():]
+        new = timm_key_to_ours(key, positions)
         if new.endswith(("attn.qkv.weight", "attn.qkv.bias")) and new.rsplit(".", 2)[0] in attn:
             heads = attn[new.rsplit(".", 2)[0]].num_heads
             value = _qkv_rows_to_ours(value.reshape(value.shape[0], -1) if value.ndim == 4 else value, heads)

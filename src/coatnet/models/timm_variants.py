@@ -87,7 +87,6 @@ for _name, _spec in RW_VARIANTS.items():
     register(_name, _describe(_name))(lambda n=_name, s=_spec: _rw(n, *s))
 
 
-
 # timm's coatnet_nano_cc_224: stages 3 and 4 open with one MBConv block (the stride), then Transformer
 # blocks at the same width (timm's block type ('C', 'T')); here split stages "CT" of equal widths.
 @register("coatnet_nano_cc_224", "timm's coatnet_nano_cc_224 (C-C-CT-CT); no published weights")

@@ -82,7 +82,7 @@ def get_config(name: str, **overrides: Any) -> CoAtNetConfig:
     "<model>.<tag>" names are accepted: the tag sets the class count of its head unless overridden."""
     from .pretrained import get_weights, split_model_name
 
-    name, tag = split_model_name(name) if "." in name or "/" in name else (name, None)
+    name, tag = split_model_name(name)
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     if tag is not None and overrides.get("num_classes") is None:
@@ -100,7 +100,7 @@ def create_model(name: str, pretrained: str | os.PathLike | bool | None = None, 
     is dropped with a message. Relative-position tables are resized to img_size."""
     from .pretrained import default_tag, resolve_pretrained, split_model_name
 
-    model_name, tag = split_model_name(name) if "." in name or "/" in name else (name, None)
+    model_name, tag = split_model_name(name)
     if pretrained is True:
         pretrained = tag or default_tag(model_name)
         if pretrained is None:
