@@ -1,4 +1,6 @@
 """Published weights: metadata, the eval transform derived from it, download without the network."""
+import json
+import os
 import sys
 
 import pytest
@@ -141,7 +143,7 @@ def test_weights_that_timm_downloaded_load_by_tag_and_by_pretrained_true(monkeyp
         torch.testing.assert_close(model.state_dict()["stages.3.blocks.2.attn.relative_bias_table"], expected,
                                    rtol=0, atol=0, msg=f"{name} {weights}")
     assert main(["weights", "--json"]) == 0
-    rows = [__import__("json").loads(line) for line in capsys.readouterr().out.splitlines()]
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     have = {r["tag"]: r["path"] for r in rows if r["downloaded"]}
     assert have == {"coatnet_nano_rw_224.sw_in1k": str(path)}
 
@@ -185,8 +187,6 @@ def test_model_names_with_tags_and_pretrained_true_without_weights():
 def test_eval_of_published_weights_uses_their_own_transform(monkeypatch, tmp_path, colour_images, capsys):
     """`coatnet eval --checkpoint TAG --data FOLDER`: the weights' resize/crop/mean/std (nano: crop 0.9,
     mean = std = 0.5, bicubic), class folders in sorted order, and the same numbers as doing it by hand."""
-    import json
-
     import torch.nn.functional as F
 
     monkeypatch.setenv("COATNET_WEIGHTS", str(tmp_path))
@@ -219,7 +219,7 @@ def test_eval_of_published_weights_uses_their_own_transform(monkeypatch, tmp_pat
     assert "pass --data FOLDER" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not __import__("os").path.isdir("/usr/share/datasets/fashion-mnist"),
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
                     reason="Fashion-MNIST IDX files not present")
 def test_eval_refuses_a_model_name_for_our_own_checkpoints(tmp_path, capsys):
     from coatnet.train import TrainConfig, train
