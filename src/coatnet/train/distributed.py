@@ -111,12 +111,6 @@ def is_main() -> bool:
     return not _active() or dist.get_rank() == 0
 
 
-def print_main(*args: Any, **kwargs: Any) -> None:
-    """print() on rank 0 only."""
-    if is_main():
-        print(*args, **kwargs)
-
-
 def barrier() -> None:
     if _active():
         dist.barrier()
@@ -143,15 +137,6 @@ def all_reduce_sums(values: list[float] | dict[str, float]) -> list[float] | dic
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         flat = t.tolist()
     return dict(zip(keys, flat)) if keys is not None else flat
-
-
-def all_reduce_max(value: float) -> float:
-    """The largest of one number over all ranks (e.g. peak memory)."""
-    if not _active():
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 # -- the rank's slice of each global batch ------------------------------------------------------------------
