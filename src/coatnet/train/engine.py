@@ -42,6 +42,7 @@ from .recalibrate import recalibrate_batchnorm
 from .runfolder import prepare_run_folder, remove_stale_temp_files, run_folder_lock, writing
 from .runtime import setup_runtime
 from .schedule import lr_at
+from .state import TrainState
 
 
 class NonFiniteLossError(ValueError):
@@ -95,13 +96,6 @@ def _summary_line(rec: dict, epochs: int) -> str:
     return "  ".join(parts)
 
 
-def _position(progress: dict) -> str:
-    """Where a checkpoint's progress stands, in words."""
-    if progress["step_in_epoch"] == 0:
-        return f"end of epoch {progress['epoch']}"
-    return f"step {progress['global_step']}, in epoch {progress['epoch'] + 1}"
-
-
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) as `cfg` says; returns the final metrics: train_loss, train_top1 (running, with
     augmentation), val_loss, val_top1, val_top5 (%), train_eval_* when cfg.eval_train, seconds, params,
@@ -124,7 +118,7 @@ def train(cfg: TrainConfig) -> dict:
             at = ""
             if state_path(out).is_file():
                 with contextlib.suppress(ValueError):
-                    at = f" (checkpoint at the {_position(read_progress(state_path(out)))})"
+                    at = f" (checkpoint at the {TrainState.from_dict(read_progress(state_path(out))).position})"
             raise ValueError(f"run folder {out} already holds a training run{at}: continue it with "
                              f"--resume {out}, or pass another --out")
         if not cfg.resume or not (out / "config.json").is_file():
@@ -195,9 +189,7 @@ def _train(cfg: TrainConfig) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
     micro = cfg.micro_batch_size or cfg.batch_size  # per-process images per forward/backward
-    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "sums": [0.0, 0.0, 0.0, 0.0],
-                "best_val_top1": None, "best_epoch": None, "skipped_images": [], "nonfinite_steps": []}
-    records: list[dict] = []
+    progress = TrainState()
     out = Path(cfg.out) if cfg.out else None
 
     saved_at: str | None = None  # where the newest checkpoint on disk stands
@@ -214,25 +206,24 @@ def _train(cfg: TrainConfig) -> dict:
                 if state["ema"] is None:
                     raise ValueError(f"{out}: the checkpoint has no EMA weights but ema_decay={cfg.ema_decay}")
                 ema.state = {k: v.to(runtime.device) for k, v in state["ema"].items()}
-            progress = state["progress"]
+            progress = TrainState.from_dict(state["progress"])
             if rank != 0:  # the checkpoint holds the running sums of all processes: count them once
-                progress["sums"] = [0.0] * len(progress["sums"])
+                progress.loss_sum = progress.correct = progress.images = 0.0
             # The epoch records travel in the checkpoint: metrics.jsonl is rewritten to match it, so a kill
             # between writing the checkpoint and the metrics neither loses nor repeats an epoch.
-            saved_records = progress.pop("records", None)
-            records = (saved_records if saved_records is not None else
-                       [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= progress["epoch"]])
-            best = _best_on_disk(out)  # the best checkpoint file is the truth about the best epoch
-            progress.update(best_val_top1=best[0], best_epoch=best[1])
-            saved_at = _position(progress)
-            if is_main() and records != read_metrics(out / "metrics.jsonl"):
+            if state["progress"].get("records") is None:  # written before the records travelled in it
+                progress.records = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= progress.epoch]
+            # The best checkpoint file is the truth about the best epoch.
+            progress.best_val_top1, progress.best_epoch = _best_on_disk(out)
+            saved_at = progress.position
+            if is_main() and progress.records != read_metrics(out / "metrics.jsonl"):
                 with writing(out / "metrics.jsonl", f"the checkpoint ({saved_at}) is kept"):
-                    write_metrics(out / "metrics.jsonl", records)
-            if progress["epoch"] >= cfg.epochs:
-                _log(cfg, f"{out} is complete ({progress['epoch']} of {cfg.epochs} epochs): nothing to do "
+                    write_metrics(out / "metrics.jsonl", progress.records)
+            if progress.epoch >= cfg.epochs:
+                _log(cfg, f"{out} is complete ({progress.epoch} of {cfg.epochs} epochs): nothing to do "
                           f"(--epochs N extends it)", err=True)
             else:
-                _log(cfg, f"resuming {out} at epoch {progress['epoch'] + 1}, step {progress['global_step']}",
+                _log(cfg, f"resuming {out} at epoch {progress.epoch + 1}, step {progress.global_step}",
                      err=True)
         elif cfg.resume:
             _log(cfg, f"no checkpoint in {out} yet: starting from the beginning", err=True)
@@ -245,8 +236,8 @@ def _train(cfg: TrainConfig) -> dict:
                 tmp.write_text(json.dumps(resolved, indent=2) + "\n")
 
     def checkpoint_info(epoch_metrics: dict | None) -> dict:
-        return {"model_config": model.config.to_dict(), "data": spec.to_dict(), "epoch": progress["epoch"],
-                "step": progress["global_step"], "metrics": epoch_metrics or {},
+        return {"model_config": model.config.to_dict(), "data": spec.to_dict(), "epoch": progress.epoch,
+                "step": progress.global_step, "metrics": epoch_metrics or {},
                 "run": {"data": cfg.data, "data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction,
                         "seed": cfg.seed, "model": cfg.model, "layout": cfg.layout}}
 
@@ -259,8 +250,7 @@ def _train(cfg: TrainConfig) -> dict:
             return
         # Mid-epoch: the epoch's running sums of every process go into the checkpoint, so a run resumed
         # with another number of processes reports the same epoch metrics.
-        saved = dict(progress, sums=all_reduce_sums(progress["sums"])) if mid_epoch else dict(progress)
-        saved["records"] = records
+        saved = progress.to_dict(all_reduce_sums(progress.sums) if mid_epoch else None)
         model_state = full_model_state(model) if cfg.fsdp else model.state_dict()
         optim_state = full_optimizer_state_dict(optimizer) if cfg.fsdp else optimizer
         if not is_main():
@@ -275,49 +265,42 @@ def _train(cfg: TrainConfig) -> dict:
         # The state file alone resumes; the weights file after it is for eval/predict.
         with writing(state_path(out), kept):
             save_train_state(state_path(out), model_state, ema.state if ema else None, optim_state, saved)
-        saved_at = _position(progress)
+        saved_at = progress.position
         with writing(weights_path(out, "last"), f"the resume state ({saved_at}) was saved"):
             save_weights_checkpoint(weights_path(out, "last"), weights, checkpoint_info(epoch_metrics))
 
     def result(stopped: bool = False) -> dict:
-        last = records[-1] if records else {}
+        last = progress.records[-1] if progress.records else {}
         res = {k: v for k, v in last.items() if k not in ("seconds",)}
-        res.update(seconds=time.time() - t_start, params=n_params, epochs=progress["epoch"],
-                   steps=progress["global_step"], best_val_top1=progress["best_val_top1"],
-                   skipped_images=len(progress["skipped_images"]), nonfinite_steps=len(progress["nonfinite_steps"]))
+        res.update(seconds=time.time() - t_start, params=n_params, epochs=progress.epoch,
+                   steps=progress.global_step, best_val_top1=progress.best_val_top1,
+                   skipped_images=len(progress.skipped_images), nonfinite_steps=len(progress.nonfinite_steps))
         res.update(initial)
         if stopped:
-            res["stopped_at_step"] = progress["global_step"]
+            res["stopped_at_step"] = progress.global_step
         if out is not None:
             res["out"] = str(out)
         return res
 
-    skipped_in_epoch: dict[str, str] = {}  # unreadable files met in this epoch: path -> reason
-
     def note_skipped(failed: dict[str, str]) -> None:
         """Count unreadable files once per run (named on stderr when first met) and list them per epoch."""
-        known = set(progress["skipped_images"])
-        for path, reason in failed.items():
-            if path not in known:
-                known.add(path)
-                progress["skipped_images"].append(path)
-                _log(cfg, f"warning: skipping unreadable file {path}: {reason}", err=True)
-        skipped_in_epoch.update(failed)
+        for path, reason in progress.note_skipped(failed):
+            _log(cfg, f"warning: skipping unreadable file {path}: {reason}", err=True)
 
     from tqdm import tqdm
 
     initial: dict = {}
-    if cfg.eval_before and progress["global_step"] == 0:
+    if cfg.eval_before and progress.global_step == 0:
         before = evaluate(eval_net, val_src, val_idx, spec, runtime, cfg.eval_batch_size, workers, cfg.strict)
         note_skipped(before["skipped"])
         initial = {"initial_val_loss": before["loss"], "initial_val_top1": before["top1"]}
         _log(cfg, f"before training: val_loss {before['loss']:.4f}  val_top1 {before['top1']:.2f}")
 
-    for epoch in range(progress["epoch"], cfg.epochs):
+    for epoch in range(progress.epoch, cfg.epochs):
         t_epoch = time.time()
         order = train_idx[permutation(cfg.seed, epoch, len(train_idx))]
         global_batches = list(order.split(cfg.batch_size))
-        start = progress["step_in_epoch"]
+        start = progress.step_in_epoch
         micro_batches, n_micro = [], []
         for gb in global_batches[start:]:
             parts = split_micro_batches(shard(gb, rank, world), len(gb), world, micro)
@@ -330,10 +313,10 @@ def _train(cfg: TrainConfig) -> dict:
         model.train()
         bar = tqdm(total=len(global_batches), initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and is_main()), leave=False, file=sys.stderr, dynamic_ncols=True)
-        images_seen, t_train, lr = 0, time.time(), lr_at(progress["global_step"], cfg.lr, total_steps,
+        images_seen, t_train, lr = 0, time.time(), lr_at(progress.global_step, cfg.lr, total_steps,
                                                           warmup_steps, cfg.min_lr, cfg.schedule)
         for step_in_epoch, gb in enumerate(global_batches[start:], start):
-            step = progress["global_step"]
+            step = progress.global_step
             lr = lr_at(step, cfg.lr, total_steps, warmup_steps, cfg.min_lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -367,7 +350,7 @@ def _train(cfg: TrainConfig) -> dict:
                 where = f"step {step} (epoch {epoch + 1}, batch {step_in_epoch + 1}/{len(global_batches)})"
                 if not cfg.skip_nonfinite:
                     raise NonFiniteLossError(f"non-finite loss at {where}; lower --lr, or pass --skip-nonfinite")
-                progress["nonfinite_steps"].append(step)
+                progress.nonfinite_steps.append(step)
                 _log(cfg, f"warning: non-finite loss at {where}: step skipped", err=True)
                 optimizer.zero_grad(set_to_none=True)
             else:
@@ -376,56 +359,51 @@ def _train(cfg: TrainConfig) -> dict:
                 optimizer.step()
                 if ema is not None:
                     ema.update(model)
-                sums = progress["sums"]
-                progress["sums"] = [sums[0] + loss_sum, sums[1] + correct, sums[2] + n, sums[3]]
-            progress["global_step"] = step + 1
-            progress["step_in_epoch"] = step_in_epoch + 1
+                progress.add_to_sums(loss_sum, correct, n)
+            progress.global_step = step + 1
+            progress.step_in_epoch = step_in_epoch + 1
             images_seen += n
             if bar.n % 10 == 0 or step_in_epoch + 1 == len(global_batches):
                 bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", lr=f"{lr:.2e}",
                                 img_s=f"{images_seen * world / max(time.time() - t_train, 1e-9):.0f}", refresh=False)
             bar.update(1)
             last_of_epoch = step_in_epoch + 1 == len(global_batches)
-            if not last_of_epoch and cfg.save_every and progress["global_step"] % cfg.save_every == 0:
-                save_last(records[-1] if records else None, mid_epoch=True)
-            if cfg.stop_at_step and progress["global_step"] >= cfg.stop_at_step and not last_of_epoch:
+            if not last_of_epoch and cfg.save_every and progress.global_step % cfg.save_every == 0:
+                save_last(progress.records[-1] if progress.records else None, mid_epoch=True)
+            if cfg.stop_at_step and progress.global_step >= cfg.stop_at_step and not last_of_epoch:
                 bar.close()
                 batches.close()
-                save_last(records[-1] if records else None, mid_epoch=True)
+                save_last(progress.records[-1] if progress.records else None, mid_epoch=True)
                 return result(stopped=True)
         bar.close()
         batches.close()  # a folder's DataLoader workers end now, not when the next epoch replaces them
         train_seconds = time.time() - t_train
-        loss_sum, correct, n, _ = all_reduce_sums(progress["sums"][:3] + [0.0])
+        loss_sum, correct, n = all_reduce_sums(progress.sums)
         if ema is not None:
             eval_model.load_state_dict(ema.state)
         val = evaluate(eval_net, val_src, val_idx, spec, runtime, cfg.eval_batch_size, workers, cfg.strict)
         note_skipped(val["skipped"])
         rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), "train_top1": 100.0 * correct / max(n, 1),
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"], "lr": lr,
-               "img_per_s": images_seen * world / max(train_seconds, 1e-9), "step": progress["global_step"]}
+               "img_per_s": images_seen * world / max(train_seconds, 1e-9), "step": progress.global_step}
         if cfg.eval_train:
             tr = evaluate(eval_net, train_src, train_idx, spec, runtime, cfg.eval_batch_size, workers, cfg.strict)
             note_skipped(tr["skipped"])
             rec.update(train_eval_loss=tr["loss"], train_eval_top1=tr["top1"], train_eval_top5=tr["top5"])
         rec["seconds"] = time.time() - t_epoch
         rec["elapsed"] = time.time() - t_start
-        records.append(rec)
-        progress.update(epoch=epoch + 1, step_in_epoch=0, sums=[0.0, 0.0, 0.0, 0.0])
-        improved = progress["best_val_top1"] is None or rec["val_top1"] > progress["best_val_top1"]
-        if improved:
-            progress.update(best_val_top1=rec["val_top1"], best_epoch=epoch + 1)
-        if skipped_in_epoch:
-            _log(cfg, f"warning: epoch {epoch + 1}: {skipped_summary(skipped_in_epoch)}", err=True)
-            skipped_in_epoch.clear()
+        improved = progress.end_epoch(rec)
+        if progress.skipped_in_epoch:
+            _log(cfg, f"warning: epoch {epoch + 1}: {skipped_summary(progress.skipped_in_epoch)}", err=True)
+            progress.skipped_in_epoch.clear()
         save_last(rec, best=improved)
         if out is not None and is_main():
             with writing(out / "metrics.jsonl", f"the checkpoint ({saved_at}) was saved"):
-                write_metrics(out / "metrics.jsonl", records)
+                write_metrics(out / "metrics.jsonl", progress.records)
             with writing(out / "curves.png", f"the checkpoint ({saved_at}) was saved"):
-                plot_curves(records, out / "curves.png")
+                plot_curves(progress.records, out / "curves.png")
         barrier()
         _log(cfg, _summary_line(rec, cfg.epochs))
-        if cfg.stop_at_step and progress["global_step"] >= cfg.stop_at_step and epoch + 1 < cfg.epochs:
+        if cfg.stop_at_step and progress.global_step >= cfg.stop_at_step and epoch + 1 < cfg.epochs:
             return result(stopped=True)
     return result()
