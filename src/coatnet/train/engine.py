@@ -29,12 +29,11 @@ from ..layers import drop_path_noise
 from ..models import count_params, create_model
 from ..models.transfer import freeze_stages
 from ..utils import atomic_write
-from .checkpoint import (load_train_state, read_checkpoint_info, read_progress, save_train_state,
-                         save_weights_checkpoint, state_path, weights_path)
+from .checkpoint import read_progress, state_path
+from .checkpointer import Checkpointer
 from .config import TrainConfig
-from .distributed import (all_reduce_sums, apply_fsdp, barrier, convert_sync_batchnorm, full_model_state,
-                          full_optimizer_state_dict, is_main, load_full_state, local_threads, rank_and_world, shard,
-                          shard_optimizer_state_dict, split_micro_batches, wrap_model)
+from .distributed import (all_reduce_sums, apply_fsdp, barrier, convert_sync_batchnorm, is_main, local_threads,
+                          rank_and_world, shard, split_micro_batches, wrap_model)
 from .evaluate import evaluate, skipped_summary, subset_indices
 from .metrics import plot_curves, read_metrics, write_metrics
 from .optim import WeightEMA, build_optimizer
@@ -74,16 +73,6 @@ def _drop_path_uniforms(seed: int, step: int, indices: torch.Tensor, batch: int,
 def _log(cfg: TrainConfig, msg: str, err: bool = False) -> None:
     if is_main() and (err or not cfg.quiet):
         print(msg, file=sys.stderr if err else sys.stdout, flush=True)
-
-
-def _best_on_disk(out: Path) -> tuple[float | None, int | None]:
-    """(val_top1, epoch) recorded in out/checkpoint-best.safetensors; (None, None) when it is missing or
-    unreadable (the next epoch then writes it)."""
-    try:
-        info = read_checkpoint_info(weights_path(out, "best"))
-        return float(info["metrics"]["val_top1"]), int(info["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, None
 
 
 def _summary_line(rec: dict, epochs: int) -> str:
@@ -189,35 +178,19 @@ def _train(cfg: TrainConfig) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
     micro = cfg.micro_batch_size or cfg.batch_size  # per-process images per forward/backward
+    run_info = {"data": cfg.data, "data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                "model": cfg.model, "layout": cfg.layout}
+    checkpointer = Checkpointer(cfg.out, model, optimizer, ema, cfg.fsdp,
+                                {"model_config": model.config.to_dict(), "data": spec.to_dict(), "run": run_info})
+    out = checkpointer.out
     progress = TrainState()
-    out = Path(cfg.out) if cfg.out else None
-
-    saved_at: str | None = None  # where the newest checkpoint on disk stands
     if out is not None:
         if cfg.resume and state_path(out).is_file():
-            state = load_train_state(state_path(out))
-            if cfg.fsdp:  # whole states, written by any number of processes, into this sharding
-                load_full_state(model, state["model"])
-                optimizer.load_state_dict(shard_optimizer_state_dict(optimizer, state["optimizer"]))
-            else:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-            if ema is not None:
-                if state["ema"] is None:
-                    raise ValueError(f"{out}: the checkpoint has no EMA weights but ema_decay={cfg.ema_decay}")
-                ema.state = {k: v.to(runtime.device) for k, v in state["ema"].items()}
-            progress = TrainState.from_dict(state["progress"])
-            if rank != 0:  # the checkpoint holds the running sums of all processes: count them once
-                progress.loss_sum = progress.correct = progress.images = 0.0
+            progress = checkpointer.resume(runtime.device)
             # The epoch records travel in the checkpoint: metrics.jsonl is rewritten to match it, so a kill
             # between writing the checkpoint and the metrics neither loses nor repeats an epoch.
-            if state["progress"].get("records") is None:  # written before the records travelled in it
-                progress.records = [r for r in read_metrics(out / "metrics.jsonl") if r["epoch"] <= progress.epoch]
-            # The best checkpoint file is the truth about the best epoch.
-            progress.best_val_top1, progress.best_epoch = _best_on_disk(out)
-            saved_at = progress.position
             if is_main() and progress.records != read_metrics(out / "metrics.jsonl"):
-                with writing(out / "metrics.jsonl", f"the checkpoint ({saved_at}) is kept"):
+                with writing(out / "metrics.jsonl", f"the checkpoint ({checkpointer.saved_at}) is kept"):
                     write_metrics(out / "metrics.jsonl", progress.records)
             if progress.epoch >= cfg.epochs:
                 _log(cfg, f"{out} is complete ({progress.epoch} of {cfg.epochs} epochs): nothing to do "
@@ -234,40 +207,6 @@ def _train(cfg: TrainConfig) -> dict:
                         "total_steps": total_steps, "warmup_steps": warmup_steps, "world_size": world}
             with writing(out / "config.json", "nothing was trained yet"), atomic_write(out / "config.json") as tmp:
                 tmp.write_text(json.dumps(resolved, indent=2) + "\n")
-
-    def checkpoint_info(epoch_metrics: dict | None) -> dict:
-        return {"model_config": model.config.to_dict(), "data": spec.to_dict(), "epoch": progress.epoch,
-                "step": progress.global_step, "metrics": epoch_metrics or {},
-                "run": {"data": cfg.data, "data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction,
-                        "seed": cfg.seed, "model": cfg.model, "layout": cfg.layout}}
-
-    def save_last(epoch_metrics: dict | None, mid_epoch: bool = False, best: bool = False) -> None:
-        """Write the last checkpoint, and the best one first when `best` (all processes call: gathering
-        sharded states and the running sums is collective). A failed write raises RunFolderError naming
-        the file; what was on disk before stays intact (atomic writes)."""
-        nonlocal saved_at
-        if out is None:
-            return
-        # Mid-epoch: the epoch's running sums of every process go into the checkpoint, so a run resumed
-        # with another number of processes reports the same epoch metrics.
-        saved = progress.to_dict(all_reduce_sums(progress.sums) if mid_epoch else None)
-        model_state = full_model_state(model) if cfg.fsdp else model.state_dict()
-        optim_state = full_optimizer_state_dict(optimizer) if cfg.fsdp else optimizer
-        if not is_main():
-            return
-        weights = ema.state if ema is not None else model_state
-        kept = (f"the previous checkpoint ({saved_at}) is kept" if saved_at else "no earlier checkpoint exists")
-        # Best before the resume state: a kill between the two never loses a better model (a resumed run
-        # reads the best epoch from checkpoint-best itself).
-        if best:
-            with writing(weights_path(out, "best"), kept):
-                save_weights_checkpoint(weights_path(out, "best"), weights, checkpoint_info(epoch_metrics))
-        # The state file alone resumes; the weights file after it is for eval/predict.
-        with writing(state_path(out), kept):
-            save_train_state(state_path(out), model_state, ema.state if ema else None, optim_state, saved)
-        saved_at = progress.position
-        with writing(weights_path(out, "last"), f"the resume state ({saved_at}) was saved"):
-            save_weights_checkpoint(weights_path(out, "last"), weights, checkpoint_info(epoch_metrics))
 
     def result(stopped: bool = False) -> dict:
         last = progress.records[-1] if progress.records else {}
@@ -369,11 +308,11 @@ def _train(cfg: TrainConfig) -> dict:
             bar.update(1)
             last_of_epoch = step_in_epoch + 1 == len(global_batches)
             if not last_of_epoch and cfg.save_every and progress.global_step % cfg.save_every == 0:
-                save_last(progress.records[-1] if progress.records else None, mid_epoch=True)
+                checkpointer.save(progress, mid_epoch=True)
             if cfg.stop_at_step and progress.global_step >= cfg.stop_at_step and not last_of_epoch:
                 bar.close()
                 batches.close()
-                save_last(progress.records[-1] if progress.records else None, mid_epoch=True)
+                checkpointer.save(progress, mid_epoch=True)
                 return result(stopped=True)
         bar.close()
         batches.close()  # a folder's DataLoader workers end now, not when the next epoch replaces them
@@ -396,11 +335,11 @@ def _train(cfg: TrainConfig) -> dict:
         if progress.skipped_in_epoch:
             _log(cfg, f"warning: epoch {epoch + 1}: {skipped_summary(progress.skipped_in_epoch)}", err=True)
             progress.skipped_in_epoch.clear()
-        save_last(rec, best=improved)
+        checkpointer.save(progress, best=improved)
         if out is not None and is_main():
-            with writing(out / "metrics.jsonl", f"the checkpoint ({saved_at}) was saved"):
+            with writing(out / "metrics.jsonl", f"the checkpoint ({checkpointer.saved_at}) was saved"):
                 write_metrics(out / "metrics.jsonl", progress.records)
-            with writing(out / "curves.png", f"the checkpoint ({saved_at}) was saved"):
+            with writing(out / "curves.png", f"the checkpoint ({checkpointer.saved_at}) was saved"):
                 plot_curves(progress.records, out / "curves.png")
         barrier()
         _log(cfg, _summary_line(rec, cfg.epochs))
