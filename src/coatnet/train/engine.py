@@ -5,6 +5,9 @@ function of seed and epoch) is cut into global batches of `batch_size`; this pro
 cut into micro-batches; gradients accumulate over them, are clipped, and AdamW steps. Randomness inside
 the model (stochastic depth) is reseeded from (seed, step), and the data pipeline's from (seed, epoch,
 sample index), so a run resumed from any checkpoint continues exactly as if it had not stopped.
+
+`train` sets up (data, model, optimizer, Checkpointer, TrainState) and runs the epochs; `train_one_epoch`
+takes the optimizer steps of one epoch; `evaluate` (train/evaluate.py) scores the model after it.
 """
 from __future__ import annotations
 
@@ -16,13 +19,17 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..data import build_data
+from ..data.datasets import Batch, DataSpec
 from ..data.random import mix_int, permutation, uniform
 from ..data.transforms import AugmentConfig, mix_batch, normalize, rand_augment
 from ..layers import drop_path_noise
@@ -39,7 +46,7 @@ from .metrics import plot_curves, read_metrics, write_metrics
 from .optim import WeightEMA, build_optimizer
 from .recalibrate import recalibrate_batchnorm
 from .runfolder import prepare_run_folder, remove_stale_temp_files, run_folder_lock, writing
-from .runtime import setup_runtime
+from .runtime import Runtime, setup_runtime
 from .schedule import lr_at
 from .state import TrainState
 
@@ -52,6 +59,52 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig:
     return AugmentConfig(enabled=cfg.augment, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
                          randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
                          mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing)
+
+
+# -- what one epoch of training needs ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepSettings:
+    """The settings `train_one_epoch` follows: schedule, gradient handling, checkpoint cadence, progress bar."""
+
+    seed: int
+    epochs: int  # of the whole run (the progress bar says "epoch 3/10")
+    lr: float  # peak learning rate, then the schedule: see schedule.lr_at
+    min_lr: float
+    schedule: str
+    total_steps: int
+    warmup_steps: int
+    clip_grad: float | None  # global gradient norm clipped to this (None or 0: off)
+    skip_nonfinite: bool  # skip a step whose loss is NaN/inf (else raise NonFiniteLossError)
+    save_every: int | None  # also checkpoint every this many steps
+    stop_at_step: int | None  # stop (the caller checkpoints) once global_step reaches this
+    progress_bar: bool
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, steps_per_epoch: int) -> "StepSettings":
+        return cls(seed=cfg.seed, epochs=cfg.epochs, lr=cfg.lr, min_lr=cfg.min_lr, schedule=cfg.schedule,
+                   total_steps=steps_per_epoch * cfg.epochs,
+                   warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)), clip_grad=cfg.clip_grad,
+                   skip_nonfinite=cfg.skip_nonfinite, save_every=cfg.save_every, stop_at_step=cfg.stop_at_step,
+                   progress_bar=cfg.progress)
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, self.lr, self.total_steps, self.warmup_steps, self.min_lr, self.schedule)
+
+    def stops_at(self, step: int) -> bool:
+        return bool(self.stop_at_step) and step >= self.stop_at_step
+
+
+@dataclass
+class EpochData:
+    """This process's share of one epoch: the epoch's global batches (the first `start` already trained, on
+    a resume) as this process's micro-batches, read lazily, and how a micro-batch becomes model inputs."""
+
+    epoch: int  # 0-based
+    batch_sizes: list[int]  # images per global batch (all processes together), for every batch of the epoch
+    micro_counts: list[int]  # this process's micro-batches per global batch (the same on every process)
+    start: int  # global batches trained before (a resumed epoch)
+    batches: Iterator[Batch]  # the micro-batches of global batches start, start + 1, ...
+    inputs: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]  # -> (images (B, C, S, S), soft targets)
 
 
 def _train_inputs(batch, aug: AugmentConfig, spec, num_classes: int, seed: int, epoch: int):
@@ -70,9 +123,23 @@ def _drop_path_uniforms(seed: int, step: int, indices: torch.Tensor, batch: int,
     return uniform(seed, step, indices, 0xD900 + stream)
 
 
-def _log(cfg: TrainConfig, msg: str, err: bool = False) -> None:
-    if is_main() and (err or not cfg.quiet):
-        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+# -- messages ------------------------------------------------------------------------------------------------
+def _log(msg: str, quiet: bool = False) -> None:
+    """A progress line on stdout (the main process's, unless quiet)."""
+    if is_main() and not quiet:
+        print(msg, flush=True)
+
+
+def _warn(msg: str) -> None:
+    """A warning or notice on stderr (the main process's), even when quiet."""
+    if is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _note_skipped(state: TrainState, failed: dict[str, str]) -> None:
+    """Count unreadable files once per run (named on stderr when first met) and list them per epoch."""
+    for path, reason in state.note_skipped(failed):
+        _warn(f"warning: skipping unreadable file {path}: {reason}")
 
 
 def _summary_line(rec: dict, epochs: int) -> str:
@@ -85,6 +152,105 @@ def _summary_line(rec: dict, epochs: int) -> str:
     return "  ".join(parts)
 
 
+# -- one epoch -----------------------------------------------------------------------------------------------
+def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, ema: WeightEMA | None,
+                    data: EpochData, state: TrainState, settings: StepSettings, runtime: Runtime,
+                    checkpointer: Checkpointer) -> dict | None:
+    """Train epoch `data.epoch` from global batch `data.start` to its end, one optimizer step per global
+    batch, advancing `state` (position, running sums, skipped files and steps); `net` is `model` as it
+    runs forward (wrapped, compiled). Checkpoints mid-epoch every settings.save_every steps.
+
+    Returns {"train_loss", "train_top1" (running, with augmentation, over all processes), "lr" (the last
+    step's), "img_per_s"}; None when it stopped at settings.stop_at_step first (the caller checkpoints)."""
+    from tqdm import tqdm
+
+    _, world = rank_and_world()
+    model.train()
+    n_batches = len(data.batch_sizes)
+    bar = tqdm(total=n_batches, initial=data.start, desc=f"epoch {data.epoch + 1}/{settings.epochs}",
+               disable=not (settings.progress_bar and is_main()), leave=False, file=sys.stderr, dynamic_ncols=True)
+    images_seen, t_train, lr = 0, time.time(), settings.lr_at(state.global_step)
+    with contextlib.closing(data.batches), bar:  # a folder's DataLoader workers end with the epoch
+        for step_in_epoch in range(data.start, n_batches):
+            step = state.global_step
+            lr = settings.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            torch.manual_seed(mix_int(settings.seed, step, 0xD809))  # any other randomness: a function of the step
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, correct, n = _accumulate_gradients(net, data, step_in_epoch, step, settings.seed, runtime,
+                                                         state)
+            if _finite_everywhere(loss_sum, world):
+                if settings.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
+                optimizer.step()
+                if ema is not None:
+                    ema.update(model)
+                state.add_to_sums(loss_sum, correct, n)
+            else:
+                where = f"step {step} (epoch {data.epoch + 1}, batch {step_in_epoch + 1}/{n_batches})"
+                if not settings.skip_nonfinite:
+                    raise NonFiniteLossError(f"non-finite loss at {where}; lower --lr, or pass --skip-nonfinite")
+                state.nonfinite_steps.append(step)
+                _warn(f"warning: non-finite loss at {where}: step skipped")
+                optimizer.zero_grad(set_to_none=True)
+            state.global_step, state.step_in_epoch = step + 1, step_in_epoch + 1
+            images_seen += n
+            if bar.n % 10 == 0 or step_in_epoch + 1 == n_batches:
+                bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", lr=f"{lr:.2e}",
+                                img_s=f"{images_seen * world / max(time.time() - t_train, 1e-9):.0f}", refresh=False)
+            bar.update(1)
+            if step_in_epoch + 1 < n_batches:  # the epoch's last step is checkpointed after evaluation
+                if settings.stops_at(state.global_step):
+                    return None
+                if settings.save_every and state.global_step % settings.save_every == 0:
+                    checkpointer.save(state, mid_epoch=True)
+    train_seconds = time.time() - t_train
+    loss_sum, correct, n = all_reduce_sums(state.sums)
+    return {"train_loss": loss_sum / max(n, 1), "train_top1": 100.0 * correct / max(n, 1), "lr": lr,
+            "img_per_s": images_seen * world / max(train_seconds, 1e-9)}
+
+
+def _accumulate_gradients(net: nn.Module, data: EpochData, step_in_epoch: int, step: int, seed: int,
+                          runtime: Runtime, state: TrainState) -> tuple[float, float, float]:
+    """Forward and backward over this process's micro-batches of global batch `step_in_epoch`: the
+    gradients become those of the global batch's mean loss. Returns (summed loss, top-1 hits, images) of
+    this process."""
+    _, world = rank_and_world()
+    batch_size = data.batch_sizes[step_in_epoch]
+    loss_sum = correct = n = 0.0
+    for _ in range(data.micro_counts[step_in_epoch]):
+        batch = next(data.batches)
+        if batch.failed:
+            _note_skipped(state, batch.failures)
+        if len(batch.labels) == 0 and world == 1:  # across processes every forward is collective
+            continue
+        x, targets = data.inputs(batch)
+        x, targets = runtime.inputs(x), targets.to(runtime.device)
+        # Stochastic depth masks keyed by (seed, step, sample): the same whatever process or
+        # micro-batch a sample lands in; backward too, where checkpointing recomputes them.
+        noise = partial(_drop_path_uniforms, seed, step, batch.indices)
+        with drop_path_noise(noise):
+            with runtime.autocast():
+                logits = net(x)
+            per_sample = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+            # Sum over the global batch divided by its size; DDP averages over ranks, hence * world.
+            (per_sample.sum() * (world / batch_size)).backward()
+        loss_sum += per_sample.sum().item()
+        correct += (logits.argmax(-1).cpu() == batch.labels).sum().item()
+        n += len(batch.labels)
+    return loss_sum, correct, n
+
+
+def _finite_everywhere(loss_sum: float, world: int) -> bool:
+    """Whether the step's loss is finite on every process (all must take the same decision)."""
+    finite = math.isfinite(loss_sum)
+    if world > 1:
+        finite = all_reduce_sums([0.0 if finite else 1.0])[0] == 0.0
+    return finite
+
+
+# -- the run -------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) as `cfg` says; returns the final metrics: train_loss, train_top1 (running, with
     augmentation), val_loss, val_top1, val_top5 (%), train_eval_* when cfg.eval_train, seconds, params,
@@ -101,8 +267,7 @@ def train(cfg: TrainConfig) -> dict:
     with run_folder_lock(out):
         stale = remove_stale_temp_files(out)
         if stale:
-            _log(cfg, f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(stale)}",
-                 err=True)
+            _warn(f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(stale)}")
         if not cfg.resume and (state_path(out).is_file() or (out / "metrics.jsonl").is_file()):
             at = ""
             if state_path(out).is_file():
@@ -112,9 +277,92 @@ def train(cfg: TrainConfig) -> dict:
                              f"--resume {out}, or pass another --out")
         if not cfg.resume or not (out / "config.json").is_file():
             # The settings, at once: a run killed before its first checkpoint can be resumed (from the start).
-            with writing(out / "config.json", "nothing was trained yet"), atomic_write(out / "config.json") as tmp:
-                tmp.write_text(json.dumps(cfg.replace(resume=False).to_dict(), indent=2) + "\n")
+            _write_config(out, cfg.replace(resume=False).to_dict())
         return _train(cfg)
+
+
+def _write_config(out: Path, settings: dict) -> None:
+    with writing(out / "config.json", "nothing was trained yet"), atomic_write(out / "config.json") as tmp:
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _train(cfg: TrainConfig) -> dict:
+    """`train` after the run folder checks: set up, then train and evaluate epoch by epoch."""
+    t_start = time.time()
+    _, world = rank_and_world()
+    runtime = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads or local_threads(),
+                            cfg.deterministic)
+    cfg, data = _load_data(cfg)
+    resuming = bool(cfg.resume and cfg.out) and state_path(cfg.out).is_file()
+    model, n_params = _build_model(cfg, data, runtime, resuming)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.layer_decay)
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    eval_model = copy.deepcopy(model) if ema is not None else model
+    net = runtime.compiled(model if cfg.fsdp else wrap_model(model, cfg.sync_bn))
+    eval_net = runtime.compiled(eval_model) if ema is not None else net
+    steps_per_epoch = math.ceil(len(data.train_idx) / cfg.batch_size)
+    settings = StepSettings.from_config(cfg, steps_per_epoch)
+    run_info = {"data": cfg.data, "data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                "model": cfg.model, "layout": cfg.layout}
+    checkpointer = Checkpointer(cfg.out, model, optimizer, ema, cfg.fsdp,
+                                {"model_config": model.config.to_dict(), "data": data.spec.to_dict(), "run": run_info})
+    state = _initial_state(cfg, checkpointer, runtime, resuming)
+    if checkpointer.out is not None and is_main():
+        _write_config(checkpointer.out, {
+            **cfg.replace(resume=False).to_dict(), "classes": list(data.spec.classes),
+            "model_config": model.config.to_dict(), "data_spec": data.spec.to_dict(), "params": n_params,
+            "train_images": len(data.train_idx), "val_images": len(data.val_idx), "steps_per_epoch": steps_per_epoch,
+            "total_steps": settings.total_steps, "warmup_steps": settings.warmup_steps, "world_size": world})
+    initial: dict = {}
+    if cfg.eval_before and state.global_step == 0:
+        before = _evaluate(cfg, eval_net, data.val_src, data.val_idx, data, runtime, state)
+        initial = {"initial_val_loss": before["loss"], "initial_val_top1": before["top1"]}
+        _log(f"before training: val_loss {before['loss']:.4f}  val_top1 {before['top1']:.2f}", cfg.quiet)
+    result = partial(_result, state, n_params, initial, t_start, checkpointer.out)
+
+    for epoch in range(state.epoch, cfg.epochs):
+        t_epoch = time.time()
+        stats = train_one_epoch(net, model, optimizer, ema, _epoch_data(cfg, data, epoch, state.step_in_epoch),
+                                state, settings, runtime, checkpointer)
+        if stats is None:  # stopped at cfg.stop_at_step
+            checkpointer.save(state, mid_epoch=True)
+            return result(stopped=True)
+        if ema is not None:
+            eval_model.load_state_dict(ema.state)
+        rec = _epoch_record(cfg, eval_net, data, runtime, state, epoch, stats)
+        rec["seconds"] = time.time() - t_epoch
+        rec["elapsed"] = time.time() - t_start
+        _end_epoch(cfg, state, rec, checkpointer)
+        if settings.stops_at(state.global_step) and epoch + 1 < cfg.epochs:
+            return result(stopped=True)
+    return result()
+
+
+# -- set-up --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Data:
+    """The run's images: training and validation sources, the (seeded subset) indices used from each."""
+
+    train_src: object
+    val_src: object
+    spec: DataSpec
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    workers: int  # DataLoader worker processes for folders
+
+
+def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
+    """The run's data, and `cfg` with img_size and crop_fraction resolved from it."""
+    train_src, val_src, spec = build_data(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.img_size,
+                                          cfg.crop_fraction, cfg.seed)
+    spec = _published_preprocessing(cfg, spec)
+    cfg = cfg.replace(img_size=spec.img_size, crop_fraction=spec.crop_fraction)
+    workers = min(4, os.cpu_count() or 1) if cfg.workers is None else cfg.workers
+    train_idx = subset_indices(len(train_src), cfg.train_subset, cfg.seed, stream=1)
+    val_idx = subset_indices(len(val_src), cfg.val_subset, cfg.seed, stream=2)
+    if len(val_idx) == 0:
+        raise ValueError(f"{cfg.data}: no validation images (raise --val-fraction or add a val/ folder)")
+    return cfg, _Data(train_src, val_src, spec, train_idx, val_idx, workers)
 
 
 def _published_preprocessing(cfg: TrainConfig, spec):
@@ -128,37 +376,26 @@ def _published_preprocessing(cfg: TrainConfig, spec):
         return spec
     crop = spec.crop_fraction if cfg.crop_fraction is not None else published.crop_pct
     if (spec.mean, spec.std, spec.crop_fraction) != (published.mean, published.std, crop):
-        _log(cfg, f"preprocessing of {published.tag}: mean {published.mean}, std {published.std}, "
-                  f"eval crop {crop}")
+        _log(f"preprocessing of {published.tag}: mean {published.mean}, std {published.std}, eval crop {crop}",
+             cfg.quiet)
     return dataclasses.replace(spec, mean=published.mean, std=published.std, crop_fraction=crop)
 
 
-def _train(cfg: TrainConfig) -> dict:
-    t_start = time.time()
-    rank, world = rank_and_world()
-    runtime = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads or local_threads(),
-                            cfg.deterministic)
-    train_src, val_src, spec = build_data(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.img_size,
-                                          cfg.crop_fraction, cfg.seed)
-    spec = _published_preprocessing(cfg, spec)
-    cfg = cfg.replace(img_size=spec.img_size, crop_fraction=spec.crop_fraction)
-    workers = min(4, os.cpu_count() or 1) if cfg.workers is None else cfg.workers
-    train_idx = subset_indices(len(train_src), cfg.train_subset, cfg.seed, stream=1)
-    val_idx = subset_indices(len(val_src), cfg.val_subset, cfg.seed, stream=2)
-    if len(val_idx) == 0:
-        raise ValueError(f"{cfg.data}: no validation images (raise --val-fraction or add a val/ folder)")
-    num_classes = len(spec.classes)
-
+def _build_model(cfg: TrainConfig, data: _Data, runtime: Runtime, resuming: bool) -> tuple[nn.Module, int]:
+    """(model, parameter count): created on the runtime's device (initialised from cfg.seed, or loaded from
+    cfg.pretrained), its BatchNorm recalibrated (unless `resuming`: the checkpoint's weights follow), stages frozen, and
+    sharded under FSDP, as cfg says."""
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=num_classes, img_size=spec.img_size, in_chans=spec.in_chans,
-                         drop_path_rate=cfg.drop_path, layout=cfg.layout, pretrained=cfg.pretrained)
+    model = create_model(cfg.model, num_classes=len(data.spec.classes), img_size=data.spec.img_size,
+                         in_chans=data.spec.in_chans, drop_path_rate=cfg.drop_path, layout=cfg.layout,
+                         pretrained=cfg.pretrained)
     runtime.prepare(model)
-    resuming = bool(cfg.resume and cfg.out and state_path(cfg.out).is_file())
     if cfg.recalibrate_bn and not resuming:  # before freezing: frozen stages keep the statistics of the new size
-        calib_idx = train_idx[subset_indices(len(train_idx), cfg.recalibrate_bn, cfg.seed, stream=3)]
-        used = recalibrate_batchnorm(model, train_src, calib_idx, spec, runtime, cfg.eval_batch_size, workers,
-                                     cfg.strict)
-        _log(cfg, f"BatchNorm statistics re-estimated on {used} training images at {spec.img_size}x{spec.img_size}")
+        calib_idx = data.train_idx[subset_indices(len(data.train_idx), cfg.recalibrate_bn, cfg.seed, stream=3)]
+        used = recalibrate_batchnorm(model, data.train_src, calib_idx, data.spec, runtime, cfg.eval_batch_size,
+                                     data.workers, cfg.strict)
+        size = data.spec.img_size
+        _log(f"BatchNorm statistics re-estimated on {used} training images at {size}x{size}", cfg.quiet)
     if cfg.freeze_stages:
         freeze_stages(model, cfg.freeze_stages)
     if hasattr(model, "freeze_redundant_parameters"):  # AdamW would turn their roundoff gradients into steps
@@ -167,182 +404,102 @@ def _train(cfg: TrainConfig) -> dict:
     if cfg.fsdp:  # sharding replaces the parameters: before the optimizer sees them
         apply_fsdp(convert_sync_batchnorm(model) if cfg.sync_bn else model, grad_checkpointing=True,
                    param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.layer_decay)
-    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    eval_model = copy.deepcopy(model) if ema is not None else model
-    net = runtime.compiled(model if cfg.fsdp else wrap_model(model, cfg.sync_bn))
-    eval_net = runtime.compiled(eval_model) if ema is not None else net
-    aug = augment_config(cfg)
+    return model, n_params
 
-    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-    micro = cfg.micro_batch_size or cfg.batch_size  # per-process images per forward/backward
-    run_info = {"data": cfg.data, "data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
-                "model": cfg.model, "layout": cfg.layout}
-    checkpointer = Checkpointer(cfg.out, model, optimizer, ema, cfg.fsdp,
-                                {"model_config": model.config.to_dict(), "data": spec.to_dict(), "run": run_info})
+
+def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtime, resuming: bool) -> TrainState:
+    """A new TrainState; when `resuming`, the run folder's checkpoint's (its weights loaded), and
+    metrics.jsonl rewritten to the epoch records it holds."""
     out = checkpointer.out
-    progress = TrainState()
+    if out is None or not cfg.resume:
+        return TrainState()
+    if not resuming:
+        _warn(f"no checkpoint in {out} yet: starting from the beginning")
+        return TrainState()
+    state = checkpointer.resume(runtime.device)
+    # The epoch records travel in the checkpoint: metrics.jsonl is rewritten to match it, so a kill
+    # between writing the checkpoint and the metrics neither loses nor repeats an epoch.
+    if is_main() and state.records != read_metrics(out / "metrics.jsonl"):
+        with writing(out / "metrics.jsonl", f"the checkpoint ({checkpointer.saved_at}) is kept"):
+            write_metrics(out / "metrics.jsonl", state.records)
+    if state.epoch >= cfg.epochs:
+        _warn(f"{out} is complete ({state.epoch} of {cfg.epochs} epochs): nothing to do (--epochs N extends it)")
+    else:
+        _warn(f"resuming {out} at epoch {state.epoch + 1}, step {state.global_step}")
+    return state
+
+
+# -- per epoch -----------------------------------------------------------------------------------------------
+def _epoch_data(cfg: TrainConfig, data: _Data, epoch: int, start: int) -> EpochData:
+    """Epoch `epoch`'s global batches (a permutation of the training indices, a function of seed and epoch)
+    as this process's micro-batches, from global batch `start` on."""
+    rank, world = rank_and_world()
+    order = data.train_idx[permutation(cfg.seed, epoch, len(data.train_idx))]
+    global_batches = list(order.split(cfg.batch_size))
+    micro = cfg.micro_batch_size or cfg.batch_size  # per-process images per forward/backward
+    parts = [split_micro_batches(shard(gb, rank, world), len(gb), world, micro) for gb in global_batches]
+    # A streaming source (shards) reads this process's own stream: on resume, skip what it already read.
+    skip = ({"skip": sum(len(shard(gb, rank, world)) for gb in global_batches[:start])}
+            if getattr(data.train_src, "streams", False) else {})
+    aug = augment_config(cfg)
+    batches = data.train_src.batches([m for p in parts[start:] for m in p], data.spec, True, aug, cfg.seed, epoch,
+                                     data.workers, cfg.strict, **skip)
+    inputs = partial(_train_inputs, aug=aug, spec=data.spec, num_classes=len(data.spec.classes), seed=cfg.seed,
+                     epoch=epoch)
+    return EpochData(epoch, [len(gb) for gb in global_batches], [len(p) for p in parts], start, batches, inputs)
+
+
+def _evaluate(cfg: TrainConfig, net: nn.Module, source, indices: torch.Tensor, data: _Data, runtime: Runtime,
+              state: TrainState) -> dict:
+    """`evaluate` with the run's settings; unreadable files it met are noted in `state`."""
+    scores = evaluate(net, source, indices, data.spec, runtime, cfg.eval_batch_size, data.workers, cfg.strict)
+    _note_skipped(state, scores["skipped"])
+    return scores
+
+
+def _epoch_record(cfg: TrainConfig, eval_net: nn.Module, data: _Data, runtime: Runtime, state: TrainState,
+                  epoch: int, stats: dict) -> dict:
+    """The metrics.jsonl line of the epoch just trained (all but its times): `stats` from train_one_epoch,
+    scores on the validation set and, with cfg.eval_train, on the training set."""
+    val = _evaluate(cfg, eval_net, data.val_src, data.val_idx, data, runtime, state)
+    rec = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "train_top1": stats["train_top1"],
+           "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"], "lr": stats["lr"],
+           "img_per_s": stats["img_per_s"], "step": state.global_step}
+    if cfg.eval_train:
+        tr = _evaluate(cfg, eval_net, data.train_src, data.train_idx, data, runtime, state)
+        rec.update(train_eval_loss=tr["loss"], train_eval_top1=tr["top1"], train_eval_top5=tr["top5"])
+    return rec
+
+
+def _end_epoch(cfg: TrainConfig, state: TrainState, rec: dict, checkpointer: Checkpointer) -> None:
+    """Close the epoch in `state`, checkpoint it (the best too, when it improved), then write metrics.jsonl
+    and curves.png, and print its summary line."""
+    improved = state.end_epoch(rec)
+    if state.skipped_in_epoch:
+        _warn(f"warning: epoch {rec['epoch']}: {skipped_summary(state.skipped_in_epoch)}")
+        state.skipped_in_epoch.clear()
+    checkpointer.save(state, best=improved)
+    out = checkpointer.out
+    if out is not None and is_main():
+        with writing(out / "metrics.jsonl", f"the checkpoint ({checkpointer.saved_at}) was saved"):
+            write_metrics(out / "metrics.jsonl", state.records)
+        with writing(out / "curves.png", f"the checkpoint ({checkpointer.saved_at}) was saved"):
+            plot_curves(state.records, out / "curves.png")
+    barrier()
+    _log(_summary_line(rec, cfg.epochs), cfg.quiet)
+
+
+def _result(state: TrainState, n_params: int, initial: dict, t_start: float, out: Path | None,
+            stopped: bool = False) -> dict:
+    """What `train` returns (see there)."""
+    last = state.records[-1] if state.records else {}
+    res = {k: v for k, v in last.items() if k not in ("seconds",)}
+    res.update(seconds=time.time() - t_start, params=n_params, epochs=state.epoch, steps=state.global_step,
+               best_val_top1=state.best_val_top1, skipped_images=len(state.skipped_images),
+               nonfinite_steps=len(state.nonfinite_steps))
+    res.update(initial)
+    if stopped:
+        res["stopped_at_step"] = state.global_step
     if out is not None:
-        if cfg.resume and state_path(out).is_file():
-            progress = checkpointer.resume(runtime.device)
-            # The epoch records travel in the checkpoint: metrics.jsonl is rewritten to match it, so a kill
-            # between writing the checkpoint and the metrics neither loses nor repeats an epoch.
-            if is_main() and progress.records != read_metrics(out / "metrics.jsonl"):
-                with writing(out / "metrics.jsonl", f"the checkpoint ({checkpointer.saved_at}) is kept"):
-                    write_metrics(out / "metrics.jsonl", progress.records)
-            if progress.epoch >= cfg.epochs:
-                _log(cfg, f"{out} is complete ({progress.epoch} of {cfg.epochs} epochs): nothing to do "
-                          f"(--epochs N extends it)", err=True)
-            else:
-                _log(cfg, f"resuming {out} at epoch {progress.epoch + 1}, step {progress.global_step}",
-                     err=True)
-        elif cfg.resume:
-            _log(cfg, f"no checkpoint in {out} yet: starting from the beginning", err=True)
-        if is_main():
-            resolved = {**cfg.replace(resume=False).to_dict(), "classes": list(spec.classes),
-                        "model_config": model.config.to_dict(), "data_spec": spec.to_dict(), "params": n_params,
-                        "train_images": len(train_idx), "val_images": len(val_idx), "steps_per_epoch": steps_per_epoch,
-                        "total_steps": total_steps, "warmup_steps": warmup_steps, "world_size": world}
-            with writing(out / "config.json", "nothing was trained yet"), atomic_write(out / "config.json") as tmp:
-                tmp.write_text(json.dumps(resolved, indent=2) + "\n")
-
-    def result(stopped: bool = False) -> dict:
-        last = progress.records[-1] if progress.records else {}
-        res = {k: v for k, v in last.items() if k not in ("seconds",)}
-        res.update(seconds=time.time() - t_start, params=n_params, epochs=progress.epoch,
-                   steps=progress.global_step, best_val_top1=progress.best_val_top1,
-                   skipped_images=len(progress.skipped_images), nonfinite_steps=len(progress.nonfinite_steps))
-        res.update(initial)
-        if stopped:
-            res["stopped_at_step"] = progress.global_step
-        if out is not None:
-            res["out"] = str(out)
-        return res
-
-    def note_skipped(failed: dict[str, str]) -> None:
-        """Count unreadable files once per run (named on stderr when first met) and list them per epoch."""
-        for path, reason in progress.note_skipped(failed):
-            _log(cfg, f"warning: skipping unreadable file {path}: {reason}", err=True)
-
-    from tqdm import tqdm
-
-    initial: dict = {}
-    if cfg.eval_before and progress.global_step == 0:
-        before = evaluate(eval_net, val_src, val_idx, spec, runtime, cfg.eval_batch_size, workers, cfg.strict)
-        note_skipped(before["skipped"])
-        initial = {"initial_val_loss": before["loss"], "initial_val_top1": before["top1"]}
-        _log(cfg, f"before training: val_loss {before['loss']:.4f}  val_top1 {before['top1']:.2f}")
-
-    for epoch in range(progress.epoch, cfg.epochs):
-        t_epoch = time.time()
-        order = train_idx[permutation(cfg.seed, epoch, len(train_idx))]
-        global_batches = list(order.split(cfg.batch_size))
-        start = progress.step_in_epoch
-        micro_batches, n_micro = [], []
-        for gb in global_batches[start:]:
-            parts = split_micro_batches(shard(gb, rank, world), len(gb), world, micro)
-            micro_batches += parts
-            n_micro.append(len(parts))
-        # A streaming source (shards) reads this process's own stream: on resume, skip what it already read.
-        skip = ({"skip": sum(len(shard(gb, rank, world)) for gb in global_batches[:start])}
-                if getattr(train_src, "streams", False) else {})
-        batches = train_src.batches(micro_batches, spec, True, aug, cfg.seed, epoch, workers, cfg.strict, **skip)
-        model.train()
-        bar = tqdm(total=len(global_batches), initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and is_main()), leave=False, file=sys.stderr, dynamic_ncols=True)
-        images_seen, t_train, lr = 0, time.time(), lr_at(progress.global_step, cfg.lr, total_steps,
-                                                          warmup_steps, cfg.min_lr, cfg.schedule)
-        for step_in_epoch, gb in enumerate(global_batches[start:], start):
-            step = progress.global_step
-            lr = lr_at(step, cfg.lr, total_steps, warmup_steps, cfg.min_lr, cfg.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            torch.manual_seed(mix_int(cfg.seed, step, 0xD809))  # any other randomness: a function of the step
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = correct = n = 0.0
-            for _ in range(n_micro[step_in_epoch - start]):
-                batch = next(batches)
-                if batch.failed:
-                    note_skipped(batch.failures)
-                if len(batch.labels) == 0 and world == 1:  # across processes every forward is collective
-                    continue
-                x, targets = _train_inputs(batch, aug, spec, num_classes, cfg.seed, epoch)
-                x, targets = runtime.inputs(x), targets.to(runtime.device)
-                # Stochastic depth masks keyed by (seed, step, sample): the same whatever process or
-                # micro-batch a sample lands in; backward too, where checkpointing recomputes them.
-                noise = partial(_drop_path_uniforms, cfg.seed, step, batch.indices)
-                with drop_path_noise(noise):
-                    with runtime.autocast():
-                        logits = net(x)
-                    per_sample = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
-                    # Sum over the global batch divided by its size; DDP averages over ranks, hence * world.
-                    (per_sample.sum() * (world / len(gb))).backward()
-                loss_sum += per_sample.sum().item()
-                correct += (logits.argmax(-1).cpu() == batch.labels).sum().item()
-                n += len(batch.labels)
-            finite = math.isfinite(loss_sum)
-            if world > 1:  # every process must take the same decision
-                finite = all_reduce_sums([0.0 if finite else 1.0])[0] == 0.0
-            if not finite:
-                where = f"step {step} (epoch {epoch + 1}, batch {step_in_epoch + 1}/{len(global_batches)})"
-                if not cfg.skip_nonfinite:
-                    raise NonFiniteLossError(f"non-finite loss at {where}; lower --lr, or pass --skip-nonfinite")
-                progress.nonfinite_steps.append(step)
-                _log(cfg, f"warning: non-finite loss at {where}: step skipped", err=True)
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                if cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                optimizer.step()
-                if ema is not None:
-                    ema.update(model)
-                progress.add_to_sums(loss_sum, correct, n)
-            progress.global_step = step + 1
-            progress.step_in_epoch = step_in_epoch + 1
-            images_seen += n
-            if bar.n % 10 == 0 or step_in_epoch + 1 == len(global_batches):
-                bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", lr=f"{lr:.2e}",
-                                img_s=f"{images_seen * world / max(time.time() - t_train, 1e-9):.0f}", refresh=False)
-            bar.update(1)
-            last_of_epoch = step_in_epoch + 1 == len(global_batches)
-            if not last_of_epoch and cfg.save_every and progress.global_step % cfg.save_every == 0:
-                checkpointer.save(progress, mid_epoch=True)
-            if cfg.stop_at_step and progress.global_step >= cfg.stop_at_step and not last_of_epoch:
-                bar.close()
-                batches.close()
-                checkpointer.save(progress, mid_epoch=True)
-                return result(stopped=True)
-        bar.close()
-        batches.close()  # a folder's DataLoader workers end now, not when the next epoch replaces them
-        train_seconds = time.time() - t_train
-        loss_sum, correct, n = all_reduce_sums(progress.sums)
-        if ema is not None:
-            eval_model.load_state_dict(ema.state)
-        val = evaluate(eval_net, val_src, val_idx, spec, runtime, cfg.eval_batch_size, workers, cfg.strict)
-        note_skipped(val["skipped"])
-        rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1), "train_top1": 100.0 * correct / max(n, 1),
-               "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"], "lr": lr,
-               "img_per_s": images_seen * world / max(train_seconds, 1e-9), "step": progress.global_step}
-        if cfg.eval_train:
-            tr = evaluate(eval_net, train_src, train_idx, spec, runtime, cfg.eval_batch_size, workers, cfg.strict)
-            note_skipped(tr["skipped"])
-            rec.update(train_eval_loss=tr["loss"], train_eval_top1=tr["top1"], train_eval_top5=tr["top5"])
-        rec["seconds"] = time.time() - t_epoch
-        rec["elapsed"] = time.time() - t_start
-        improved = progress.end_epoch(rec)
-        if progress.skipped_in_epoch:
-            _log(cfg, f"warning: epoch {epoch + 1}: {skipped_summary(progress.skipped_in_epoch)}", err=True)
-            progress.skipped_in_epoch.clear()
-        checkpointer.save(progress, best=improved)
-        if out is not None and is_main():
-            with writing(out / "metrics.jsonl", f"the checkpoint ({checkpointer.saved_at}) was saved"):
-                write_metrics(out / "metrics.jsonl", progress.records)
-            with writing(out / "curves.png", f"the checkpoint ({checkpointer.saved_at}) was saved"):
-                plot_curves(progress.records, out / "curves.png")
-        barrier()
-        _log(cfg, _summary_line(rec, cfg.epochs))
-        if cfg.stop_at_step and progress.global_step >= cfg.stop_at_step and epoch + 1 < cfg.epochs:
-            return result(stopped=True)
-    return result()
+        res["out"] = str(out)
+    return res
