@@ -5,7 +5,8 @@ A run folder holds, per checkpoint name ("last", "best"):
   "coatnet" = JSON {model_config, data (DataSpec: classes, size, normalisation), epoch, step, metrics}.
   Enough for `coatnet eval` and `coatnet predict`.
 - checkpoint-last.state.safetensors: everything to resume: the raw weights ("model.*"), EMA ("ema.*"),
-  optimizer tensors ("optim.<param>.<name>"), and metadata "state" = JSON {optimizer scalars, progress}.
+  optimizer tensors ("optim.<param>.<name>"), and metadata "state" = JSON {optimizer scalars, progress
+  (TrainState.to_dict, train/state.py)}.
   It alone resumes a run, so a crash between writing the two files cannot pair mismatched halves.
 """
 from __future__ import annotations

@@ -56,6 +56,7 @@ class NonFiniteLossError(ValueError):
 
 
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
+    """The training augmentation `cfg` asks for."""
     return AugmentConfig(enabled=cfg.augment, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
                          randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
                          mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing)
@@ -282,6 +283,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _write_config(out: Path, settings: dict) -> None:
+    """out/config.json, atomically."""
     with writing(out / "config.json", "nothing was trained yet"), atomic_write(out / "config.json") as tmp:
         tmp.write_text(json.dumps(settings, indent=2) + "\n")
 

@@ -42,7 +42,10 @@ class TrainState:
         return f"step {self.global_step}, in epoch {self.epoch + 1}"
 
     def add_to_sums(self, loss_sum: float, correct: float, images: float) -> None:
-        self.loss_sum, self.correct, self.images = self.loss_sum + loss_sum, self.correct + correct, self.images + images
+        """Count one optimizer step (a step skipped for a non-finite loss is not counted)."""
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.images += images
 
     def note_skipped(self, failed: dict[str, str]) -> list[tuple[str, str]]:
         """Record unreadable files (path -> reason) in this epoch's list and, once per run, in
