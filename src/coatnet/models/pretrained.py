@@ -131,18 +131,22 @@ def hf_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+def hf_cache_snapshots(repo_id: str) -> list[Path]:
+    """The snapshot folders of Hugging Face repo `repo_id` ("user/name") in the cache (no network): the one
+    that refs/main names first, then the others, newest first; [] when it was never downloaded."""
+    repo = hf_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+    snapshots = repo / "snapshots"
+    if not snapshots.is_dir():
+        return []
+    ref = repo / "refs" / "main"
+    main = ref.read_text().strip() if ref.is_file() else None
+    return sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: (p.name != main, -p.stat().st_mtime))
+
+
 def find_in_hf_cache(tag: str) -> Path | None:
     """`tag`'s weights file if timm or huggingface_hub has downloaded it (no network): the snapshot that
     refs/main names, else the newest one; model.safetensors preferred to pytorch_model.bin."""
-    repo = hf_cache_dir() / f"models--timm--{tag}"
-    snapshots = repo / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    ref = repo / "refs" / "main"
-    main = ref.read_text().strip() if ref.is_file() else None
-    candidates = sorted((p for p in snapshots.iterdir() if p.is_dir()),
-                        key=lambda p: (p.name != main, -p.stat().st_mtime))
-    for snapshot in candidates:
+    for snapshot in hf_cache_snapshots(f"timm/{tag}"):
         for filename in ("model.safetensors", "pytorch_model.bin"):
             if (snapshot / filename).is_file():  # is_file follows the cache's symlink into blobs/
                 return snapshot / filename

@@ -6,7 +6,9 @@ S0..S4 and the attention head size. Parameter and multiply-add counts are held t
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+from torch import nn
 
 from .coatnet import CoAtNet
 from .config import CoAtNetConfig, TransformerConfig
@@ -90,16 +92,44 @@ def get_config(name: str, **overrides: Any) -> CoAtNetConfig:
     return _REGISTRY[name]().replace(**overrides).validate()
 
 
-def create_model(name: str, pretrained: str | os.PathLike | bool | None = None, **overrides: Any) -> CoAtNet:
+def create_model(name: str | None = None, pretrained: str | os.PathLike | bool | None = None,
+                 features_only: bool = False, out_indices: Sequence[int] | None = None, **overrides: Any) -> nn.Module:
     """Build a registered variant. `overrides` replace config fields (flat or dotted names; None is
     ignored). `pretrained`: a weights file to load (ours, or timm's .safetensors/.pth/.bin); a tag from
     `coatnet weights` (found in our weights folder after `coatnet download TAG`, or in the Hugging Face
     cache where timm keeps what it downloads; never fetched here); or True for the tag in `name`
     ("coatnet_0_rw_224.sw_in1k") or else the model's default tag, as in timm. Without a num_classes
     override the model takes the checkpoint's class count; with another one the checkpoint's classifier
-    is dropped with a message. Relative-position tables are resized to img_size."""
+    is dropped with a message. Relative-position tables are resized to img_size.
+
+    `pretrained` may also be a Hub-format folder (`coatnet save-pretrained`) or "hf-hub:user/name" (the
+    Hugging Face cache, else a download with huggingface_hub), and `name` may then be left out: the folder's
+    config.json gives the network, its in_chans, num_classes and img_size unless overridden (a new head is
+    initialised, the stem's first convolution adapted to other input channels). "hf-hub:user/name" may
+    also be given as `name`, as in timm.
+
+    `features_only=True` returns the backbone instead (models/features.py, timm's convention): a module
+    whose forward gives the maps at `out_indices` (0: stem, stride 2; 1..4: S1..S4, strides 4..32;
+    default all) and whose `feature_info` tells their channels, reductions and module names."""
+    from .hub import is_hub_id, load_hub_model, resolve_hub_folder
     from .pretrained import default_tag, resolve_pretrained, split_model_name
 
+    if name is not None and is_hub_id(name):  # timm's create_model("hf-hub:user/name")
+        if pretrained not in (None, True, False):
+            raise ValueError(f"{name} names the weights already; drop pretrained={pretrained!r}")
+        name, pretrained = None, name
+    if features_only:
+        model = create_model(name, pretrained, **overrides)
+        from .features import CoAtNetFeatures
+
+        return CoAtNetFeatures(model, (0, 1, 2, 3, 4) if out_indices is None else out_indices)
+    if out_indices is not None:
+        raise ValueError("out_indices applies with features_only=True")
+    folder = resolve_hub_folder(pretrained) if pretrained not in (None, True, False) else None
+    if folder is not None:
+        return load_hub_model(folder, name, overrides)
+    if name is None:
+        raise ValueError("create_model needs a model name, or pretrained= a Hub-format folder or 'hf-hub:user/name'")
     model_name, tag = split_model_name(name)
     if pretrained is True:
         pretrained = tag or default_tag(model_name)

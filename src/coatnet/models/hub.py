@@ -1,0 +1,146 @@
+"""Hugging Face Hub-format model folders: reading them back (`create_model(pretrained=DIR or "hf-hub:user/name")`).
+
+A folder written by `coatnet save-pretrained` (coatnet.hub.save_pretrained) holds:
+- config.json: {"library_name": "coatnet", "format": HUB_FORMAT, "architecture": registered name,
+  "model_config": CoAtNetConfig.to_dict(), "data": DataSpec.to_dict() (classes, in_chans, img_size,
+  crop_fraction, mean, std), ...};
+- model.safetensors: the weights, with a training checkpoint's metadata, so every command that takes
+  `--checkpoint FILE` takes DIR/model.safetensors too;
+- README.md: the model card.
+"hf-hub:user/name" is looked up in the Hugging Face cache ($HF_HUB_CACHE, as huggingface_hub keeps it) and,
+where the optional huggingface_hub is installed and the network allows, downloaded into it. A repo whose
+config.json is not ours but names one of our registered (timm) architectures loads as timm's weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+HUB_FORMAT = "coatnet-hub-v1"
+HUB_PREFIX = "hf-hub:"
+HUB_FILES = ("config.json", "model.safetensors", "README.md", "curves.png")
+
+
+def is_hub_id(pretrained) -> bool:
+    """Whether `pretrained` names a Hub repo ("hf-hub:user/name") that is not one of timm's published tags."""
+    from .pretrained import WEIGHTS, _strip_hub_prefix
+
+    return (isinstance(pretrained, str) and pretrained.startswith(HUB_PREFIX)
+            and _strip_hub_prefix(pretrained) not in WEIGHTS and "/" in pretrained[len(HUB_PREFIX):])
+
+
+def read_hub_config(folder: str | os.PathLike) -> dict | None:
+    """The config.json of a Hub-format folder (ours or timm's); None when `folder` has none."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} does not hold a model config")
+    return config
+
+
+def is_ours(config: dict | None) -> bool:
+    return isinstance(config, dict) and config.get("format") == HUB_FORMAT
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A local folder with repo `repo_id`'s files: the Hugging Face cache's snapshot (no network), else a
+    download with huggingface_hub into that cache. One-line errors when neither works."""
+    from .pretrained import hf_cache_dir, hf_cache_snapshots
+
+    for snapshot in hf_cache_snapshots(repo_id):
+        if (snapshot / "config.json").is_file():
+            return snapshot
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:
+        raise FileNotFoundError(f"{HUB_PREFIX}{repo_id} is not in the Hugging Face cache {hf_cache_dir()}, and "
+                                f"downloading it needs huggingface_hub: pip install 'coatnet[hub]'") from None
+    hub_logging.set_verbosity_error()  # its retry warnings would bury the one-line error below
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(HUB_FILES) + ["pytorch_model.bin"]))
+    except Exception as e:  # offline, no such repo, no access: one line, not a traceback
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"{HUB_PREFIX}{repo_id} is not in the Hugging Face cache {hf_cache_dir()} and could "
+                                f"not be downloaded: {detail}") from None
+
+
+def resolve_hub_folder(pretrained) -> Path | None:
+    """The local folder that `pretrained` names when it is a Hub-format folder or "hf-hub:user/name"; None
+    for anything else (a file, a published tag)."""
+    if is_hub_id(pretrained):
+        return hub_snapshot(pretrained[len(HUB_PREFIX):].split("@")[0])
+    if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
+        if not (Path(pretrained) / "config.json").is_file():
+            raise FileNotFoundError(f"{pretrained} is a folder without config.json: not a Hub-format model folder "
+                                    f"(write one with `coatnet save-pretrained`)")
+        return Path(pretrained)
+    return None
+
+
+def hub_weights_file(folder: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{folder} holds no model.safetensors")
+
+
+def load_hub_model(folder: Path, name: str | None, features_only_overrides: dict):
+    """A CoAtNet from a Hub-format folder: our config.json gives the exact network (and its class count,
+    input channels and size), overrides change it; timm's gives the architecture name."""
+    from .coatnet import CoAtNet
+    from .config import CoAtNetConfig
+    from .variants import create_model, get_config
+    from .weights import load_state, read_weights
+
+    config = read_hub_config(folder)
+    overrides = dict(features_only_overrides)
+    if not is_ours(config):
+        arch = (config or {}).get("architecture")
+        if not isinstance(arch, str):
+            raise ValueError(f"{folder}/config.json is neither a coatnet model folder nor names a timm architecture")
+        if name is not None and name != arch:
+            raise ValueError(f"{folder} holds {arch}, not {name}")
+        if overrides.get("num_classes") is None and isinstance(config.get("num_classes"), int):
+            overrides["num_classes"] = config["num_classes"]
+        return create_model(arch, pretrained=hub_weights_file(folder), **overrides)
+    arch = config.get("architecture")
+    if name is not None and name != arch:
+        raise ValueError(f"{folder} holds {arch}, not {name} (leave the name out to build what it holds)")
+    try:
+        base = CoAtNetConfig.from_dict(config["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{folder}/config.json: its model_config is invalid ({e})") from None
+    if arch is not None:
+        get_config(arch)  # an architecture this version does not know: named now
+    model = CoAtNet(base.replace(**overrides).validate())
+    path = hub_weights_file(folder)
+    state = read_weights(path)
+    if model.in_chans != base.in_chans:
+        state = adapt_input_channels(state, model)
+    load_state(model, state, path)
+    return model
+
+
+def adapt_input_channels(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """The state with the stem's first convolution changed to the model's input channels, as timm adapts
+    it: to 1 channel by summing over the old ones; from 1 by repeating it, scaled by 1/n; otherwise by
+    repeating the old channels cyclically, scaled by old/new. A grey image repeated into every channel then
+    gives the same first-layer output as before."""
+    first = next(k for k, v in model.state_dict().items() if v.ndim == 4)
+    w = state[first]
+    old, new = w.shape[1], model.in_chans
+    if new == 1:
+        adapted = w.sum(1, keepdim=True)
+    else:
+        repeats = -(-new // old)
+        adapted = w.repeat(1, repeats, 1, 1)[:, :new] * (old / new)
+    return {**state, first: adapted}
