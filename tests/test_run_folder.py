@@ -143,3 +143,11 @@ def test_files_written_atomically_get_the_umask_mode_not_a_private_one(tmp_path)
     finally:
         os.umask(old)
     assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_settings_read_back_from_config_json_keep_their_none_values():
+    """A run trained without gradient clipping (clip_grad None, --clip-grad 0) resumes without it: config.json's
+    null is the setting, not "the default" (1.0)."""
+    cfg = TrainConfig(clip_grad=None, crop_scale=(0.5, 1.0), img_size=64)
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.clip_grad is None and again.crop_scale == (0.5, 1.0)

@@ -163,4 +163,6 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls().replace(**{k: v for k, v in d.items() if k in known})
+        # Not replace(): a saved None is a setting (clip_grad None: no clipping), not "keep the default".
+        return dataclasses.replace(cls(), **{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
+                                             if k in known})
