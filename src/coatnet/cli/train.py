@@ -10,7 +10,7 @@ from . import CliError
 
 # Settings that may change when resuming a run (the rest would change what is being resumed).
 _RESUME_CHANGEABLE = {"epochs", "device", "threads", "workers", "progress", "quiet", "stop_at_step", "save_every",
-                      "eval_batch_size", "strict", "skip_nonfinite", "fsdp"}
+                      "eval_batch_size", "strict", "skip_nonfinite", "fsdp", "log"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -87,6 +87,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip steps with a NaN/inf loss instead of stopping")
     g.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=S)
     g.add_argument("--quiet", action="store_const", const=True, default=S, help="no per-epoch lines")
+    g.add_argument("--log", default=S, metavar="TRACKER",
+                   help="also log to tensorboard (event files in DIR/tensorboard) or wandb (Weights & Biases; "
+                        "WANDB_MODE=offline keeps it local), or 'tensorboard,wandb': loss, lr, img/s per step, "
+                        "val metrics and a few predicted images per epoch")
     p.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint: JSON line with top1, top5, loss, n")

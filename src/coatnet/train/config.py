@@ -90,6 +90,7 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar per epoch (stderr)
     quiet: bool = False  # no per-epoch summary lines
     recipe: Optional[str] = None  # the recipe these settings came from (recorded only)
+    log: Optional[str] = None  # experiment tracking into the run folder: "tensorboard", "wandb" or both, comma-separated
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with fields changed; None values are ignored; unknown names raise ValueError."""
@@ -138,6 +139,10 @@ class TrainConfig:
             raise ValueError("fsdp does not keep an EMA of sharded weights: drop ema_decay (--ema-decay) or fsdp")
         if self.resume and not self.out:
             raise ValueError("resume needs the run folder (out)")
+        from .tracking import parse_log
+
+        if parse_log(self.log) and not self.out:
+            raise ValueError(f"log={self.log!r} writes into the run folder: give one (out)")
         from ..models import get_config
 
         get_config(self.model, layout=self.layout)  # an unknown model or a bad layout: named now, not after loading

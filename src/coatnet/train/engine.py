@@ -49,6 +49,7 @@ from .runfolder import prepare_run_folder, remove_stale_temp_files, run_folder_l
 from .runtime import Runtime, setup_runtime
 from .schedule import lr_at
 from .state import TrainState
+from .tracking import Tracker, make_tracker, sample_predictions
 
 
 class NonFiniteLossError(ValueError):
@@ -156,10 +157,11 @@ def _summary_line(rec: dict, epochs: int) -> str:
 # -- one epoch -----------------------------------------------------------------------------------------------
 def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, ema: WeightEMA | None,
                     data: EpochData, state: TrainState, settings: StepSettings, runtime: Runtime,
-                    checkpointer: Checkpointer) -> dict | None:
+                    checkpointer: Checkpointer, tracker: Tracker | None = None) -> dict | None:
     """Train epoch `data.epoch` from global batch `data.start` to its end, one optimizer step per global
     batch, advancing `state` (position, running sums, skipped files and steps); `net` is `model` as it
-    runs forward (wrapped, compiled). Checkpoints mid-epoch every settings.save_every steps.
+    runs forward (wrapped, compiled). Checkpoints mid-epoch every settings.save_every steps; `tracker` gets
+    each step's loss, lr and img/s.
 
     Returns {"train_loss", "train_top1" (running, with augmentation, over all processes), "lr" (the last
     step's), "img_per_s"}; None when it stopped at settings.stop_at_step first (the caller checkpoints)."""
@@ -173,7 +175,7 @@ def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Opt
     images_seen, t_train, lr = 0, time.time(), settings.lr_at(state.global_step)
     with contextlib.closing(data.batches), bar:  # a folder's DataLoader workers end with the epoch
         for step_in_epoch in range(data.start, n_batches):
-            step = state.global_step
+            step, t_step = state.global_step, time.time()
             lr = settings.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -197,6 +199,9 @@ def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Opt
                 optimizer.zero_grad(set_to_none=True)
             state.global_step, state.step_in_epoch = step + 1, step_in_epoch + 1
             images_seen += n
+            if tracker is not None:  # this process's loss; the main process's tracker writes
+                tracker.log_step(state.global_step, {"loss": loss_sum / max(n, 1), "lr": lr,
+                                                     "img_per_s": n * world / max(time.time() - t_step, 1e-9)})
             if bar.n % 10 == 0 or step_in_epoch + 1 == n_batches:
                 bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", lr=f"{lr:.2e}",
                                 img_s=f"{images_seen * world / max(time.time() - t_train, 1e-9):.0f}", refresh=False)
@@ -279,7 +284,8 @@ def train(cfg: TrainConfig) -> dict:
         if not cfg.resume or not (out / "config.json").is_file():
             # The settings, at once: a run killed before its first checkpoint can be resumed (from the start).
             _write_config(out, cfg.replace(resume=False).to_dict())
-        return _train(cfg)
+        with contextlib.closing(make_tracker(cfg.log, out, cfg.to_dict())) as tracker:
+            return _train(cfg, tracker)
 
 
 def _write_config(out: Path, settings: dict) -> None:
@@ -288,8 +294,9 @@ def _write_config(out: Path, settings: dict) -> None:
         tmp.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def _train(cfg: TrainConfig) -> dict:
-    """`train` after the run folder checks: set up, then train and evaluate epoch by epoch."""
+def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
+    """`train` after the run folder checks: set up, then train and evaluate epoch by epoch (`tracker`: where
+    the main process logs steps and epochs besides metrics.jsonl)."""
     t_start = time.time()
     _, world = rank_and_world()
     runtime = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads or local_threads(),
@@ -325,7 +332,7 @@ def _train(cfg: TrainConfig) -> dict:
     for epoch in range(state.epoch, cfg.epochs):
         t_epoch = time.time()
         stats = train_one_epoch(net, model, optimizer, ema, _epoch_data(cfg, data, epoch, state.step_in_epoch),
-                                state, settings, runtime, checkpointer)
+                                state, settings, runtime, checkpointer, tracker)
         if stats is None:  # stopped at cfg.stop_at_step
             checkpointer.save(state, mid_epoch=True)
             return result(stopped=True)
@@ -334,6 +341,10 @@ def _train(cfg: TrainConfig) -> dict:
         rec = _epoch_record(cfg, eval_net, data, runtime, state, epoch, stats)
         rec["seconds"] = time.time() - t_epoch
         rec["elapsed"] = time.time() - t_start
+        if cfg.log:  # before the checkpoint: a run killed in between repeats the epoch, and its events with it
+            tracker.log_epoch(state.global_step, rec)
+            tracker.log_predictions(state.global_step, *sample_predictions(eval_model, data.val_src, data.val_idx[:8],
+                                                                           data.spec, runtime.device))
         _end_epoch(cfg, state, rec, checkpointer)
         if settings.stops_at(state.global_step) and epoch + 1 < cfg.epochs:
             return result(stopped=True)
