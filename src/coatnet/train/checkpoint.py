@@ -152,11 +152,19 @@ def load_train_state(path: str | os.PathLike) -> dict:
             "progress": meta["progress"]}
 
 
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """`path`, or the model.safetensors in it when it is a Hub-format folder (`coatnet save-pretrained`)."""
+    path = Path(path)
+    return path / "model.safetensors" if path.is_dir() and (path / "model.safetensors").is_file() else path
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model in eval mode, DataSpec, info) from a checkpoint-*.safetensors file; no other flags needed."""
+    """(model in eval mode, DataSpec, info) from a checkpoint-*.safetensors file (or a Hub-format folder);
+    no other flags needed."""
     from ..data import DataSpec
     from ..models import CoAtNet, CoAtNetConfig
 
+    path = checkpoint_file(path)
     tensors, info = read_checkpoint(path)
     try:
         config, spec = CoAtNetConfig.from_dict(info["model_config"]), DataSpec.from_dict(info["data"])
