@@ -73,7 +73,7 @@ def _one_error_line(capsys, argv):
 
 @pytest.mark.parametrize("image, says", [
     ("missing", "image not found: {missing}"),
-    ("dir", "{dir} is a folder, not an image file"),
+    ("dir", "{dir} is a folder with no image files in it"),
     ("text", "cannot read image {text}: not an image file Pillow can decode"),
     ("empty", "cannot read image {empty}: empty file"),
 ])

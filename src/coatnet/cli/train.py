@@ -117,12 +117,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(eval transform, no labels, no weight changes)")
     e.set_defaults(func=run_eval)
 
-    q = sub.add_parser("predict", help="top-k classes with probabilities for image files")
-    q.add_argument("--checkpoint", required=True, help="a checkpoint-*.safetensors file")
-    q.add_argument("images", nargs="+", metavar="IMAGE")
+    q = sub.add_parser("predict", help="top-k classes with probabilities for image files and folders",
+                       description="Predict image files and folders (searched recursively) in batches. Unreadable "
+                                   "files inside folders are skipped with the reason on stderr; an unreadable file "
+                                   "named on the command line is an error after the others are predicted.")
+    q.add_argument("--checkpoint", required=True, help="a checkpoint-*.safetensors file, or a Hub-format folder")
+    q.add_argument("images", nargs="+", metavar="IMAGE", help="image files and folders")
     q.add_argument("--top-k", type=int, default=5)
-    q.add_argument("--json", action="store_true", help="one JSON object per image")
+    q.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    q.add_argument("--output", metavar="FILE", help="write the predictions to FILE (.csv: path, label_1, prob_1, "
+                                                    "..., error; .jsonl: one JSON object per image) instead of stdout")
+    q.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
+    q.add_argument("--workers", type=int, default=None, help="image-decoding processes (default min(4, CPUs))")
+    q.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     q.add_argument("--device", default="cpu")
+    q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     q.set_defaults(func=run_predict)
 
 
@@ -223,28 +232,61 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ..train import predict_files
+    import os
+    import sys
+
+    from ..data.images import list_image_files
+    from ..train.checkpoint import load_model
+    from ..train.predict import PredictionWriter, iter_predictions
+    from ..train.runtime import setup_runtime
 
     if args.top_k < 1:
         raise CliError("--top-k must be at least 1")
-    for p in map(Path, args.images):  # before loading the model: the cheap mistakes first
-        if p.is_dir():
-            raise CliError(f"{p} is a folder, not an image file (pass the files, e.g. {p / '*.jpg'})")
-        if not p.is_file():
-            raise FileNotFoundError(f"image not found: {p}")
-    # Like cat(1): every readable image is predicted, then one error line names those that were not.
-    failed = []
-    for res in predict_files(args.checkpoint, args.images, args.top_k, args.device, skip_unreadable=True):
-        if "error" in res:
-            failed.append(res)
-        elif args.json:
-            print(json.dumps(res), flush=True)
-        else:
-            print(res["image"] + "  " + "  ".join(f"{t['class']} {t['prob']:.4f}" for t in res["top"]), flush=True)
+    if args.batch_size < 1:
+        raise CliError("--batch-size must be at least 1")
+    files = list_image_files(args.images)  # before loading the model: the cheap mistakes first
+    named = {p for p in args.images if not os.path.isdir(p)}
+    runtime = setup_runtime(args.device, "fp32", threads=args.threads)
+    model, spec, _ = load_model(args.checkpoint, runtime.device)
+    workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
+    writer = PredictionWriter(args.output, min(args.top_k, len(spec.classes))) if args.output else None
+    # Like cat(1): every readable image is predicted, then one error line names the named files that were not;
+    # unreadable files found in folders are skipped with a warning, as training skips them.
+    failed, skipped, predicted, t0 = [], [], 0, time.time()
+    try:
+        for res in iter_predictions(model, spec, files, args.top_k, args.batch_size, workers,
+                                    progress=args.progress and len(files) > args.batch_size):
+            if writer is not None:
+                writer.write(res)
+            if "error" in res:
+                if res["image"] in named:
+                    failed.append(res)
+                else:
+                    skipped.append(res)
+                    print(f"warning: skipping unreadable file {res['image']}: {res['error']}", file=sys.stderr,
+                          flush=True)
+                continue
+            predicted += 1
+            if writer is not None:
+                continue
+            if args.json:
+                print(json.dumps(res), flush=True)
+            else:
+                print(res["image"] + "  " + "  ".join(f"{t['class']} {t['prob']:.4f}" for t in res["top"]), flush=True)
+    finally:
+        if writer is not None:
+            writer.close()
+    seconds = time.time() - t0
+    if writer is not None:
+        print(json.dumps({"output": str(args.output), "predicted": predicted, "unreadable": len(failed) + len(skipped),
+                          "seconds": round(seconds, 3), "img_per_s": round(len(files) / max(seconds, 1e-9), 1)}))
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''} "
+              f"of {len(files)}", file=sys.stderr)
     if failed:
         first = f"{failed[0]['image']}: {failed[0]['error']}"
-        if len(args.images) == 1:
+        if len(files) == 1:
             raise CliError(f"cannot read image {first}")
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-        raise CliError(f"cannot read {len(failed)} of {len(args.images)} images: {first}{more}")
+        raise CliError(f"cannot read {len(failed)} of {len(files)} images: {first}{more}")
     return 0

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, load_fashion_mnist
-from .images import IMAGE_EXTENSIONS, UnreadableImageError, load_image
+from .images import IMAGE_EXTENSIONS, UnreadableImageError, images_under, load_image
 from .random import permutation
 from .transforms import AugmentConfig, center_crop_box, crop_params, resized_crop
 
@@ -173,7 +173,7 @@ class FolderSource:
 
 # -- building ------------------------------------------------------------------------------------------
 def _list_images(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return images_under(folder)
 
 
 def _class_dirs(root: Path) -> list[str]:

@@ -3,6 +3,8 @@ decoded raises UnreadableImageError saying why (Pillow's decompression-bomb guar
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -66,3 +68,26 @@ def load_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
     if img.mode == "P":  # palette: expand through RGBA so a transparent index keeps its colour
         img = img.convert("RGBA")
     return img.convert("L" if channels == 1 else "RGB")
+
+
+def images_under(folder: str | os.PathLike) -> list[str]:
+    """The image files (by extension) anywhere under `folder`, sorted."""
+    return sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def list_image_files(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Files and folders -> files: a folder gives the image files under it (recursively, by extension,
+    sorted), a file is kept whatever its name (reading it tells whether it is an image). Raises
+    FileNotFoundError for a missing path and ValueError for a folder without images."""
+    files: list[str] = []
+    for path in map(str, paths):
+        if os.path.isdir(path):
+            found = images_under(path)
+            if not found:
+                raise ValueError(f"{path} is a folder with no image files in it ({', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"image not found: {path}")
+    return files

@@ -1,50 +1,125 @@
-"""Prediction on image files: top-k classes with probabilities, with a checkpoint's own transform."""
+"""Prediction on image files and folders: top-k classes with probabilities, with a checkpoint's own eval
+transform, in batches decoded by DataLoader workers; unreadable files are reported with the reason, not fatal.
+Results go to the caller one by one, or to a CSV / JSON-lines file (PredictionWriter)."""
 from __future__ import annotations
 
-import numpy as np
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
 import torch
-from PIL import Image
 
 from ..data.images import load_image
-from ..data.transforms import center_crop_box, normalize
+from ..data.transforms import normalize
 
 
 def preprocess(path: str, spec) -> torch.Tensor:
     """One file -> (C, S, S) float in [0, 1] by the eval transform (resize, centre crop)."""
-    img = load_image(path, spec.in_chans)
-    s = spec.img_size
-    x0, y0, w, h = center_crop_box(img.size[1], img.size[0], spec.crop_fraction, s, s)
-    img = img.resize((s, s), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
-    arr = torch.from_numpy(np.array(img, dtype=np.uint8)).to(torch.float32).div_(255)
-    return arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
+    from ..data.datasets import transform_image
+    from .evaluate import NO_AUGMENT
+
+    return transform_image(load_image(path, spec.in_chans), 0, spec, False, NO_AUGMENT, 0, 0).float().div_(255)
 
 
 @torch.no_grad()
+def iter_predictions(model: torch.nn.Module, spec, files: Sequence[str], top_k: int = 5, batch_size: int = 64,
+                     workers: int = 0, progress: bool = False) -> Iterator[dict]:
+    """{"image": path, "top": [{"class", "index", "prob"}, ...]} for each file in order, top_k best first, or
+    {"image": path, "error": reason} for a file that is not a readable image. `model` in eval mode; batches
+    of `batch_size` decoded by `workers` DataLoader processes; a tqdm bar on stderr with `progress`."""
+    import sys
+
+    from tqdm import tqdm
+
+    from ..data.datasets import FolderSource
+    from .evaluate import NO_AUGMENT
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    device = next(model.parameters()).device
+    k = max(1, min(top_k, len(spec.classes)))
+    index_batches = list(torch.arange(len(files)).split(batch_size))
+    source = FolderSource([(str(f), 0) for f in files])
+    batches = source.batches(index_batches, spec, False, NO_AUGMENT, 0, 0, workers)
+    with tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr, leave=False,
+              dynamic_ncols=True) as bar:
+        for wanted, batch in zip(index_batches, batches):
+            found = {}
+            if len(batch.labels):
+                x = normalize(batch.images, spec.mean, spec.std).to(device)
+                p, i = model(x).float().softmax(-1).topk(k)
+                for index, probs, classes in zip(batch.indices.tolist(), p.tolist(), i.tolist()):
+                    found[index] = [{"class": spec.classes[j], "index": j, "prob": round(q, 6)}
+                                    for q, j in zip(probs, classes)]
+            reasons = iter(zip(batch.failed, batch.reasons or ["unreadable"] * len(batch.failed)))
+            for index in wanted.tolist():  # the batch's files in order; the unreadable ones in the order met
+                if index in found:
+                    yield {"image": str(files[index]), "top": found[index]}
+                else:
+                    path, reason = next(reasons)
+                    yield {"image": str(path), "error": reason}
+            bar.update(len(wanted))
+
+
 def predict_files(checkpoint: str, paths: list[str], top_k: int = 5, device: str = "cpu",
-                  skip_unreadable: bool = False) -> list[dict]:
-    """[{"image": path, "top": [{"class", "index", "prob"}, ...]}] for each file, top_k best first.
+                  skip_unreadable: bool = False, batch_size: int = 64, workers: int = 0) -> list[dict]:
+    """[{"image": path, "top": [{"class", "index", "prob"}, ...]}] for each file (folders: the images under
+    them), top_k best first.
 
     A file that is not a readable image raises UnreadableImageError (a ValueError naming it and why), or
     with `skip_unreadable` gives {"image": path, "error": reason} and the others are still predicted."""
-    from ..data.images import UnreadableImageError
+    from ..data.images import UnreadableImageError, list_image_files
     from .checkpoint import load_model
     from .runtime import resolve_device
 
-    device = resolve_device(device)
-    model, spec, _ = load_model(checkpoint, device)
-    k = max(1, min(top_k, len(spec.classes)))
-    results = []
-    for path in paths:
-        try:
-            image = preprocess(path, spec)
-        except UnreadableImageError as e:
-            if not skip_unreadable:
-                raise
-            results.append({"image": str(path), "error": e.reason})
-            continue
-        x = normalize(image.unsqueeze(0), spec.mean, spec.std).to(device)
-        probs = model(x).float().softmax(-1)[0]
-        p, i = probs.topk(k)
-        results.append({"image": str(path), "top": [{"class": spec.classes[j], "index": j, "prob": round(q, 6)}
-                                                     for q, j in zip(p.tolist(), i.tolist())]})
+    files = list_image_files(paths)
+    model, spec, _ = load_model(checkpoint, resolve_device(device))
+    results = list(iter_predictions(model, spec, files, top_k, batch_size, workers))
+    for res in results:
+        if "error" in res and not skip_unreadable:
+            raise UnreadableImageError(res["image"], res["error"])
     return results
+
+
+class PredictionWriter:
+    """Writes predictions to `path` as they come: CSV for *.csv (path, label_1, prob_1, ..., label_k, prob_k,
+    error), JSON lines for *.jsonl / *.json (the dicts of iter_predictions). The file appears complete or
+    not at all (written beside it, renamed on close)."""
+
+    def __init__(self, path: str | os.PathLike, top_k: int):
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in (".csv", ".jsonl", ".json"):
+            raise ValueError(f"--output {self.path}: name a .csv or .jsonl file")
+        self.kind, self.top_k = suffix.lstrip("."), top_k
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.file = open(self.tmp, "w", newline="")
+        self.rows = 0
+        if self.kind == "csv":
+            self.csv = csv.writer(self.file)
+            self.csv.writerow(["path"] + [f"{w}_{n}" for n in range(1, top_k + 1) for w in ("label", "prob")]
+                              + ["error"])
+
+    def write(self, result: dict) -> None:
+        self.rows += 1
+        if self.kind != "csv":
+            self.file.write(json.dumps(result) + "\n")
+            return
+        top = result.get("top", [])
+        cells = [v for t in top for v in (t["class"], f"{t['prob']:.6f}")]
+        self.csv.writerow([result["image"], *cells, *[""] * (2 * self.top_k - len(cells)), result.get("error", "")])
+
+    def close(self, keep: bool = True) -> None:
+        self.file.close()
+        if keep:
+            os.replace(self.tmp, self.path)
+        elif self.tmp.exists():
+            self.tmp.unlink()
+
+    def __enter__(self) -> "PredictionWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(keep=exc_type is None)
