@@ -8,7 +8,7 @@ import sys
 import traceback
 
 # Modules under coatnet.cli that add subcommands, in the order they appear in --help.
-COMMAND_MODULES = ("models", "train", "finetune", "hub", "weights", "scale", "perf", "study")
+COMMAND_MODULES = ("models", "train", "finetune", "explain", "hub", "weights", "scale", "perf", "study")
 
 
 class _Parser(argparse.ArgumentParser):
