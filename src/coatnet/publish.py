@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from .models.hub import HUB_FILES, HUB_FORMAT, is_ours, read_hub_config
-from .utils import atomic_write
+from .utils import atomic_write, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -233,11 +233,11 @@ def _flag(name: str, value) -> list[str]:
 
 
 def _read_json(path: Path) -> dict:
+    """The run's config.json, or {} when it is missing or unreadable (the card then says so)."""
     try:
-        value = json.loads(path.read_text())
+        return read_json_object(path)
     except (OSError, ValueError):
         return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _read_metrics(path: Path) -> list[dict]:

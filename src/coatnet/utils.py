@@ -1,7 +1,8 @@
-"""Small shared helpers: atomic file writes, allocator tuning."""
+"""Small shared helpers: atomic file writes, reading a JSON object, allocator tuning."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -47,6 +48,17 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in the file at `path`; ValueError naming the file when it is not valid JSON or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return value
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)

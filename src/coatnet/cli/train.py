@@ -152,6 +152,7 @@ def _flag_values(args: argparse.Namespace) -> dict:
 def build_config(args: argparse.Namespace):
     """TrainConfig from the recipe (or a resumed run's config.json) and the flags."""
     from ..train import TrainConfig, get_recipe
+    from ..utils import read_json_object
 
     flags = _flag_values(args)
     if hasattr(args, "resume"):
@@ -162,11 +163,9 @@ def build_config(args: argparse.Namespace):
         if hasattr(args, "recipe"):
             raise CliError("--resume takes the settings of the run; drop --recipe")
         try:
-            saved = json.loads(cfg_file.read_text())
+            saved = read_json_object(cfg_file)
         except ValueError as e:
-            raise CliError(f"--resume {run_dir}: config.json is not valid JSON ({e})") from None
-        if not isinstance(saved, dict):
-            raise CliError(f"--resume {run_dir}: config.json does not hold the run's settings")
+            raise CliError(f"--resume {run_dir}: {e} (not the run's settings)") from None
         cfg = TrainConfig.from_dict(saved)
         fixed = sorted(k for k, v in flags.items() if k not in _RESUME_CHANGEABLE and getattr(cfg, k) != v)
         if fixed:

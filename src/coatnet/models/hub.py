@@ -13,7 +13,6 @@ config.json is not ours but names one of our registered (timm) architectures loa
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -34,16 +33,10 @@ def is_hub_id(pretrained) -> bool:
 
 def read_hub_config(folder: str | os.PathLike) -> dict | None:
     """The config.json of a Hub-format folder (ours or timm's); None when `folder` has none."""
+    from ..utils import read_json_object
+
     path = Path(folder) / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} does not hold a model config")
-    return config
+    return read_json_object(path) if path.is_file() else None
 
 
 def is_ours(config: dict | None) -> bool:
