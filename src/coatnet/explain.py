@@ -196,16 +196,19 @@ def _show_image(ax, image: torch.Tensor) -> None:
     ax.set_yticks([])
 
 
-def _overlay(ax, image: torch.Tensor, heat: torch.Tensor, vmax: float | None = None, cmap: str = "jet") -> object:
-    """The image in grey with `heat` (h, w) drawn over it, each cell a block of the image's pixels."""
+def _overlay(ax, image: torch.Tensor, heat: torch.Tensor, vmax: float) -> None:
+    """`heat` (h, w) as flat cells over the image's extent (magma, 0..vmax), the image's outline drawn on top."""
     grey = image.mean(0).numpy()
-    ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
     H, W = grey.shape
-    im = ax.imshow(heat.numpy(), cmap=cmap, alpha=0.55, extent=(-0.5, W - 0.5, H - 0.5, -0.5),
-                   interpolation="nearest", vmin=0, vmax=vmax if vmax is not None else float(heat.max()) or 1.0)
+    ax.imshow(heat.numpy(), cmap="magma", extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="nearest", vmin=0,
+              vmax=vmax)
+    levels = [float(grey.min() + 0.3 * (grey.max() - grey.min()))]
+    if grey.max() > grey.min():
+        ax.contour(grey, levels=levels, colors="cyan", linewidths=0.7)
+    ax.set_xlim(-0.5, W - 0.5)
+    ax.set_ylim(H - 0.5, -0.5)
     ax.set_xticks([])
     ax.set_yticks([])
-    return im
 
 
 def _save(fig, path: Path) -> Path:
@@ -257,19 +260,20 @@ def draw_attention(image: torch.Tensor, stage: str, found: dict, title: str, pat
     axes[0][0].add_patch(Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h, fill=False,
                                    edgecolor="red", linewidth=2))
     axes[0][0].set_title(f"query ({row}, {col})", fontsize=8)
-    vmax = float(maps.max())
+    vmax = float(maps.max()) or 1.0
     for i in range(heads + 1):
         ax = axes[(i + 1) // cols][(i + 1) % cols]
         heat = maps[i] if i < heads else maps.mean(0)
         _overlay(ax, image, heat, vmax)
         ax.add_patch(Rectangle((col * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h, fill=False,
-                               edgecolor="white", linewidth=1))
+                               edgecolor="red", linewidth=1.2))
         ax.set_title(f"head {i + 1}: max {float(heat.max()):.2f}" if i < heads else "mean of heads", fontsize=8)
     for i in range(panels, rows * cols):
         axes[i // cols][i % cols].axis("off")
     note = " (one token: each weight is 1)" if h * w == 1 else ""
     fig.suptitle(f"{title}\n{stage}, block {found['block'] + 1}: {h}x{w} tokens, attention of the red query cell "
-                 f"over all keys{note}; colour scale 0..{vmax:.2f} in every panel", fontsize=9)
+                 f"over all keys{note}; colour from 0 (dark) to {vmax:.2f} (light) in every panel; the image's outline in cyan",
+                 fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

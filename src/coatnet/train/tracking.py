@@ -204,7 +204,7 @@ def prediction_figure(images: torch.Tensor, truth: list[str], predicted: list[st
     fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 2.0), squeeze=False)
     for ax, img, t, p in zip(axes[0], images, truth, predicted):
         ax.imshow(_hwc(img), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=255)
-        ax.set_title(f"{p}\n({t})", fontsize=7, color="green" if p == t else "red")
+        ax.set_title(f"{p}\nlabel: {t}", fontsize=7, color="green" if p == t else "red")
         ax.axis("off")
     fig.tight_layout()
     return fig
