@@ -93,3 +93,21 @@ def test_an_unknown_output_format_is_refused_before_work(tiny_run, mixed, tmp_pa
     assert main(["predict", "--checkpoint", str(tiny_run / "checkpoint-best.safetensors"), str(mixed),
                  "--output", str(tmp_path / "p.xlsx")]) == 1
     assert capsys.readouterr().err.startswith("error: --output") and not (tmp_path / "p.xlsx").exists()
+
+
+def test_an_interrupted_run_leaves_no_output_file(tmp_path):
+    from coatnet.train.predict import PredictionWriter
+
+    row = {"image": "a.png", "top": [{"class": "red", "index": 2, "prob": 0.75}, {"class": "blue", "index": 0,
+                                                                                   "prob": 0.25}]}
+    with pytest.raises(KeyboardInterrupt):
+        with PredictionWriter(tmp_path / "p.csv", 2) as writer:
+            writer.write(row)
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with PredictionWriter(tmp_path / "p.csv", 3) as writer:
+        writer.write(row)
+        writer.write({"image": "b.png", "error": "empty file"})
+    assert (tmp_path / "p.csv").read_text().splitlines() == [
+        "path,label_1,prob_1,label_2,prob_2,label_3,prob_3,error", "a.png,red,0.750000,blue,0.250000,,,",
+        "b.png,,,,,,,empty file"]

@@ -16,7 +16,6 @@ note saying why.
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 from pathlib import Path
@@ -28,7 +27,6 @@ from torch import nn
 from .layers import RelativeAttention2d
 from .models.features import feature_points
 
-log = logging.getLogger(__name__)
 MIN_CAM_SIDE = 7  # Grad-CAM's default map: the deepest stage output whose shorter side has at least this many cells
 
 

@@ -60,6 +60,8 @@ def save_pretrained(checkpoint: str | os.PathLike, folder: str | os.PathLike, li
     if has_curves:
         with atomic_write(folder / "curves.png") as tmp:
             shutil.copyfile(run_dir / "curves.png", tmp)
+    elif (folder / "curves.png").exists():  # an earlier save's, of another run
+        (folder / "curves.png").unlink()
     card = model_card(model, config, info, run, metrics, has_curves, license, repo_id or f"<user>/{folder.name}")
     _write_text(folder / "README.md", card)
     log.info("wrote %s (config.json, model.safetensors, README.md%s)", folder, ", curves.png" if has_curves else "")

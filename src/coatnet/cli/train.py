@@ -231,6 +231,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    import contextlib
     import os
     import sys
 
@@ -252,7 +253,7 @@ def run_predict(args: argparse.Namespace) -> int:
     # Like cat(1): every readable image is predicted, then one error line names the named files that were not;
     # unreadable files found in folders are skipped with a warning, as training skips them.
     failed, skipped, predicted, t0 = [], [], 0, time.time()
-    try:
+    with writer or contextlib.nullcontext():  # the output file appears only when complete
         for res in iter_predictions(model, spec, files, args.top_k, args.batch_size, workers,
                                     progress=args.progress and len(files) > args.batch_size):
             if writer is not None:
@@ -266,15 +267,9 @@ def run_predict(args: argparse.Namespace) -> int:
                           flush=True)
                 continue
             predicted += 1
-            if writer is not None:
-                continue
-            if args.json:
-                print(json.dumps(res), flush=True)
-            else:
-                print(res["image"] + "  " + "  ".join(f"{t['class']} {t['prob']:.4f}" for t in res["top"]), flush=True)
-    finally:
-        if writer is not None:
-            writer.close()
+            if writer is None:
+                print(json.dumps(res) if args.json else
+                      res["image"] + "  " + "  ".join(f"{t['class']} {t['prob']:.4f}" for t in res["top"]), flush=True)
     seconds = time.time() - t0
     if writer is not None:
         print(json.dumps({"output": str(args.output), "predicted": predicted, "unreadable": len(failed) + len(skipped),
