@@ -156,3 +156,13 @@ def test_log_names_are_checked_before_anything_is_written(tmp_path, capsys):
     assert "unknown tracker 'comet'" in capsys.readouterr().err and not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="writes into the run folder"):
         TrainConfig(log="tensorboard").validate()
+
+
+def test_finetuning_logs_too(tiny_run, colour_images, tmp_path, capsys):
+    run = tmp_path / "ft"
+    assert main(["finetune", "--checkpoint", str(tiny_run / "checkpoint-best.safetensors"), "--data",
+                 str(colour_images), "--img-size", "64", "--epochs", "1", "--batch-size", "24", "--out", str(run),
+                 "--threads", "1", "--no-progress", "--quiet", "--log", "tensorboard"]) == 0
+    capsys.readouterr()
+    (record,) = _metrics(run)
+    assert _scalars(_events(run), "val/top1") == [(record["step"], pytest.approx(record["val_top1"], rel=1e-6))]

@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=S, help="run folder")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=S)
     p.add_argument("--quiet", action="store_const", const=True, default=S)
+    p.add_argument("--log", default=S, metavar="TRACKER", help="also log to tensorboard, wandb or both (see "
+                                                               "`coatnet train --help`)")
     p.set_defaults(func=run)
 
 
