@@ -222,7 +222,7 @@ def test_frozen_redundant_parameters_are_exactly_those_with_zero_gradient(name, 
             attn = model.get_submodule(n[:-len(".qkv.bias")])
             q, k, v = g.chunk(3)
             assert k.abs().max() == 0  # the key bias is left out of the forward
-            assert (v.abs().max() < 1e-12 * scale) == (not attn._was), n
+            assert (v.abs().max() < 1e-12 * scale) == (not attn.qkv._was), n  # the flag is the qkv's
             if math.prod(attn.feature_size) == 1:
                 assert q.abs().max() == 0  # one token: the softmax is exactly 1
             continue

@@ -143,7 +143,7 @@ class CoAtNet(nn.Module):
         for name in names:
             params[name].requires_grad_(False)
             if name.endswith("attn.proj.bias"):
-                self.get_submodule(name[:-len(".proj.bias")]).value_bias_learns = False
+                self.get_submodule(name[:-len(".proj.bias")] + ".qkv").value_bias_learns = False
         return names
 
     def _biases_hidden_by_batchnorm(self) -> set[str]:

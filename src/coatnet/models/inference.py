@@ -21,7 +21,9 @@
   with its bias inside (addmm first copies the broadcast bias into its output), the output projection
   and FFN's last linear also add the residual in the kernel, and the norms' affine parameters and layer
   scale are folded into the linears next to them.
-- Relative-position bias gathered once into a (heads, N, N) buffer instead of at every call.
+- Relative-position bias gathered once into a (heads, N, N) buffer instead of at every call
+  (`FrozenPositionBias` in place of the attention's plug-in), and the qkv projection a plain nn.Linear
+  with the bias it adds (layers/parity.py) in place of the training-time QkvLinear.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import LayerScale, RelativeAttention2d, SqueezeExcite
+from ..layers.parity import QkvLinear
 from ..utils import reuse_freed_memory
 from .blocks import MBConvBlock, Mlp, Stem, TransformerBlock, pooled_shortcut
 from .coatnet import CoAtNet
@@ -184,8 +187,7 @@ class InferenceTransformer(nn.Module):
         self.stride, self.pool_type = block.stride, block.pool_type
         self.shortcut = LinearAct(block.shortcut, None, onednn) if block.shortcut is not None else None
         attn = copy.deepcopy(block.attn)
-        qkv = nn.Linear(attn.qkv.in_features, attn.qkv.out_features, bias=attn.qkv.bias is not None)
-        qkv.weight, qkv.bias = attn.qkv.weight, (nn.Parameter(attn._qkv_bias()) if qkv.bias is not None else None)
+        qkv = attn.qkv.folded()
         self.norm1 = block.norm1
         if self.stride == 1 or self.pool_type == "avg":  # a per-channel affine commutes with average pooling
             self.norm1, qkv = _fold_norm_into_linear(block.norm1, qkv)
@@ -266,6 +268,20 @@ class InferenceMBConv(nn.Module):
         return out.view(B, H, W, out_c).permute(0, 3, 1, 2)  # channels-last (B, C_out, H, W)
 
 
+class FrozenPositionBias(nn.Module):
+    """A position-bias plug-in for inference: the (heads, N, N) bias of the attention's own map size
+    gathered once, other sizes still asked of the plug-in it replaces."""
+
+    def __init__(self, position_bias: nn.Module, size: tuple[int, int]):
+        super().__init__()
+        self.source = position_bias
+        self.size = tuple(size)
+        self.register_buffer("frozen", position_bias.bias(self.size).detach().contiguous(), persistent=False)
+
+    def bias(self, size: tuple[int, int]) -> torch.Tensor:
+        return self.frozen if tuple(size) == self.size else self.source.bias(size)
+
+
 def _paper_form(block: MBConvBlock) -> bool:
     """Whether `InferenceMBConv` computes this block: BN -> conv1 -> BN, act -> conv2 -> BN, act -> SE."""
     return (isinstance(block.pre_act, nn.Identity) and not block.pool_input and not block.se_before_norm
@@ -324,7 +340,10 @@ def inference_model(model: CoAtNet, channels_last: bool = True, fuse_kernels: bo
             if not m.se_before_norm:  # squeeze-excite between conv2 and norm2 blocks that fold
                 m.conv2, m.norm2 = fold_bn_after(m.conv2, m.norm2), nn.Identity()
         elif isinstance(m, RelativeAttention2d):
-            m.freeze_bias()
+            if isinstance(m.qkv, QkvLinear):
+                m.qkv = m.qkv.folded()
+            if m.position_bias is not None:
+                m.position_bias = FrozenPositionBias(m.position_bias, m.feature_size)
     for p in model.parameters():
         p.requires_grad_(False)
     if channels_last:
