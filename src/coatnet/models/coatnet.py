@@ -1,8 +1,6 @@
 """The CoAtNet network (paper, Sec. 3, Fig. 4): stem, four stages, final norm, pooled linear head."""
 from __future__ import annotations
 
-import math
-
 from typing import Any
 
 import torch
@@ -124,69 +122,11 @@ class CoAtNet(nn.Module):
         return {name for name, p in self.named_parameters()
                 if p.ndim <= 1 or name.endswith("relative_bias_table") or ".relative_position_mlp." in name}
 
-    def redundant_parameters(self) -> set[str]:
-        """Names of parameters whose gradient is zero in exact arithmetic, for optimizers to leave alone: the
-        bias of an MBConv block's pre-norm BatchNorm, which the bias-free 1x1 convolution and the BatchNorm
-        after it cancel. AdamW would turn the roundoff in their gradients into lr-sized steps."""
-        pre_norm = {name for name, _ in self.named_parameters()
-                    if ".blocks." in name and name.endswith("pre_norm.bias")
-                    and isinstance(self.get_submodule(name.rsplit(".", 2)[0]), MBConvBlock)}
-        return pre_norm | self._biases_hidden_by_batchnorm()
-
     def freeze_redundant_parameters(self) -> list[str]:
-        """Stop gradients that are zero in exact arithmetic, before training: `redundant_parameters()` get
-        requires_grad False, and the value part of an attention's qkv bias gets no gradient where the
-        attention's output bias is redundant (softmax rows sum to one, so a value bias only adds that
-        output bias's constant). Both keep their values. Returns the frozen names."""
-        names = sorted(self.redundant_parameters())
-        params = dict(self.named_parameters())
-        for name in names:
-            params[name].requires_grad_(False)
-            if name.endswith("attn.proj.bias"):
-                self.get_submodule(name[:-len(".proj.bias")] + ".qkv").value_bias_learns = False
-        return names
+        """Kept for train/engine.py until it calls coatnet.train.redundant.freeze_redundant_parameters(model)."""
+        from ..train.redundant import freeze_redundant_parameters
 
-    def _biases_hidden_by_batchnorm(self) -> set[str]:
-        """Biases that only add a per-channel constant to a residual stream whose every reader is a
-        BatchNorm (the blocks' norms, the final norm) or a linear map into such a stream (the next
-        stage's pooled, projected shortcut): the BatchNorms subtract the constant, so it never reaches the
-        output. Walks back from the last stage while that holds. A stage's first shortcut bias always
-        qualifies; a branch's output bias only without stochastic depth (dropping it per sample makes it vary)."""
-        if not isinstance(self.norm, nn.BatchNorm2d):
-            return set()
-        names = []
-        for index in reversed(range(len(self.stages))):
-            stage_names = self._stage_biases_hidden_by_batchnorm(index)
-            if stage_names is None:
-                break
-            names += stage_names
-        params = dict(self.named_parameters())
-        return {n for n in names if n in params}
-
-    def _stage_biases_hidden_by_batchnorm(self, index: int) -> list[str] | None:
-        """Stage `index`'s biases that only shift its stream by a constant, or None when some reader of
-        that stream is not a BatchNorm (the walk back stops there)."""
-        stage_names = [f"stages.{index}.blocks.0.shortcut.bias"]
-        for i, block in enumerate(self.stages[index].blocks):
-            prefix = f"stages.{index}.blocks.{i}."
-            if isinstance(block, TransformerBlock):
-                if not (isinstance(block.norm1, nn.BatchNorm2d) and isinstance(block.norm2, nn.BatchNorm2d)):
-                    return None
-                if block.drop_path1.rate == 0:
-                    stage_names.append(prefix + "attn.proj.bias")
-                    if math.prod(block.attn.feature_size) == 1:
-                        # One token: q and k cannot change the output (the softmax is 1), so the norm's
-                        # bias only reaches the values, whose constant the output bias already is.
-                        stage_names.append(prefix + "norm1.bias")
-                stage_names += [prefix + "mlp.fc2.bias"] * (block.drop_path2.rate == 0)
-            elif isinstance(block, MBConvBlock) and isinstance(block.pre_norm, nn.BatchNorm2d) \
-                    and isinstance(block.pre_act, nn.Identity):
-                stage_names += [prefix + "conv3.bias"] * (block.drop_path.rate == 0)
-            else:
-                return None
-            if i > 0 and block.shortcut is not None:
-                return None
-        return stage_names
+        return freeze_redundant_parameters(self)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
