@@ -22,9 +22,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-
-from .bf16_cpu import linear
 
 
 class QkvLinear(nn.Linear):
@@ -46,7 +45,7 @@ class QkvLinear(nn.Linear):
         return torch.cat((b[:n], torch.zeros_like(b[n:2 * n]), value))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.effective_bias())
+        return F.linear(x, self.weight, self.effective_bias())
 
     def folded(self) -> nn.Linear:
         """An nn.Linear computing the same values, its bias `effective_bias()` (for inference: no gradients)."""

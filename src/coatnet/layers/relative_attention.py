@@ -17,7 +17,6 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .bf16_cpu import Linear
 from .parity import QkvLinear, needs_reference_path
 from .position_bias import RelativePositionMlp, RelativePositionTable
 
@@ -74,7 +73,7 @@ class RelativeAttention2d(nn.Module):
         self.bias_mode = bias_mode
         self.feature_size = tuple(feature_size)
         self.qkv = QkvLinear(dim_in, 3 * attn_dim, bias=qkv_bias)
-        self.proj = Linear(attn_dim, dim_out)
+        self.proj = nn.Linear(attn_dim, dim_out)
         position_bias = None
         if bias_mode != "none":
             position_bias = (RelativePositionMlp(self.num_heads, mlp_width) if mlp_width > 0 else

@@ -15,7 +15,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import DropPath, LayerScale, RelativeAttention2d, SqueezeExcite
-from ..layers.bf16_cpu import Conv2d, Linear
 from .config import MBConvConfig, TransformerConfig
 
 ACTIVATION_LAYERS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
@@ -68,7 +67,7 @@ class Stem(nn.Module):
         for i in range(depth):
             out = width if i == depth - 1 else hidden_width
             # No conv bias: the next block's pre-norm BatchNorm would cancel it.
-            layers.append(Conv2d(in_chans if i == 0 else hidden_width, out, 3, stride if i == 0 else 1, 1,
+            layers.append(nn.Conv2d(in_chans if i == 0 else hidden_width, out, 3, stride if i == 0 else 1, 1,
                                     bias=False))
             if i < depth - 1:
                 layers += [nn.BatchNorm2d(hidden_width, eps=norm_eps), ACTIVATION_LAYERS[activation]()]
@@ -83,7 +82,7 @@ class PatchStem(nn.Module):
 
     def __init__(self, in_chans: int, width: int, patch_size: int):
         super().__init__()
-        self.proj = Conv2d(in_chans, width, patch_size, patch_size)
+        self.proj = nn.Conv2d(in_chans, width, patch_size, patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
@@ -104,7 +103,7 @@ class MBConvBlock(nn.Module):
                  drop_path: float = 0.0, shortcut_projection: str = "strided"):
         super().__init__()
         self.stride, self.pool_type = stride, pool_type
-        self.shortcut = (Conv2d(in_chs, out_chs, 1, bias=cfg.shortcut_bias)
+        self.shortcut = (nn.Conv2d(in_chs, out_chs, 1, bias=cfg.shortcut_bias)
                          if needs_projection(in_chs, out_chs, stride, shortcut_projection) else None)
         hidden = int(round((in_chs if cfg.expand_from == "input" else out_chs) * cfg.expand_ratio))
         conv_stride = stride if cfg.downsample == "conv1x1" else 1
@@ -113,9 +112,9 @@ class MBConvBlock(nn.Module):
         self.act = ACTIVATION_LAYERS[cfg.activation]()
         self.pre_norm = nn.BatchNorm2d(in_chs, eps=cfg.norm_eps)
         self.pre_act = self.act if cfg.pre_norm_act else nn.Identity()
-        self.conv1 = Conv2d(in_chs, hidden, 1, conv_stride, bias=False)
+        self.conv1 = nn.Conv2d(in_chs, hidden, 1, conv_stride, bias=False)
         self.norm1 = nn.BatchNorm2d(hidden, eps=cfg.norm_eps)
-        self.conv2 = Conv2d(hidden, hidden, cfg.kernel_size, dw_stride, cfg.kernel_size // 2, groups=hidden,
+        self.conv2 = nn.Conv2d(hidden, hidden, cfg.kernel_size, dw_stride, cfg.kernel_size // 2, groups=hidden,
                                bias=False)
         self.norm2 = nn.BatchNorm2d(hidden, eps=cfg.norm_eps)
         se_base = {"input": in_chs, "output": out_chs, "expanded": hidden}[cfg.se_from]
@@ -123,7 +122,7 @@ class MBConvBlock(nn.Module):
         self.se = (SqueezeExcite(hidden, se_width, ACTIVATION_LAYERS[cfg.se_activation]) if se_width > 0
                    else nn.Identity())
         self.se_before_norm = cfg.se_placement == "before_norm"
-        self.conv3 = Conv2d(hidden, out_chs, 1, bias=cfg.project_bias)
+        self.conv3 = nn.Conv2d(hidden, out_chs, 1, bias=cfg.project_bias)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,9 +145,9 @@ class Mlp(nn.Module):
 
     def __init__(self, width: int, hidden: int):
         super().__init__()
-        self.fc1 = Linear(width, hidden)
+        self.fc1 = nn.Linear(width, hidden)
         self.act = nn.GELU()
-        self.fc2 = Linear(hidden, width)
+        self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -169,7 +168,7 @@ class TransformerBlock(nn.Module):
                  feature_size: tuple[int, int], drop_path: float = 0.0, shortcut_projection: str = "strided"):
         super().__init__()
         self.stride, self.pool_type = stride, pool_type
-        self.shortcut = (Linear(in_chs, out_chs, bias=cfg.shortcut_bias)
+        self.shortcut = (nn.Linear(in_chs, out_chs, bias=cfg.shortcut_bias)
                          if needs_projection(in_chs, out_chs, stride, shortcut_projection) else None)
         self.norm1 = make_norm(cfg.norm, in_chs, cfg.norm_eps)
         self.attn = RelativeAttention2d(

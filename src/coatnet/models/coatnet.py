@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from ..layers import DropPath, RelativeAttention2d
-from ..layers.bf16_cpu import Linear
 from .blocks import (BatchNormChannelsLast, MBConvBlock, PatchStem, Stage, Stem, TransformerBlock,
                      drop_path_rates, feature_size, make_norm, to_channels_first, to_channels_last)
 from .config import CoAtNetConfig, check_image_size
@@ -58,7 +57,7 @@ class CoAtNet(nn.Module):
         self.head_norm = final_norm if cfg.head_hidden else None
         self.pre_logits = PreLogits(in_chs, cfg.head_hidden) if cfg.head_hidden else None
         self.head_features = cfg.head_hidden or in_chs
-        self.head = Linear(self.head_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
         for stream, m in enumerate(m for m in self.modules() if isinstance(m, DropPath)):
             m.stream = stream  # each stochastic-depth layer draws its own random stream
@@ -111,7 +110,7 @@ class CoAtNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.config = self.config.replace(num_classes=num_classes)
-        self.head = Linear(self.head_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             _init_weights(self.head)
             self.head.to(next(self.parameters()).device)
@@ -152,7 +151,7 @@ class PreLogits(nn.Module):
 
     def __init__(self, width: int, hidden: int):
         super().__init__()
-        self.fc = Linear(width, hidden)
+        self.fc = nn.Linear(width, hidden)
         self.act = nn.Tanh()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
