@@ -111,6 +111,7 @@ def test_set_feature_size_and_back_restores_the_table_exactly():
     attn = RelativeAttention2d(32, 32, 16, (4, 4))
     table = attn.relative_bias_table.detach().clone()
     attn.set_feature_size((6, 3))
-    assert attn.relative_bias_table.shape == (2, 11, 5) and attn.position_bias.relative_bias_table is attn.relative_bias_table
+    assert attn.relative_bias_table.shape == (2, 11, 5)
+    assert attn.relative_bias_table is attn.position_bias.relative_bias_table  # one table, resized in place
     attn.set_feature_size((4, 4))
     assert torch.equal(attn.relative_bias_table, table)

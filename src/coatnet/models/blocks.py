@@ -27,14 +27,6 @@ def pool2x2(x: torch.Tensor, pool_type: str) -> torch.Tensor:
     return F.max_pool2d(x, 2) if pool_type == "max" else F.avg_pool2d(x, 2)
 
 
-def pooled_shortcut(x: torch.Tensor, stride: int, pool_type: str, projection: nn.Module | None) -> torch.Tensor:
-    """A residual block's shortcut on (B, C, H, W): Proj(Pool(x)) when it downsamples, x otherwise (the
-    projection, if any, also when only the width changes)."""
-    if stride > 1:
-        x = pool2x2(x, pool_type)
-    return projection(x) if projection is not None else x
-
-
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C), a view
 
@@ -47,12 +39,23 @@ class BatchNormChannelsLast(nn.BatchNorm2d):
     """BatchNorm over the last axis of (B, H, W, C): the paper's BatchNorm-in-Transformer ablation."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.numel() == x.shape[-1] and self.running_mean is not None:
+        # nn.BatchNorm2d.forward on the channels-first view, written out: TorchScript has no super().
+        x = to_channels_first(x)
+        if self.training and x.numel() == x.shape[1] and self.running_mean is not None:
             # One value per channel (a batch of one image on a 1x1 map, as in the last stage at 32 px):
             # batch statistics do not exist, so normalise with the running ones and leave them unchanged.
-            return to_channels_last(F.batch_norm(to_channels_first(x), self.running_mean, self.running_var,
-                                                 self.weight, self.bias, False, 0.0, self.eps))
-        return to_channels_last(super().forward(to_channels_first(x)))
+            return to_channels_last(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                                 False, 0.0, self.eps))
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # a cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats  # otherwise the running statistics stay
+        return to_channels_last(F.batch_norm(x, self.running_mean if track else None,
+                                             self.running_var if track else None, self.weight, self.bias,
+                                             batch_statistics, momentum, self.eps))
 
 
 class Stem(nn.Module):
@@ -125,8 +128,15 @@ class MBConvBlock(nn.Module):
         self.conv3 = nn.Conv2d(hidden, out_chs, 1, bias=cfg.project_bias)
         self.drop_path = DropPath(drop_path)
 
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H', W'): Proj(Pool(x)) when it downsamples, x otherwise (the
+        projection, if any, also when only the width changes)."""
+        if self.stride > 1:
+            x = pool2x2(x, self.pool_type)
+        return self.shortcut(x) if self.shortcut is not None else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = pooled_shortcut(x, self.stride, self.pool_type, self.shortcut)
+        shortcut = self._shortcut(x)
         x = self.pre_act(self.pre_norm(x))
         if self.pool_input:  # always 2x2 average, whatever the shortcut's pooling (as timm)
             x = F.avg_pool2d(x, 2)
@@ -211,10 +221,11 @@ class Stage(nn.Module):
         if self.channels_last:
             x = to_channels_last(x)
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            if not torch.jit.is_scripting():  # TorchScript cannot checkpoint
+                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(block, x, use_reentrant=False)
+                    continue
+            x = block(x)
         return to_channels_first(x) if self.channels_last else x
 
 

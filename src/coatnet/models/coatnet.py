@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from ..layers import DropPath, RelativeAttention2d
@@ -62,19 +63,11 @@ class CoAtNet(nn.Module):
         for stream, m in enumerate(m for m in self.modules() if isinstance(m, DropPath)):
             m.stream = stream  # each stochastic-depth layer draws its own random stream
 
-    # -- input checks ------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"expected a (B, C, H, W) image batch, got a tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} "
-                             f"(build the model with in_chans={x.shape[1]} to accept them)")
-        check_image_size(tuple(x.shape[-2:]), self.config.reduction)
-
     # -- the standard surface ----------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normalised last feature map (B, num_features, H/32, W/32)."""
-        self._check_input(x)
+        if not torch.jit.is_scripting():  # (TorchScript cannot build the messages)
+            check_input(x, self.in_chans, self.config.reduction)
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
@@ -95,7 +88,7 @@ class CoAtNet(nn.Module):
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps (B, C, H/r, W/r) after the stem and after each stage, r = 2, 4, 8, 16, 32 for the
         CoAtNet layouts (a split stage reports once, after its Transformer part); the last is normalised."""
-        self._check_input(x)
+        check_input(x, self.in_chans, self.config.reduction)
         x = self.stem(x)
         maps = [] if self.config.is_vit else [x]
         reductions = self.stage_reductions
@@ -144,6 +137,20 @@ class CoAtNet(nn.Module):
     def summary(self) -> dict[str, Any]:
         return {"params": sum(p.numel() for p in self.parameters()), "layout": self.config.layout,
                 "img_size": self.config.image_size, "num_classes": self.num_classes}
+
+
+def check_input(x: torch.Tensor, in_chans: int, reduction: int) -> None:
+    """Raise ValueError, naming what is wrong and what would fit, unless x is (B, in_chans, H, W) with H and
+    W multiples of `reduction`."""
+    if x.ndim != 4:
+        raise ValueError(f"expected a (B, C, H, W) image batch, got a tensor of shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} "
+                         f"(build the model with in_chans={x.shape[1]} to accept them)")
+    check_image_size(tuple(x.shape[-2:]), reduction)
+
+
+torch.fx.wrap("check_input")  # a leaf for torch.fx, which knows the shapes only as proxies
 
 
 class PreLogits(nn.Module):

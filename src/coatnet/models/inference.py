@@ -36,7 +36,7 @@ from torch import nn
 from ..layers import LayerScale, RelativeAttention2d, SqueezeExcite
 from ..layers.parity import QkvLinear
 from ..utils import reuse_freed_memory
-from .blocks import MBConvBlock, Mlp, Stem, TransformerBlock, pooled_shortcut
+from .blocks import MBConvBlock, Mlp, Stem, TransformerBlock
 from .coatnet import CoAtNet
 
 
@@ -83,10 +83,15 @@ def _gelu_algorithm(act: nn.Module) -> str | None:
     return act.approximate if type(act) is nn.GELU else None
 
 
+def _tracing() -> bool:
+    """Whether a graph is being recorded (TorchScript, ONNX, torch.export): it gets the standard ops."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
 def _use_onednn(module: nn.Module, x: torch.Tensor) -> bool:
     return (module.onednn and x.device.type == "cpu" and x.dtype == module.weight.dtype == torch.float32
             and not x.requires_grad and not torch.is_autocast_enabled("cpu")
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting())
+            and not _tracing())
 
 
 class ConvAct(nn.Module):
@@ -232,6 +237,9 @@ class InferenceMBConv(nn.Module):
             self.conv3 = copy.deepcopy(block.conv3)
             self.conv3.bias = None
 
+    # The same stride, pool_type and shortcut attributes as the block's.
+    _shortcut = MBConvBlock._shortcut
+
     # Largest expanded map (bytes) computed at once. glibc's malloc serves blocks above 32 MB with fresh
     # mmap() pages and unmaps them on free, so a larger map page-faults in anew on every pass; the batch is
     # cut into chunks below that instead (1.15-1.19x for coatnet_0 dwconv at batch 8, docs/performance.md).
@@ -241,15 +249,15 @@ class InferenceMBConv(nn.Module):
         B, _, H, W = x.shape
         per_image = self.conv1.weight.shape[0] * H * W * x.element_size()
         chunk = max(1, self.max_expanded_bytes // per_image)
-        if B <= chunk or torch.jit.is_tracing() or x.device.type != "cpu":
+        if _tracing() or B <= chunk or x.device.type != "cpu":
             return self._forward(x)
         out = torch.cat([self._forward(part) for part in x.split(chunk)])
         return out.contiguous(memory_format=torch.channels_last) if _channels_last(x) else out
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = pooled_shortcut(x, self.stride, self.pool_type, self.shortcut)
+        shortcut = self._shortcut(x)
         x = self.conv2(self.conv1(x))
-        if self.fuse_se and not torch.jit.is_tracing() and _channels_last(x) and _channels_last(shortcut):
+        if self.fuse_se and not _tracing() and _channels_last(x) and _channels_last(shortcut):
             return self._gated_projection(x, shortcut)
         return shortcut + self.conv3(self.se(x))
 
