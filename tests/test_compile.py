@@ -58,3 +58,24 @@ def test_inference_model_exports_with_a_dynamic_batch(model_and_input):
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(program.module()(x[:2]), model(x[:2]), rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_and_meta_models_count_the_same_multiply_adds():
+    # torch's fused CPU attention kernel has no FLOP formula of its own (models/flops.py gives it one)
+    from coatnet.models import build_on_meta, count_macs, get_config
+
+    config = get_config("coatnet_pico", **SMALL, img_size=64)
+    torch.manual_seed(0)
+    on_cpu = coatnet.models.CoAtNet(config)
+    assert count_macs(on_cpu) == count_macs(build_on_meta(config)) > 0
+    with torch.no_grad():  # the CPU model's attention does take the fused kernel
+        kernels = []
+
+        class Record(torch.utils._python_dispatch.TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kernels.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        with Record():
+            on_cpu.eval()(torch.zeros(1, 3, 64, 64))
+    assert any("flash_attention_for_cpu" in k for k in kernels)
