@@ -1,8 +1,6 @@
 """The CoAtNet network (paper, Sec. 3, Fig. 4): stem, four stages, final norm, pooled linear head."""
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.fx
 from torch import nn
@@ -133,10 +131,6 @@ class CoAtNet(nn.Module):
             for m in stage.modules():
                 if isinstance(m, RelativeAttention2d):
                     m.set_feature_size(feature_size(cfg.image_size, reduction))
-
-    def summary(self) -> dict[str, Any]:
-        return {"params": sum(p.numel() for p in self.parameters()), "layout": self.config.layout,
-                "img_size": self.config.image_size, "num_classes": self.num_classes}
 
 
 def check_input(x: torch.Tensor, in_chans: int, reduction: int) -> None:
