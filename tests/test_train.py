@@ -12,6 +12,7 @@ import coatnet
 from coatnet.train import TrainConfig, get_recipe, list_recipes, train
 from coatnet.train.checkpoint import load_model, read_checkpoint, save_weights_checkpoint
 from coatnet.train.optim import WeightEMA, param_groups
+from coatnet.train.redundant import redundant_parameters
 from coatnet.train.schedule import lr_at
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -39,8 +40,8 @@ def test_weight_decay_skips_norms_biases_and_bias_tables():
     assert all(p.ndim >= 2 for p in decay["params"])
     assert any(n.endswith("relative_bias_table") for n in skipped) and "head.bias" in skipped
     assert any(".norm" in n and n.endswith("weight") for n in skipped)
-    # every parameter is optimized, except those whose gradient is only roundoff (CoAtNet.redundant_parameters)
-    redundant = model.redundant_parameters()
+    # every parameter is optimized, except those whose gradient is only roundoff (train/redundant.py)
+    redundant = redundant_parameters(model)
     assert redundant and not redundant & {names[id(p)] for g in (decay, no_decay) for p in g["params"]}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters())) - len(redundant)
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .layers import bf16_cpu
 from .layers.bf16_cpu import cpu_has_native_bf16
 from .utils import reuse_freed_memory
 
@@ -208,9 +209,11 @@ def timm_model(name: str, num_classes: int = 1000) -> nn.Module:
 
 
 def prepare(model: nn.Module, device: torch.device, train: bool, channels_last: bool, compile: bool,
-            ours: bool) -> nn.Module:
+            ours: bool, precision: str = "fp32") -> nn.Module:
     """The model as it will be timed: on `device`; ours for inference through `inference_model`
-    (channels-last inside), otherwise in `channels_last` memory when asked; optionally torch.compile'd."""
+    (channels-last inside), otherwise in `channels_last` memory when asked; ours in bf16 on a CPU that
+    emulates bf16 with the fp32-kernel path, as training runs it (layers/bf16_cpu.py); optionally
+    torch.compile'd."""
     model = model.to(device)
     if ours and not train:
         from .models import inference_model
@@ -218,6 +221,8 @@ def prepare(model: nn.Module, device: torch.device, train: bool, channels_last: 
         model = inference_model(model, channels_last=True)
     elif channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if ours and precision == "bf16" and device.type == "cpu" and bf16_cpu.emulated_bf16_cpu():
+        bf16_cpu.use_bf16_cpu_kernels(model)
     return torch.compile(model) if compile else model
 
 
@@ -288,7 +293,8 @@ def benchmark(name: str, batch: int = 8, img_size: int = 224, precision: str = "
         x = x.contiguous(memory_format=torch.channels_last)
     flops = {k: count_step_flops(m.to(dev), x[:1], train) for k, m in models.items()}
     macs = {k: count_step_flops(m, x[:1], False) // 2 for k, m in models.items()}
-    prepared = {k: prepare(m, dev, train, channels_last, compile, ours=k == name) for k, m in models.items()}
+    prepared = {k: prepare(m, dev, train, channels_last, compile, ours=k == name, precision=precision)
+                for k, m in models.items()}
     steps = {k: make_step(m, x, precision, train, num_classes) for k, m in prepared.items()}
     # The machine's practical peak, timed in the same round-robin as the models.
     a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=dev), torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=dev)

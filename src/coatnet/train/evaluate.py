@@ -102,6 +102,7 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
         raise ValueError(f"recalibrate_bn={recalibrate_bn!r} must be a non-negative integer")
     runtime = setup_runtime(device, precision, threads=threads)
     model, spec, info = load_model(checkpoint, runtime.device)
+    runtime.prepare(model)
     if img_size is not None and img_size != spec.img_size:
         model.set_input_size(img_size)  # raises ValueError unless a multiple of the model's reduction
         spec = dataclasses.replace(spec, img_size=img_size)
@@ -123,7 +124,7 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
     for name, src in (("train", train_src), ("val", val_src)):
         if split in (name, "both"):
             idx = subset_indices(len(src), subset, run.get("seed", 0), stream=7)
-            out[name] = evaluate(model.to(runtime.device), src, idx, spec, runtime, batch_size, workers, strict)
+            out[name] = evaluate(model, src, idx, spec, runtime, batch_size, workers, strict)
             skipped = out[name].pop("skipped")
             if skipped:
                 print(f"warning: {name}: {skipped_summary(skipped)}", file=sys.stderr, flush=True)
@@ -167,7 +168,7 @@ def evaluate_published(checkpoint: str, data: str, model: str | None = None, img
     if not samples:
         raise ValueError(f"no images under {root}/<class>/ to evaluate on")
     runtime = setup_runtime(device, precision, threads=threads)
-    net = create_model(name, pretrained=checkpoint, img_size=img_size).to(runtime.device).eval()
+    net = runtime.prepare(create_model(name, pretrained=checkpoint, img_size=img_size)).eval()
     if len(classes) != net.num_classes:
         raise ValueError(f"{data} has {len(classes)} class folders; the weights classify {net.num_classes} classes")
     recipe = published or (get_weights(default_tag(name)) if default_tag(name) else None)

@@ -4,13 +4,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .redundant import redundant_parameters
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: decayed weights, and the model's `no_weight_decay()` names (norms, biases, relative
     bias tables; any 1-d parameter when the model has no such method) with weight_decay 0. The model's
-    `redundant_parameters()` (gradient zero in exact arithmetic) are left out."""
+    redundant parameters (gradient zero in exact arithmetic: train/redundant.py) are left out."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    redundant = model.redundant_parameters() if hasattr(model, "redundant_parameters") else set()
+    redundant = redundant_parameters(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or name in redundant:  # redundant: their gradient is only roundoff

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..layers import bf16_cpu
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -22,10 +24,14 @@ class Runtime:
         return contextlib.nullcontext()
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Move the model to the device and memory format (parameters keep fp32: autocast casts)."""
+        """Move the model to the device and memory format (parameters keep fp32: autocast casts), in place.
+        bf16 on a CPU without bf16 instructions: linears and dense convolutions take fp32 kernels
+        (layers/bf16_cpu.py, the same numbers 2-4x faster there)."""
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+        if self.precision == "bf16" and self.device.type == "cpu" and bf16_cpu.emulated_bf16_cpu():
+            bf16_cpu.use_bf16_cpu_kernels(model)
         return model
 
     def compiled(self, model: nn.Module):
