@@ -112,12 +112,6 @@ class CoAtNet(nn.Module):
         return {name for name, p in self.named_parameters()
                 if p.ndim <= 1 or name.endswith("relative_bias_table") or ".relative_position_mlp." in name}
 
-    def freeze_redundant_parameters(self) -> list[str]:
-        """Kept for train/engine.py until it calls coatnet.train.redundant.freeze_redundant_parameters(model)."""
-        from ..train.redundant import freeze_redundant_parameters
-
-        return freeze_redundant_parameters(self)
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable

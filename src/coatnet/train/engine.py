@@ -45,6 +45,7 @@ from .evaluate import evaluate, skipped_summary, subset_indices
 from .metrics import plot_curves, read_metrics, write_metrics
 from .optim import WeightEMA, build_optimizer
 from .recalibrate import recalibrate_batchnorm
+from .redundant import freeze_redundant_parameters
 from .runfolder import prepare_run_folder, remove_stale_temp_files, run_folder_lock, writing
 from .runtime import Runtime, setup_runtime
 from .schedule import lr_at
@@ -400,8 +401,7 @@ def _build_model(cfg: TrainConfig, data: _Data, runtime: Runtime, resuming: bool
         _log(f"BatchNorm statistics re-estimated on {used} training images at {size}x{size}", cfg.quiet)
     if cfg.freeze_stages:
         freeze_stages(model, cfg.freeze_stages)
-    if hasattr(model, "freeze_redundant_parameters"):  # AdamW would turn their roundoff gradients into steps
-        model.freeze_redundant_parameters()
+    freeze_redundant_parameters(model)  # AdamW would turn their roundoff gradients into steps (train/redundant.py)
     n_params = count_params(model)
     if cfg.fsdp:  # sharding replaces the parameters: before the optimizer sees them
         apply_fsdp(convert_sync_batchnorm(model) if cfg.sync_bn else model, grad_checkpointing=True,
