@@ -5,6 +5,9 @@ indices (B,)), applying the train crop/flip (per-sample parameters from `data.ra
 resize/center-crop. Fashion-MNIST lives in memory and is transformed batched in the calling process;
 image folders are decoded with Pillow in DataLoader workers. Unreadable files are dropped from their
 batch and reported by path (or raise with `strict`).
+
+An index i >= len(source) addresses sample i % len(source) again, with augmentation parameters of its own
+(they are keyed by the index): the training engine repeats a small training set within an epoch that way.
 """
 from __future__ import annotations
 
@@ -74,14 +77,15 @@ class TensorSource:
         size = (spec.img_size, spec.img_size)
         height, width = self.images.shape[-2:]
         for idx in index_batches:
-            x = self.images[idx].to(torch.float32).div_(255)
+            sample = idx % len(self)  # an index past the end is a repeat of this sample (module docstring)
+            x = self.images[sample].to(torch.float32).div_(255)
             if train and aug.enabled:
                 boxes, flips = crop_params(seed, epoch, idx, height, width, aug)
                 x = resized_crop(x, boxes, size, flips)
             elif (height, width) != size or spec.crop_fraction != 1.0:
                 box = torch.tensor(center_crop_box(height, width, spec.crop_fraction, *size)).expand(len(idx), 4)
                 x = resized_crop(x, box, size)
-            yield Batch(x, self.labels[idx], idx)
+            yield Batch(x, self.labels[sample], idx)
 
 
 class _FolderDataset(torch.utils.data.Dataset):
@@ -97,7 +101,7 @@ class _FolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        path, label = self.samples[i]
+        path, label = self.samples[i % len(self.samples)]  # past the end: a repeat (module docstring)
         try:
             img = load_image(path, self.spec.in_chans)
             if self.eval_image is not None and not self.train:

@@ -45,6 +45,7 @@ class CoAtNet(nn.Module):
             stages.append(Stage(blocks, channels_last=spec.block == "T"))
         self.stages = nn.ModuleList(stages)
         self.stage_reductions = [s.reduction for s in specs]
+        self.stage_ends = [s.ends_stage for s in specs]  # False: the first part of a split stage
         self.num_features = in_chs
         # NOTE: the paper does not name a final norm; pre-norm residual streams are never normalised
         # otherwise, so (like ViT and timm) one norm of the last block's type precedes pooling.
@@ -84,17 +85,16 @@ class CoAtNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps (B, C, H/r, W/r) after the stem and after each stage, r = 2, 4, 8, 16, 32 for the
-        CoAtNet layouts (a split stage reports once, after its Transformer part); the last is normalised."""
+        """Feature maps (B, C, H/r, W/r) after the stem and after each stage S1..S4, r = 2, 4, 8, 16, 32 for
+        the paper's strides (a split stage reports once, after its Transformer part); the last is normalised."""
         check_input(x, self.in_chans, self.config.reduction)
         x = self.stem(x)
         maps = [] if self.config.is_vit else [x]
-        reductions = self.stage_reductions
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i + 1 == len(self.stages):
                 x = to_channels_first(self.norm(to_channels_last(x)))
-            if i + 1 == len(self.stages) or reductions[i + 1] != reductions[i]:
+            if self.stage_ends[i]:
                 maps.append(x)
         return maps
 

@@ -33,7 +33,7 @@ from ..data.datasets import Batch, DataSpec
 from ..data.random import mix_int, permutation, uniform
 from ..data.transforms import AugmentConfig, mix_batch, normalize, rand_augment
 from ..layers import drop_path_noise
-from ..models import count_params, create_model
+from ..models import build_on_meta, count_macs, count_params, create_model
 from ..models.transfer import freeze_stages
 from ..utils import atomic_write
 from .checkpoint import read_progress, state_path
@@ -256,7 +256,8 @@ def _finite_everywhere(loss_sum: float, world: int) -> bool:
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) as `cfg` says; returns the final metrics: train_loss, train_top1 (running, with
     augmentation), val_loss, val_top1, val_top5 (%), train_eval_* when cfg.eval_train, seconds, params,
-    epochs, steps, best_val_top1, skipped_images (unreadable files, counted once each).
+    epochs, steps, best_val_top1, skipped_images (unreadable files, counted once each), device, precision
+    (as resolved), macs_per_image and train_gflops (multiply-adds x 2 x 3 per image x the epochs' mean training images/s).
 
     With a run folder (cfg.out), before any work: the folder is created and proved writable, locked against
     a second training process, cleared of temporaries a killed write left, and a folder that already holds
@@ -295,6 +296,7 @@ def _train(cfg: TrainConfig) -> dict:
     _, world = rank_and_world()
     runtime = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads or local_threads(),
                             cfg.deterministic)
+    _log(f"device {runtime.device}, precision {runtime.precision} ({runtime.precision_reason})", cfg.quiet)
     cfg, data = _load_data(cfg)
     resuming = bool(cfg.resume and cfg.out) and state_path(cfg.out).is_file()
     model, n_params = _build_model(cfg, data, runtime, resuming)
@@ -303,10 +305,10 @@ def _train(cfg: TrainConfig) -> dict:
     eval_model = copy.deepcopy(model) if ema is not None else model
     net = runtime.compiled(model if cfg.fsdp else wrap_model(model, cfg.sync_bn))
     eval_net = runtime.compiled(eval_model) if ema is not None else net
-    steps_per_epoch = math.ceil(len(data.train_idx) / cfg.batch_size)
+    steps_per_epoch = math.ceil(data.epoch_images / cfg.batch_size)
     settings = StepSettings.from_config(cfg, steps_per_epoch)
     run_info = {"data": cfg.data, "data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
-                "model": cfg.model, "layout": cfg.layout}
+                "model": cfg.model, "layout": cfg.layout, "tta_flip": cfg.eval_flip}
     checkpointer = Checkpointer(cfg.out, model, optimizer, ema, cfg.fsdp,
                                 {"model_config": model.config.to_dict(), "data": data.spec.to_dict(), "run": run_info})
     state = _initial_state(cfg, checkpointer, runtime, resuming)
@@ -314,14 +316,20 @@ def _train(cfg: TrainConfig) -> dict:
         _write_config(checkpointer.out, {
             **cfg.replace(resume=False).to_dict(), "classes": list(data.spec.classes),
             "model_config": model.config.to_dict(), "data_spec": data.spec.to_dict(), "params": n_params,
-            "train_images": len(data.train_idx), "val_images": len(data.val_idx), "steps_per_epoch": steps_per_epoch,
-            "total_steps": settings.total_steps, "warmup_steps": settings.warmup_steps, "world_size": world})
+            "train_images": len(data.train_idx), "val_images": len(data.val_idx), "epoch_repeats": data.repeats,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": settings.total_steps, "warmup_steps": settings.warmup_steps, "world_size": world,
+            "runtime": {"device": str(runtime.device), "precision": runtime.precision,
+                        "precision_reason": runtime.precision_reason, "threads": torch.get_num_threads()}})
     initial: dict = {}
     if cfg.eval_before and state.global_step == 0:
         before = _evaluate(cfg, eval_net, data.val_src, data.val_idx, data, runtime, state)
         initial = {"initial_val_loss": before["loss"], "initial_val_top1": before["top1"]}
         _log(f"before training: val_loss {before['loss']:.4f}  val_top1 {before['top1']:.2f}", cfg.quiet)
-    result = partial(_result, state, n_params, initial, t_start, checkpointer.out)
+    # Multiply-adds per image, counted on a weightless copy: the training GFLOP/s in the result.
+    macs = count_macs(build_on_meta(model.config)) if hasattr(model, "config") else None
+    initial.update(device=str(runtime.device), precision=runtime.precision)
+    result = partial(_result, state, n_params, initial, t_start, checkpointer.out, macs)
 
     for epoch in range(state.epoch, cfg.epochs):
         t_epoch = time.time()
@@ -332,6 +340,7 @@ def _train(cfg: TrainConfig) -> dict:
             return result(stopped=True)
         if ema is not None:
             eval_model.load_state_dict(ema.state)
+        _refresh_batchnorm(cfg, eval_model, ema, data, runtime)
         rec = _epoch_record(cfg, eval_net, data, runtime, state, epoch, stats)
         rec["seconds"] = time.time() - t_epoch
         rec["elapsed"] = time.time() - t_start
@@ -352,6 +361,11 @@ class _Data:
     train_idx: torch.Tensor
     val_idx: torch.Tensor
     workers: int  # DataLoader worker processes for folders
+    repeats: int = 1  # passes over train_idx per epoch (cfg.min_epoch_images)
+
+    @property
+    def epoch_images(self) -> int:
+        return len(self.train_idx) * self.repeats
 
 
 def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
@@ -365,7 +379,10 @@ def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
     val_idx = subset_indices(len(val_src), cfg.val_subset, cfg.seed, stream=2)
     if len(val_idx) == 0:
         raise ValueError(f"{cfg.data}: no validation images (raise --val-fraction or add a val/ folder)")
-    return cfg, _Data(train_src, val_src, spec, train_idx, val_idx, workers)
+    repeats = 1
+    if cfg.min_epoch_images and len(train_idx) and not getattr(train_src, "streams", False):
+        repeats = math.ceil(cfg.min_epoch_images / len(train_idx))  # a stream is read as it comes: never repeated
+    return cfg, _Data(train_src, val_src, spec, train_idx, val_idx, workers, repeats)
 
 
 def _published_preprocessing(cfg: TrainConfig, spec):
@@ -405,7 +422,7 @@ def _build_model(cfg: TrainConfig, data: _Data, runtime: Runtime, resuming: bool
     n_params = count_params(model)
     if cfg.fsdp:  # sharding replaces the parameters: before the optimizer sees them
         apply_fsdp(convert_sync_batchnorm(model) if cfg.sync_bn else model, grad_checkpointing=True,
-                   param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
+                   param_dtype=torch.bfloat16 if runtime.precision == "bf16" else None)
     return model, n_params
 
 
@@ -433,10 +450,14 @@ def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtim
 
 # -- per epoch -----------------------------------------------------------------------------------------------
 def _epoch_data(cfg: TrainConfig, data: _Data, epoch: int, start: int) -> EpochData:
-    """Epoch `epoch`'s global batches (a permutation of the training indices, a function of seed and epoch)
-    as this process's micro-batches, from global batch `start` on."""
+    """Epoch `epoch`'s global batches (a permutation of the training indices, a function of seed and epoch;
+    with data.repeats > 1 that many permutations, each repeat r's indices shifted by r * len(source) so that
+    its augmentation is drawn anew, see data/datasets.py) as this process's micro-batches, from global batch
+    `start` on."""
     rank, world = rank_and_world()
-    order = data.train_idx[permutation(cfg.seed, epoch, len(data.train_idx))]
+    n, k = len(data.train_idx), data.repeats
+    order = torch.cat([data.train_idx[permutation(cfg.seed, epoch * k + r, n)] + r * len(data.train_src)
+                       for r in range(k)])
     global_batches = list(order.split(cfg.batch_size))
     micro = cfg.micro_batch_size or cfg.batch_size  # per-process images per forward/backward
     parts = [split_micro_batches(shard(gb, rank, world), len(gb), world, micro) for gb in global_batches]
@@ -451,10 +472,27 @@ def _epoch_data(cfg: TrainConfig, data: _Data, epoch: int, start: int) -> EpochD
     return EpochData(epoch, [len(gb) for gb in global_batches], [len(p) for p in parts], start, batches, inputs)
 
 
+def _refresh_batchnorm(cfg: TrainConfig, eval_model: nn.Module, ema: WeightEMA | None, data: _Data,
+                       runtime: Runtime) -> None:
+    """"Precise BN" before evaluating and checkpointing: the running statistics of `eval_model` (the model,
+    or the EMA weights) re-estimated on cfg.precise_bn training images. Running averages trail the weights
+    by about 1/momentum steps, which on a short run leaves the checkpoint's statistics far from what its
+    weights produce (eval accuracy near chance after a few dozen steps). The EMA's saved state gets them too."""
+    if not cfg.precise_bn:
+        return
+    idx = data.train_idx[subset_indices(len(data.train_idx), cfg.precise_bn, cfg.seed, stream=5)]
+    recalibrate_batchnorm(eval_model, data.train_src, idx, data.spec, runtime, cfg.eval_batch_size, data.workers,
+                          cfg.strict)
+    if ema is not None:
+        ema.state.update({k: v.detach().clone() for k, v in eval_model.state_dict().items()
+                          if k.endswith(("running_mean", "running_var"))})
+
+
 def _evaluate(cfg: TrainConfig, net: nn.Module, source, indices: torch.Tensor, data: _Data, runtime: Runtime,
               state: TrainState) -> dict:
     """`evaluate` with the run's settings; unreadable files it met are noted in `state`."""
-    scores = evaluate(net, source, indices, data.spec, runtime, cfg.eval_batch_size, data.workers, cfg.strict)
+    scores = evaluate(net, source, indices, data.spec, runtime, cfg.eval_batch_size, data.workers, cfg.strict,
+                      cfg.eval_flip)
     _note_skipped(state, scores["skipped"])
     return scores
 
@@ -492,10 +530,13 @@ def _end_epoch(cfg: TrainConfig, state: TrainState, rec: dict, checkpointer: Che
 
 
 def _result(state: TrainState, n_params: int, initial: dict, t_start: float, out: Path | None,
-            stopped: bool = False) -> dict:
+            macs: int | None, stopped: bool = False) -> dict:
     """What `train` returns (see there)."""
     last = state.records[-1] if state.records else {}
     res = {k: v for k, v in last.items() if k not in ("seconds",)}
+    if macs and state.records:  # forward + backward = 3 forward passes; 2 FLOPs per multiply-add
+        img_per_s = sum(r["img_per_s"] for r in state.records) / len(state.records)
+        res.update(macs_per_image=macs, train_gflops=round(macs * 6 * img_per_s / 1e9, 2))
     res.update(seconds=time.time() - t_start, params=n_params, epochs=state.epoch, steps=state.global_step,
                best_val_top1=state.best_val_top1, skipped_images=len(state.skipped_images),
                nonfinite_steps=len(state.nonfinite_steps))

@@ -45,10 +45,11 @@ def _scores(logits: torch.Tensor, y: torch.Tensor, k: int) -> tuple[float, int, 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, runtime: Runtime,
-             batch_size: int = 500, workers: int = 0, strict: bool = False) -> dict:
+             batch_size: int = 500, workers: int = 0, strict: bool = False, flip: bool = False) -> dict:
     """{"loss": mean cross-entropy, "top1": %, "top5": % (top-k with k = min(5, classes)), "n": images,
     "skipped": {path: reason} of unreadable files left out (this process's)} over source[indices] (sharded
-    over processes, summed back)."""
+    over processes, summed back). `flip`: score each image by its class probabilities averaged with those
+    of its mirror image (test-time augmentation)."""
     was_training = model.training
     model.eval()
     rank, world = rank_and_world()
@@ -64,6 +65,8 @@ def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, ru
         y = batch.labels.to(runtime.device)
         with runtime.autocast():
             logits = model(x)
+            if flip:  # log of the mean probability: cross-entropy and ranking of the averaged prediction
+                logits = torch.logaddexp(logits.float().log_softmax(-1), model(x.flip(-1)).float().log_softmax(-1))
         loss, c1, c5 = _scores(logits, y, k)
         loss_sum, correct1, correct5, n = loss_sum + loss, correct1 + c1, correct5 + c5, n + len(y)
     model.train(was_training)
@@ -79,12 +82,13 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
                         split: str = "val", val_fraction: float | None = None, subset: int | None = None,
                         batch_size: int = 500, device: str = "auto", precision: str = "fp32",
                         workers: int | None = None, strict: bool = False, img_size: int | None = None,
-                        recalibrate_bn: int = 0, threads: int | None = None) -> dict:
+                        recalibrate_bn: int = 0, threads: int | None = None, tta_flip: bool | None = None) -> dict:
     """Evaluate a checkpoint on `split` ("val", "train" or "both") of `data` (default: the data it was trained
     on, as recorded in it). "both" adds train_/val_ prefixed keys and gap_top1 = train top-1 - val top-1.
     `img_size`: evaluate at another input side (relative-position tables resized, no training), e.g. a
     model trained at 32 px at 64 px. `recalibrate_bn` N > 0: first re-estimate the BatchNorm statistics on
-    a seeded subset of N training images (eval transform, no labels; train.recalibrate)."""
+    a seeded subset of N training images (eval transform, no labels; train.recalibrate). `tta_flip`:
+    average each image's prediction with its mirror's (None: as the run that made the checkpoint did)."""
     import dataclasses
     import os
     import sys
@@ -124,7 +128,8 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
     for name, src in (("train", train_src), ("val", val_src)):
         if split in (name, "both"):
             idx = subset_indices(len(src), subset, run.get("seed", 0), stream=7)
-            out[name] = evaluate(model, src, idx, spec, runtime, batch_size, workers, strict)
+            flip = run.get("tta_flip", False) if tta_flip is None else tta_flip
+            out[name] = evaluate(model, src, idx, spec, runtime, batch_size, workers, strict, flip)
             skipped = out[name].pop("skipped")
             if skipped:
                 print(f"warning: {name}: {skipped_summary(skipped)}", file=sys.stderr, flush=True)

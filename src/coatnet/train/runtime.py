@@ -11,12 +11,16 @@ from torch import nn
 from ..layers import bf16_cpu
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
-    precision: str  # "fp32" or "bf16" (autocast)
+    precision: str  # "fp32" or "bf16" (autocast), resolved from "auto" by setup_runtime
     channels_last: bool
     compile: bool
+    precision_reason: str = ""  # why this precision, in words (printed and recorded by the trainer)
 
     def autocast(self):
         if self.precision == "bf16":
@@ -63,9 +67,30 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """("fp32" or "bf16", why) for a requested precision on `device`. "auto" takes bf16 autocast where the
+    hardware computes bf16 natively (CUDA GPUs with bf16 support; CPUs with AVX512-BF16 or AMX, as torch
+    detects them) and fp32 elsewhere: on a CPU without bf16 instructions bf16 is emulated, and the small
+    models it is chosen for there gain nothing from it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision, "asked for"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: this GPU computes bf16 natively"
+        return "fp32", "auto: this GPU has no bf16 support"
+    if device.type == "cpu":
+        if bf16_cpu.cpu_has_native_bf16():
+            return "bf16", "auto: this CPU has bf16 instructions (AVX512-BF16 or AMX)"
+        return "fp32", "auto: this CPU has no bf16 instructions (bf16 would be emulated)"
+    return "fp32", f"auto: fp32 on {device.type}"
+
+
 def setup_runtime(device: str = "auto", precision: str = "fp32", channels_last: bool = False,
                   compile: bool = False, threads: int | None = None, deterministic: bool = False) -> Runtime:
-    """Apply process-wide settings (threads, deterministic kernels) and return the Runtime."""
+    """Apply process-wide settings (threads, deterministic kernels) and return the Runtime (precision
+    "auto" resolved by `resolve_precision`)."""
     if threads or torch.get_num_threads() != (os.cpu_count() or 1):
         torch.set_num_threads(threads or os.cpu_count() or 1)
     if deterministic:
@@ -76,4 +101,5 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", channels_last: 
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = not deterministic
         torch.backends.cudnn.allow_tf32 = not deterministic
-    return Runtime(dev, precision, channels_last, compile)
+    precision, reason = resolve_precision(precision, dev)
+    return Runtime(dev, precision, channels_last, compile, reason)
