@@ -65,6 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--mixup", type=float, default=S, help="Mixup alpha (paper 0.8)")
     g.add_argument("--cutmix", type=float, default=S, help="CutMix alpha")
     g.add_argument("--label-smoothing", type=float, default=S, help="(paper 0.1)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--no-tta", dest="tta_flip", action="store_const", const=False, default=S,
+                   help="score images alone (default: averaged with their mirror image when training flips)")
+    g.add_argument("--precise-bn", type=int, default=S, metavar="N",
+                   help="re-estimate BatchNorm statistics on N training images before each evaluation and "
+                        f"checkpoint (default {d.precise_bn}; 0: off)")
     g = p.add_argument_group("runtime")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=S,
                    help="auto (default): bf16 autocast where the hardware has bf16 (CUDA, CPUs with AVX512-BF16 or AMX), "
