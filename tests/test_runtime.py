@@ -11,11 +11,18 @@ from coatnet.train.runtime import resolve_precision, setup_runtime
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
-def test_auto_precision_on_cpu_follows_bf16_instructions(monkeypatch, native, expected):
+@pytest.mark.parametrize("native, speedup, expected", [(True, 3.0, "bf16"), (True, 1.1, "bf16"),
+                                                       (True, 0.6, "fp32"), (False, 3.0, "fp32")])
+def test_auto_precision_on_cpu_takes_bf16_where_native_and_faster(monkeypatch, native, speedup, expected):
     monkeypatch.setattr(bf16_cpu, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(bf16_cpu, "bf16_matmul_speedup", lambda: speedup)
     precision, why = resolve_precision("auto", CPU)
     assert precision == expected and why.startswith("auto:")
+    assert (f"{speedup:.2f}x" in why) == native  # the measurement is named when it decided
+
+
+def test_bf16_matmul_speedup_is_a_positive_ratio():
+    assert 0.01 < bf16_cpu.bf16_matmul_speedup() < 100
 
 
 @pytest.mark.parametrize("supported, expected", [(True, "bf16"), (False, "fp32")])

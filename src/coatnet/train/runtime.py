@@ -12,6 +12,7 @@ from ..layers import bf16_cpu
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+MIN_BF16_SPEEDUP = 1.1  # "auto" takes bf16 on a CPU whose bf16 matrix products are at least this much faster
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,10 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     """("fp32" or "bf16", why) for a requested precision on `device`. "auto" takes bf16 autocast where the
-    hardware computes bf16 natively (CUDA GPUs with bf16 support; CPUs with AVX512-BF16 or AMX, as torch
-    detects them) and fp32 elsewhere: on a CPU without bf16 instructions bf16 is emulated, and the small
-    models it is chosen for there gain nothing from it."""
+    hardware computes bf16 natively and faster: CUDA GPUs with bf16 support; CPUs with AVX512-BF16 or AMX
+    (as torch detects them) whose bf16 matrix products, timed here, beat fp32 by 10% or more (AMX: several
+    times; some AVX512-BF16 CPUs run oneDNN's bf16 kernels slower than its fp32 ones, and bf16 would only
+    cost accuracy there). fp32 elsewhere: without bf16 instructions bf16 is emulated."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
     if precision != "auto":
@@ -81,9 +83,13 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
             return "bf16", "auto: this GPU computes bf16 natively"
         return "fp32", "auto: this GPU has no bf16 support"
     if device.type == "cpu":
-        if bf16_cpu.cpu_has_native_bf16():
-            return "bf16", "auto: this CPU has bf16 instructions (AVX512-BF16 or AMX)"
-        return "fp32", "auto: this CPU has no bf16 instructions (bf16 would be emulated)"
+        if not bf16_cpu.cpu_has_native_bf16():
+            return "fp32", "auto: this CPU has no bf16 instructions (bf16 would be emulated)"
+        speedup = bf16_cpu.bf16_matmul_speedup()
+        if speedup >= MIN_BF16_SPEEDUP:
+            return "bf16", f"auto: this CPU has bf16 instructions; bf16 matrix products run {speedup:.2f}x fp32's"
+        return "fp32", (f"auto: this CPU has bf16 instructions, but its bf16 matrix products run at {speedup:.2f}x "
+                        f"fp32's speed")
     return "fp32", f"auto: fp32 on {device.type}"
 
 
