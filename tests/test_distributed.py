@@ -173,6 +173,7 @@ def test_fsdp_shards_parameters_and_gathers_whole_states(two_process_run, one_pr
     redundant = redundant_parameters(_worker_module().tiny_model())  # not optimized: see train/redundant.py
     assert r["fsdp_optim_exp_avg_numel"] == n_params - sum(state[k].numel() for k in redundant)
     assert r["resumed_equal"] is True
+    assert r["resumed_optimizer_equal"] is True  # the optimizer states the engine checkpoints round-trip
 
 
 def test_checkpointed_recomputation_does_not_update_batchnorm_statistics_twice():
