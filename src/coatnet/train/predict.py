@@ -1,22 +1,18 @@
 """Prediction on image files: top-k classes with probabilities, with a checkpoint's own transform."""
 from __future__ import annotations
 
-import numpy as np
 import torch
-from PIL import Image
 
-from ..data.images import load_image
-from ..data.transforms import center_crop_box, normalize
+from ..data.datasets import eval_image
+from ..data.images import UnreadableImageError, load_image
+from ..data.transforms import normalize
+from .checkpoint import load_model
+from .runtime import resolve_device
 
 
 def preprocess(path: str, spec) -> torch.Tensor:
     """One file -> (C, S, S) float in [0, 1] by the eval transform (resize, centre crop)."""
-    img = load_image(path, spec.in_chans)
-    s = spec.img_size
-    x0, y0, w, h = center_crop_box(img.size[1], img.size[0], spec.crop_fraction, s, s)
-    img = img.resize((s, s), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
-    arr = torch.from_numpy(np.array(img, dtype=np.uint8)).to(torch.float32).div_(255)
-    return arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
+    return eval_image(load_image(path, spec.in_chans), spec).float().div_(255)
 
 
 @torch.no_grad()
@@ -26,10 +22,6 @@ def predict_files(checkpoint: str, paths: list[str], top_k: int = 5, device: str
 
     A file that is not a readable image raises UnreadableImageError (a ValueError naming it and why), or
     with `skip_unreadable` gives {"image": path, "error": reason} and the others are still predicted."""
-    from ..data.images import UnreadableImageError
-    from .checkpoint import load_model
-    from .runtime import resolve_device
-
     device = resolve_device(device)
     model, spec, _ = load_model(checkpoint, device)
     k = max(1, min(top_k, len(spec.classes)))

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data.datasets import DataSpec
+from ..data.datasets import NO_AUGMENT, DataSpec
 from ..data.transforms import normalize
-from .evaluate import NO_AUGMENT
 from .runtime import Runtime
 
 
