@@ -10,9 +10,18 @@ from torch import nn
 
 from ..layers import bf16_cpu
 
-
 PRECISIONS = ("auto", "fp32", "bf16")
 MIN_BF16_SPEEDUP = 1.1  # "auto" takes bf16 on a CPU whose bf16 matrix products are at least this much faster
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The precision context of forward passes for a resolved precision (`resolve_precision`): bf16
+    autocast (weights stay fp32, matmuls and convolutions run in bf16) or, for fp32, nothing."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {precision!r} is not one of fp32, bf16")
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -23,10 +32,8 @@ class Runtime:
     compile: bool
     precision_reason: str = ""  # why this precision, in words (printed and recorded by the trainer)
 
-    def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.precision)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move the model to the device and memory format (parameters keep fp32: autocast casts), in place.
@@ -58,7 +65,8 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"device={device!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+            raise ValueError(f"--device {device}: CUDA is not available in this torch build or on this machine "
+                             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'})")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type != "cpu":
