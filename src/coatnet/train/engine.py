@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -27,6 +28,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from ..data import build_data
 from ..data.datasets import Batch, DataSpec
@@ -34,6 +36,7 @@ from ..data.random import mix_int, permutation, uniform
 from ..data.transforms import AugmentConfig, mix_batch, normalize, rand_augment
 from ..layers import drop_path_noise
 from ..models import CoAtNet, build_on_meta, count_macs, count_params, create_model, inference_model
+from ..models.pretrained import weights_of
 from ..models.transfer import freeze_stages
 from ..utils import atomic_write
 from .checkpoint import read_progress, state_path
@@ -50,6 +53,8 @@ from .runfolder import prepare_run_folder, remove_stale_temp_files, run_folder_l
 from .runtime import Runtime, setup_runtime
 from .schedule import lr_at
 from .state import TrainState
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(ValueError):
@@ -127,15 +132,21 @@ def _drop_path_uniforms(seed: int, step: int, indices: torch.Tensor, batch: int,
 
 # -- messages ------------------------------------------------------------------------------------------------
 def _log(msg: str, quiet: bool = False) -> None:
-    """A progress line on stdout (the main process's, unless quiet)."""
+    """A line of the run's report on stdout: scores, the per-epoch summaries (the main process's, unless quiet)."""
     if is_main() and not quiet:
         print(msg, flush=True)
 
 
+def _note(msg: str, quiet: bool = False) -> None:
+    """A notice through logging, shown on stderr by the CLI (the main process's, unless quiet)."""
+    if is_main() and not quiet:
+        log.info(msg)
+
+
 def _warn(msg: str) -> None:
-    """A warning or notice on stderr (the main process's), even when quiet."""
+    """A warning through logging, shown on stderr (the main process's), even when quiet."""
     if is_main():
-        print(msg, file=sys.stderr, flush=True)
+        log.warning(msg)
 
 
 def _note_skipped(state: TrainState, failed: dict[str, str]) -> None:
@@ -164,8 +175,6 @@ def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Opt
 
     Returns {"train_loss", "train_top1" (running, with augmentation, over all processes), "lr" (the last
     step's), "img_per_s"}; None when it stopped at settings.stop_at_step first (the caller checkpoints)."""
-    from tqdm import tqdm
-
     _, world = rank_and_world()
     model.train()
     n_batches = len(data.batch_sizes)
@@ -389,15 +398,13 @@ def _published_preprocessing(cfg: TrainConfig, spec):
     """Starting from published weights (a tag, or a file named after one) on RGB images: normalise with
     the mean and std they were trained with, and (unless --crop-fraction is given) evaluate with their
     centre crop. Recorded in the checkpoint's data spec, so eval and predict use the same."""
-    from ..models.pretrained import weights_of
-
     published = weights_of(cfg.pretrained)
     if published is None or spec.in_chans != 3:
         return spec
     crop = spec.crop_fraction if cfg.crop_fraction is not None else published.crop_pct
     if (spec.mean, spec.std, spec.crop_fraction) != (published.mean, published.std, crop):
-        _log(f"preprocessing of {published.tag}: mean {published.mean}, std {published.std}, eval crop {crop}",
-             cfg.quiet)
+        _note(f"preprocessing of {published.tag}: mean {published.mean}, std {published.std}, eval crop {crop}",
+              cfg.quiet)
     return dataclasses.replace(spec, mean=published.mean, std=published.std, crop_fraction=crop)
 
 
@@ -415,7 +422,7 @@ def _build_model(cfg: TrainConfig, data: _Data, runtime: Runtime, resuming: bool
         used = recalibrate_batchnorm(model, data.train_src, calib_idx, data.spec, runtime, cfg.eval_batch_size,
                                      data.workers, cfg.strict)
         size = data.spec.img_size
-        _log(f"BatchNorm statistics re-estimated on {used} training images at {size}x{size}", cfg.quiet)
+        _note(f"BatchNorm statistics re-estimated on {used} training images at {size}x{size}", cfg.quiet)
     if cfg.freeze_stages:
         freeze_stages(model, cfg.freeze_stages)
     freeze_redundant_parameters(model)  # AdamW would turn their roundoff gradients into steps (train/redundant.py)
@@ -444,7 +451,7 @@ def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtim
     if state.epoch >= cfg.epochs:
         _warn(f"{out} is complete ({state.epoch} of {cfg.epochs} epochs): nothing to do (--epochs N extends it)")
     else:
-        _warn(f"resuming {out} at epoch {state.epoch + 1}, step {state.global_step}")
+        _note(f"resuming {out} at epoch {state.epoch + 1}, step {state.global_step}")
     return state
 
 

@@ -1,17 +1,28 @@
 """Evaluation: loss, top-1 and top-5 of a model on a source (eval transform, no augmentation)."""
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.datasets import DataSpec
+from ..data import build_data
+from ..data.datasets import NO_AUGMENT, DataSpec, FolderSource, _class_dirs, _list_images
 from ..data.random import permutation
-from ..data.transforms import AugmentConfig, normalize
+from ..data.transforms import normalize
+from ..models import create_model
+from ..models.pretrained import HALF, default_tag, get_weights, weights_of
+from ..preprocess import EvalTransform
+from .checkpoint import load_model
 from .distributed import all_reduce_sums, is_sharded, rank_and_world, shard
+from .recalibrate import recalibrate_batchnorm
 from .runtime import Runtime, setup_runtime
 
-NO_AUGMENT = AugmentConfig(enabled=False)  # the eval transform
+log = logging.getLogger(__name__)
 
 
 def skipped_summary(skipped: dict[str, str], limit: int = 10) -> str:
@@ -89,14 +100,6 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
     model trained at 32 px at 64 px. `recalibrate_bn` N > 0: first re-estimate the BatchNorm statistics on
     a seeded subset of N training images (eval transform, no labels; train.recalibrate). `tta_flip`:
     average each image's prediction with its mirror's (None: as the run that made the checkpoint did)."""
-    import dataclasses
-    import os
-    import sys
-
-    from ..data import build_data
-    from .checkpoint import load_model
-    from .recalibrate import recalibrate_batchnorm
-
     if split not in ("val", "train", "both"):
         raise ValueError(f"split={split!r} must be 'val', 'train' or 'both'")
     _at_least_one(batch_size=batch_size, subset=subset)
@@ -132,7 +135,7 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
             out[name] = evaluate(model, src, idx, spec, runtime, batch_size, workers, strict, flip)
             skipped = out[name].pop("skipped")
             if skipped:
-                print(f"warning: {name}: {skipped_summary(skipped)}", file=sys.stderr, flush=True)
+                log.warning(f"warning: {name}: {skipped_summary(skipped)}")
     if split != "both":
         return out[split]
     result = {f"{s}_{k}": v for s in ("train", "val") for k, v in out[s].items()}
@@ -150,14 +153,6 @@ def evaluate_published(checkpoint: str, data: str, model: str | None = None, img
     or a root with val/ (used whole); sorted class folders must be the weights' classes in order (ImageNet's
     wnid folders n01440764 ... are). `model` is needed for a file not named after a tag; `img_size` builds
     the model at another size (tables resized) and evaluates at that size."""
-    import os
-    import sys
-    from pathlib import Path
-
-    from ..data.datasets import FolderSource, _class_dirs, _list_images
-    from ..models import create_model
-    from ..models.pretrained import HALF, EvalTransform, default_tag, get_weights, weights_of
-
     _at_least_one(batch_size=batch_size, subset=subset)
     published = weights_of(checkpoint)
     name = model or (published.model if published else None)
@@ -189,7 +184,7 @@ def evaluate_published(checkpoint: str, data: str, model: str | None = None, img
     result = evaluate(net, source, idx, spec, runtime, batch_size, workers, strict)
     skipped = result.pop("skipped")
     if skipped:
-        print(f"warning: {skipped_summary(skipped)}", file=sys.stderr, flush=True)
+        log.warning(f"warning: {skipped_summary(skipped)}")
     if result["n"] == 0:
         raise ValueError(f"none of the {len(idx)} images under {root} could be read")
     return {**result, "model": name, "weights": published.tag if published else str(checkpoint),
