@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -63,10 +66,6 @@ def reuse_freed_memory() -> bool:
     global _memory_reuse_enabled
     if _memory_reuse_enabled:
         return True
-    import ctypes
-    import ctypes.util
-    import sys
-
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .config import CoAtNetConfig, MBConvConfig, TransformerConfig
+from .pretrained import WEIGHTS
 from .variants import register
 
 # timm's MaxxVit families share these. "max" (timm's _rw_max_cfg) and "coat" (its _rw_coat_cfg).
@@ -74,8 +75,6 @@ def _rw(name: str, family: str, size: str, depths: tuple, mb: dict, tr: dict, im
 
 
 def _describe(name: str) -> str:
-    from .pretrained import WEIGHTS
-
     tags = [w for w in WEIGHTS.values() if w.model == name]
     best = max((w for w in tags if w.top1 is not None), key=lambda w: w.top1, default=None)
     weights = (f"weights: {best.tag.split('.')[1]} {best.top1:.1f}% top-1" if best else

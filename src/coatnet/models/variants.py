@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 from .coatnet import CoAtNet
 from .config import CoAtNetConfig, TransformerConfig
+from .pretrained import default_tag, get_weights, resolve_pretrained, split_model_name
+from .weights import checkpoint_num_classes, load_state, read_weights
 
 _REGISTRY: dict[str, Callable[[], CoAtNetConfig]] = {}
 _DOCS: dict[str, str] = {}
@@ -80,8 +82,6 @@ def describe_model(name: str) -> str:
 def get_config(name: str, **overrides: Any) -> CoAtNetConfig:
     """The named variant's config with overrides applied (None overrides ignored), validated. timm's
     "<model>.<tag>" names are accepted: the tag sets the class count of its head unless overridden."""
-    from .pretrained import get_weights, split_model_name
-
     name, tag = split_model_name(name)
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
@@ -98,8 +98,6 @@ def create_model(name: str, pretrained: str | os.PathLike | bool | None = None, 
     ("coatnet_0_rw_224.sw_in1k") or else the model's default tag, as in timm. Without a num_classes
     override the model takes the checkpoint's class count; with another one the checkpoint's classifier
     is dropped with a message. Relative-position tables are resized to img_size."""
-    from .pretrained import default_tag, resolve_pretrained, split_model_name
-
     model_name, tag = split_model_name(name)
     if pretrained is True:
         pretrained = tag or default_tag(model_name)
@@ -108,8 +106,6 @@ def create_model(name: str, pretrained: str | os.PathLike | bool | None = None, 
                              f"pass a weights file as pretrained=")
     if pretrained is None or pretrained is False:
         return CoAtNet(get_config(name, **overrides))
-    from .weights import checkpoint_num_classes, load_state, read_weights
-
     path = resolve_pretrained(pretrained)
     state = read_weights(path)
     if overrides.get("num_classes") is None and checkpoint_num_classes(state) is not None:

@@ -6,6 +6,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..models import get_config
+
 
 def _is_a(value: Any, hint: Any) -> bool:
     """isinstance for the field types of TrainConfig: bool, int, float (an int is a float, a bool is neither a
@@ -153,8 +155,6 @@ class TrainConfig:
             raise ValueError("fsdp does not keep an EMA of sharded weights: drop ema_decay (--ema-decay) or fsdp")
         if self.resume and not self.out:
             raise ValueError("resume needs the run folder (out)")
-        from ..models import get_config
-
         get_config(self.model, layout=self.layout)  # an unknown model or a bad layout: named now, not after loading
         return self
 

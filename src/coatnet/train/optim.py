@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models.transfer import layer_decay_groups
 from .redundant import redundant_parameters
 
 
@@ -31,8 +32,6 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
     # FSDP's sharded parameters (DTensors) keep the foreach path.
     fused = all(p.device.type in ("cuda", "cpu") and type(p.data) is torch.Tensor for p in model.parameters())
     if layer_decay != 1.0:
-        from ..models.transfer import layer_decay_groups
-
         groups = layer_decay_groups(model, weight_decay, layer_decay)
     else:
         groups = param_groups(model, weight_decay)
