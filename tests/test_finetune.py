@@ -76,7 +76,7 @@ def test_eval_at_another_size_resizes_the_tables_and_can_first_recalibrate_batch
     weights["head.weight"] = weights["head.weight"] * 200
     sharp = tmp_path / "sharp.safetensors"
     save_weights_checkpoint(sharp, weights, info)
-    args = ("--checkpoint", str(sharp), "--subset", "40", "--threads", "1")
+    args = ("--checkpoint", str(sharp), "--subset", "40", "--threads", "1", "--tta", "none")
     at32 = _eval(capsys, *args)
     assert _eval(capsys, *args, "--img-size", "32") == at32  # the checkpoint's own size: nothing changes
     at64 = _eval(capsys, *args, "--img-size", "64")
