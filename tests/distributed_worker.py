@@ -7,7 +7,6 @@ The functions `tiny_model`, `global_batches` and `train_steps` are shared with t
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -116,8 +115,9 @@ def main(out: Path) -> None:
     local = sum(p.to_local().numel() for p in model.parameters())
     results["fsdp_local_params"] = D.all_reduce_sums({"n": local})["n"] / env.world_size
     results["fsdp_losses"], opt = train_steps(model, 4, env)
+    # The states a checkpoint holds, gathered as the engine's Checkpointer gathers them.
     state = D.full_model_state(model)
-    optim_state = D.full_optimizer_state(model, opt)
+    optim_state = D.full_optimizer_state_dict(opt)
     if env.is_main:
         _save(out / "fsdp.safetensors", state)
         results["fsdp_optim_keys"] = sorted(optim_state["state"])[:3]
@@ -130,9 +130,12 @@ def main(out: Path) -> None:
     from coatnet.train.optim import param_groups
 
     opt2 = torch.optim.AdamW(param_groups(resumed, 0.05), lr=1e-2)
-    D.load_full_state(resumed, full, opt2, full_opt)
+    D.load_full_state(resumed, full, opt2, full_opt)  # as the Checkpointer resumes
     results["resumed_equal"] = all(torch.equal(a, b) for a, b in
                                    zip(D.full_model_state(resumed).values(), state.values()))
+    regathered = D.full_optimizer_state_dict(opt2)["state"]
+    results["resumed_optimizer_equal"] = regathered.keys() == optim_state["state"].keys() and all(
+        torch.equal(regathered[pid][k], v) for pid, st in optim_state["state"].items() for k, v in st.items())
     if env.is_main:
         (out / "results.json").write_text(json.dumps(results))
     D.destroy_distributed()

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import coatnet
 from coatnet.layers import bf16_cpu
-from coatnet.layers.bf16_cpu import Conv2d, Linear
+from coatnet.layers.bf16_cpu import Conv2d, Linear, QkvLinear, use_bf16_cpu_kernels
+from coatnet.train.runtime import setup_runtime
 
 BF16 = torch.bfloat16
 
@@ -72,7 +73,7 @@ def test_a_bf16_training_step_matches_torchs_own_bf16_kernels(monkeypatch):
     # The whole network, one forward and backward under bf16 autocast: the loss and every gradient agree
     # with torch's bf16 kernels to bf16 precision (the kernels differ only in the order of their sums).
     torch.manual_seed(0)
-    model = coatnet.create_model("coatnet_pico", num_classes=10, img_size=32).train()
+    model = use_bf16_cpu_kernels(coatnet.create_model("coatnet_pico", num_classes=10, img_size=32).train())
     x, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
     results = {}
     for emulated in (False, True):
@@ -88,3 +89,31 @@ def test_a_bf16_training_step_matches_torchs_own_bf16_kernels(monkeypatch):
     assert g0.keys() == g1.keys()
     rel = sorted(float((g1[k] - g0[k]).norm() / g0[k].norm().clamp_min(1e-12)) for k in g0)
     assert rel[len(rel) // 2] < 0.05  # bf16 noise, not a different computation
+
+
+def test_the_kernel_swap_keeps_parameters_state_dict_and_outputs():
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_pico", num_classes=10, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    params, state = list(model.parameters()), {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(x)
+    assert use_bf16_cpu_kernels(model) is model
+    assert all(p is q for p, q in zip(model.parameters(), params, strict=True))
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # outside bf16 autocast the subclasses run torch's kernels
+    kinds = {name: type(m) for name, m in model.named_modules()}
+    assert kinds["stages.0.blocks.0.conv1"] is Conv2d and kinds["stages.2.blocks.0.mlp.fc1"] is Linear
+    assert kinds["stages.2.blocks.0.attn.qkv"] is QkvLinear and kinds["head"] is Linear
+    # depthwise convolutions and squeeze-excite keep torch's bf16 kernels
+    assert kinds["stages.0.blocks.0.conv2"] is torch.nn.Conv2d and kinds["stages.0.blocks.0.se.fc1"] is torch.nn.Conv2d
+
+
+@pytest.mark.parametrize("precision, emulated, swapped", [("bf16", True, True), ("bf16", False, False),
+                                                          ("fp32", True, False)])
+def test_the_runtime_swaps_the_kernels_in_only_for_emulated_bf16(monkeypatch, precision, emulated, swapped):
+    monkeypatch.setattr(bf16_cpu, "emulated_bf16_cpu", lambda: emulated)
+    model = setup_runtime("cpu", precision).prepare(coatnet.create_model("coatnet_pico", num_classes=10))
+    assert (type(model.head) is Linear) == swapped

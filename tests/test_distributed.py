@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from coatnet.models.blocks import BatchNormChannelsLast
 from coatnet.train import distributed as D
+from coatnet.train.redundant import redundant_parameters
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -169,9 +170,10 @@ def test_fsdp_shards_parameters_and_gathers_whole_states(two_process_run, one_pr
     assert r["fsdp_sharded"] is True
     # each rank holds about half of every parameter (dim-0 shards, padded when odd)
     assert n_params / 2 <= r["fsdp_local_params"] < n_params / 2 + 500
-    redundant = _worker_module().tiny_model().redundant_parameters()  # not optimized: see CoAtNet
+    redundant = redundant_parameters(_worker_module().tiny_model())  # not optimized: see train/redundant.py
     assert r["fsdp_optim_exp_avg_numel"] == n_params - sum(state[k].numel() for k in redundant)
     assert r["resumed_equal"] is True
+    assert r["resumed_optimizer_equal"] is True  # the optimizer states the engine checkpoints round-trip
 
 
 def test_checkpointed_recomputation_does_not_update_batchnorm_statistics_twice():

@@ -76,7 +76,7 @@ def test_eval_at_another_size_resizes_the_tables_and_can_first_recalibrate_batch
     weights["head.weight"] = weights["head.weight"] * 200
     sharp = tmp_path / "sharp.safetensors"
     save_weights_checkpoint(sharp, weights, info)
-    args = ("--checkpoint", str(sharp), "--subset", "40", "--threads", "1")
+    args = ("--checkpoint", str(sharp), "--subset", "40", "--threads", "1", "--tta", "none")
     at32 = _eval(capsys, *args)
     assert _eval(capsys, *args, "--img-size", "32") == at32  # the checkpoint's own size: nothing changes
     at64 = _eval(capsys, *args, "--img-size", "64")
@@ -113,8 +113,8 @@ def test_finetune_recalibrates_batchnorm_at_the_new_size_before_freezing(checkpo
                  "--train-subset", "64", "--val-subset", "32", "--batch-size", "32", "--freeze-stages", "4",
                  "--recalibrate-bn", "40", "--ema-decay", "0", "--threads", "1", "--no-progress",
                  "--out", str(tmp_path / "ft")])
-    out = capsys.readouterr().out
-    assert code == 0 and "re-estimated on 40 training images at 64x64" in out
+    err = capsys.readouterr().err  # a note of the library's, through logging
+    assert code == 0 and "re-estimated on 40 training images at 64x64" in err
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["recalibrate_bn"] == 40
     tuned, _ = read_checkpoint(tmp_path / "ft" / "checkpoint-last.safetensors")
     base, _ = read_checkpoint(checkpoint)
@@ -157,7 +157,7 @@ def test_finetune_from_a_tag_takes_its_model_and_its_preprocessing(monkeypatch, 
                  "--out", str(out)])
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    assert "preprocessing of coatnet_nano_rw_224.sw_in1k: mean (0.5, 0.5, 0.5)" in printed.out
+    assert "preprocessing of coatnet_nano_rw_224.sw_in1k: mean (0.5, 0.5, 0.5)" in printed.err
     model, spec, _ = load_model(out / "checkpoint-last.safetensors")
     assert (spec.mean, spec.std, spec.crop_fraction) == ((0.5,) * 3, (0.5,) * 3, 0.9)
     assert model.num_classes == 4

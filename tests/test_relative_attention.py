@@ -90,3 +90,28 @@ def test_loading_a_table_of_another_size_resizes_it():
     big = RelativeAttention2d(32, 32, 16, (8, 8))
     big.load_state_dict(small.state_dict())
     torch.testing.assert_close(big.relative_bias_table, resize_bias_table(small.relative_bias_table, (8, 8)))
+
+
+@pytest.mark.parametrize("mlp_width", [0, 16])
+def test_the_position_bias_plug_in_keeps_the_checkpoint_names(mlp_width):
+    attn = RelativeAttention2d(32, 32, 16, (4, 4), mlp_width=mlp_width).eval()
+    bias_names = (["relative_position_mlp.fc1.weight", "relative_position_mlp.fc1.bias",
+                   "relative_position_mlp.fc2.weight", "relative_position_mlp.fc2.bias"] if mlp_width else [])
+    expected = (["relative_bias_table"] * (not mlp_width) + ["qkv.weight", "qkv.bias", "proj.weight", "proj.bias"]
+                + bias_names)
+    assert list(attn.state_dict()) == expected
+    assert [n for n, _ in attn.named_parameters()] == expected
+    other = RelativeAttention2d(32, 32, 16, (4, 4), mlp_width=mlp_width).eval()
+    other.load_state_dict(attn.state_dict())  # strict: nothing missing, nothing unexpected
+    torch.testing.assert_close(other.bias((3, 5)), attn.bias((3, 5)))
+    assert attn.bias((3, 5)).shape == (2, 15, 15)
+
+
+def test_set_feature_size_and_back_restores_the_table_exactly():
+    attn = RelativeAttention2d(32, 32, 16, (4, 4))
+    table = attn.relative_bias_table.detach().clone()
+    attn.set_feature_size((6, 3))
+    assert attn.relative_bias_table.shape == (2, 11, 5)
+    assert attn.relative_bias_table is attn.position_bias.relative_bias_table  # one table, resized in place
+    attn.set_feature_size((4, 4))
+    assert torch.equal(attn.relative_bias_table, table)

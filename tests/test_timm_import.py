@@ -1,5 +1,6 @@
 """timm's CoAtNet checkpoints: fixtures reproduced, key mapping, resizing, refusals (never needs timm)."""
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -69,10 +70,11 @@ def test_a_224_table_checkpoint_loads_into_a_384_model_with_tables_resized(fixtu
 
 
 @needs_fixtures
-def test_a_different_class_count_drops_the_head_with_a_message(capsys):
+def test_a_different_class_count_drops_the_head_with_a_message(caplog):
+    caplog.set_level(logging.INFO, logger="coatnet")
     name = "coatnet_nano_rw_224"
     model = coatnet.create_model(name, num_classes=10, pretrained=str(REFERENCE / f"{name}.safetensors"))
-    assert "classifier for 1000 classes dropped" in capsys.readouterr().out
+    assert "classifier for 1000 classes dropped" in caplog.text
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
 
 
@@ -171,21 +173,23 @@ def test_timms_mixed_stages_map_onto_our_split_stages():
 
 
 @needs_fixtures
-def test_a_featureless_model_drops_the_checkpoints_classifier(fixtures, capsys):
+def test_a_featureless_model_drops_the_checkpoints_classifier(fixtures, caplog):
+    caplog.set_level(logging.INFO, logger="coatnet")
     name = "coatnet_nano_rw_224"
     model = coatnet.create_model(name, num_classes=0, pretrained=str(REFERENCE / f"{name}.safetensors")).eval()
-    assert "classifier dropped; the model has none" in capsys.readouterr().out
+    assert "classifier dropped; the model has none" in caplog.text
     with torch.no_grad():
         pooled = model(fixtures[name]["x"])
     torch.testing.assert_close(pooled, fixtures[name]["features"].mean((2, 3)), rtol=1e-4, atol=1e-4)
 
 
 @needs_fixtures
-def test_without_a_class_count_the_model_takes_the_checkpoints(fixtures, tmp_path, capsys):
+def test_without_a_class_count_the_model_takes_the_checkpoints(fixtures, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="coatnet")
     state = {k.removeprefix("model."): v for k, v in fixtures["coatnet_nano_rw_224"].items()
              if k.startswith("model.")}
     state["head.fc.weight"], state["head.fc.bias"] = state["head.fc.weight"][:7], state["head.fc.bias"][:7]
     save_file(state, str(tmp_path / "seven.safetensors"))
     model = coatnet.create_model("coatnet_nano_rw_224", pretrained=str(tmp_path / "seven.safetensors"))
-    assert model.num_classes == 7 and "dropped" not in capsys.readouterr().out
+    assert model.num_classes == 7 and "dropped" not in caplog.text
     torch.testing.assert_close(model.head.weight, state["head.fc.weight"].float())

@@ -12,6 +12,7 @@ import coatnet
 from coatnet.train import TrainConfig, get_recipe, list_recipes, train
 from coatnet.train.checkpoint import load_model, read_checkpoint, save_weights_checkpoint
 from coatnet.train.optim import WeightEMA, param_groups
+from coatnet.train.redundant import redundant_parameters
 from coatnet.train.schedule import lr_at
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -39,8 +40,8 @@ def test_weight_decay_skips_norms_biases_and_bias_tables():
     assert all(p.ndim >= 2 for p in decay["params"])
     assert any(n.endswith("relative_bias_table") for n in skipped) and "head.bias" in skipped
     assert any(".norm" in n and n.endswith("weight") for n in skipped)
-    # every parameter is optimized, except those whose gradient is only roundoff (CoAtNet.redundant_parameters)
-    redundant = model.redundant_parameters()
+    # every parameter is optimized, except those whose gradient is only roundoff (train/redundant.py)
+    redundant = redundant_parameters(model)
     assert redundant and not redundant & {names[id(p)] for g in (decay, no_decay) for p in g["params"]}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters())) - len(redundant)
 
@@ -177,3 +178,26 @@ def test_evaluate_builds_no_autograd_graph():
     spec = DataSpec("t", ("a", "b"), 1, 2, 1.0, (0.5,), (0.5,))
     result = evaluate(Probe(4, 2), source, torch.arange(6), spec, setup_runtime("cpu", threads=1), batch_size=4)
     assert result["n"] == 6 and seen == [False, False]
+
+
+def test_small_training_set_is_repeated_within_an_epoch_with_fresh_augmentation():
+    """min_epoch_images: each epoch passes over a small set several times, each pass a new permutation and
+    (through indices shifted by the source's length) new augmentation draws."""
+    from coatnet.train.engine import _epoch_data, _load_data
+
+    cfg = TrainConfig(train_subset=40, val_subset=10, batch_size=16, min_epoch_images=100, threads=1).validate()
+    cfg, data = _load_data(cfg)
+    assert data.repeats == 3 and data.epoch_images == 120
+    epoch = _epoch_data(cfg, data, epoch=0, start=0)
+    batches = list(epoch.batches)
+    assert epoch.batch_sizes == [16] * 7 + [8]
+    indices = torch.cat([b.indices for b in batches])
+    n = len(data.train_src)
+    assert sorted((indices % n).tolist()) == sorted(data.train_idx.tolist() * 3)
+    assert sorted((indices // n).tolist()) == [0] * 40 + [1] * 40 + [2] * 40
+    first = {int(i): b.images[j] for b in batches for j, i in enumerate(b.indices) if i < n}
+    again = {int(i) % n: b.images[j] for b in batches for j, i in enumerate(b.indices) if n <= i < 2 * n}
+    labels = {int(i) % n: int(y) for b in batches for i, y in zip(b.indices, b.labels)}
+    assert all(labels[i] == int(data.train_src.labels[i]) for i in labels)
+    # the same image, augmented anew: some repeats differ (a flip or crop drawn differently)
+    assert sum(not torch.equal(first[i], again[i]) for i in first) > 10

@@ -2,7 +2,7 @@
 from .models import (CoAtNet, CoAtNetConfig, MBConvConfig, TransformerConfig, count_macs, count_params,
                      create_model, get_config, inference_model, list_models)
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "CoAtNet", "CoAtNetConfig", "MBConvConfig", "TransformerConfig", "count_macs", "count_params",

@@ -6,7 +6,6 @@ The library never imports timm except in `timm_model` (the `--compare-timm` path
 """
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 import weakref
@@ -19,34 +18,17 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .export import onnx_session
+from .layers import bf16_cpu
 from .layers.bf16_cpu import cpu_has_native_bf16
+from .models import create_model, inference_model
+from .train.runtime import autocast, resolve_device
 from .utils import reuse_freed_memory
-
-PRECISIONS = ("fp32", "bf16")
-
-
-def resolve_device(name: str) -> torch.device:
-    """"cpu" or "cuda"; a clear error when CUDA is asked for and absent."""
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not one of 'cpu', 'cuda'")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available in this torch build or on this machine "
-                         f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'})")
-    return torch.device(name)
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16: autocast (weights stay fp32, matmuls and convolutions run in bf16); fp32: nothing."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def make_step(model: nn.Module, batch: torch.Tensor, precision: str, train: bool,
@@ -208,16 +190,18 @@ def timm_model(name: str, num_classes: int = 1000) -> nn.Module:
 
 
 def prepare(model: nn.Module, device: torch.device, train: bool, channels_last: bool, compile: bool,
-            ours: bool) -> nn.Module:
+            ours: bool, precision: str = "fp32") -> nn.Module:
     """The model as it will be timed: on `device`; ours for inference through `inference_model`
-    (channels-last inside), otherwise in `channels_last` memory when asked; optionally torch.compile'd."""
+    (channels-last inside), otherwise in `channels_last` memory when asked; ours in bf16 on a CPU that
+    emulates bf16 with the fp32-kernel path, as training runs it (layers/bf16_cpu.py); optionally
+    torch.compile'd."""
     model = model.to(device)
     if ours and not train:
-        from .models import inference_model
-
         model = inference_model(model, channels_last=True)
     elif channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if ours and precision == "bf16" and device.type == "cpu" and bf16_cpu.emulated_bf16_cpu():
+        bf16_cpu.use_bf16_cpu_kernels(model)
     return torch.compile(model) if compile else model
 
 
@@ -265,8 +249,6 @@ def benchmark(name: str, batch: int = 8, img_size: int = 224, precision: str = "
     """Measure our model `name` (with config `overrides`), and timm's counterpart interleaved with it
     when `compare_timm`. See `Measurement` for what is reported. `reuse_memory`:
     coatnet.utils.reuse_freed_memory() first (process-wide: timm's model profits too)."""
-    from .models import create_model
-
     dev = resolve_device(device)
     # Process-wide, so both models profit alike: see reuse_freed_memory.
     malloc_reuse = reuse_memory and dev.type == "cpu" and reuse_freed_memory()
@@ -288,7 +270,8 @@ def benchmark(name: str, batch: int = 8, img_size: int = 224, precision: str = "
         x = x.contiguous(memory_format=torch.channels_last)
     flops = {k: count_step_flops(m.to(dev), x[:1], train) for k, m in models.items()}
     macs = {k: count_step_flops(m, x[:1], False) // 2 for k, m in models.items()}
-    prepared = {k: prepare(m, dev, train, channels_last, compile, ours=k == name) for k, m in models.items()}
+    prepared = {k: prepare(m, dev, train, channels_last, compile, ours=k == name, precision=precision)
+                for k, m in models.items()}
     steps = {k: make_step(m, x, precision, train, num_classes) for k, m in prepared.items()}
     # The machine's practical peak, timed in the same round-robin as the models.
     a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=dev), torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=dev)
@@ -314,9 +297,6 @@ def benchmark_exported(model: nn.Module, path: str, fmt: str, batch: int = 8, th
                        warmup: int = 2, repeats: int = 5) -> dict[str, float]:
     """Images/s of an exported file (onnxruntime, or the TorchScript module) and of PyTorch's
     `inference_model` on the same batch, interleaved: {"pytorch": ..., fmt: ...}."""
-    from .export import onnx_session
-    from .models import inference_model
-
     if threads is not None:
         torch.set_num_threads(threads)
     x = torch.randn(batch, model.in_chans, *model.config.image_size)

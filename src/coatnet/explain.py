@@ -22,10 +22,17 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .data.images import UnreadableImageError, list_image_files
+from .data.transforms import normalize
 from .layers import RelativeAttention2d
 from .models.features import feature_points
+from .train.checkpoint import load_model
+from .train.predict import preprocess
+from .train.runtime import resolve_device
+from .utils import atomic_write
 
 MIN_CAM_SIDE = 7  # Grad-CAM's default map: the deepest stage output whose shorter side has at least this many cells
 
@@ -210,8 +217,6 @@ def _overlay(ax, image: torch.Tensor, heat: torch.Tensor, vmax: float) -> None:
 
 
 def _save(fig, path: Path) -> Path:
-    from .utils import atomic_write
-
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     _pyplot().close(fig)
@@ -220,8 +225,6 @@ def _save(fig, path: Path) -> Path:
 
 def draw_gradcam(image: torch.Tensor, cam: torch.Tensor, title: str, path: Path) -> Path:
     """Input | Grad-CAM over it (bilinear, as Grad-CAM is usually shown) | the raw cells of the map."""
-    import torch.nn.functional as F
-
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(8.4, 3.2))
     _show_image(axes[0], image)
@@ -348,12 +351,6 @@ def explain(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], 
     Transformer stage; once, bias-<stage>.png. `target`: class name or index for Grad-CAM (default: the
     predicted one); `query`: (y, x) fractions of the image. Returns {"images": [per image: image, predicted,
     prob, target, cam_stage, files; or image, error], "bias": [files], "notes": [what was left out and why]}."""
-    from .data.images import UnreadableImageError, list_image_files
-    from .data.transforms import normalize
-    from .train.checkpoint import load_model
-    from .train.predict import preprocess
-    from .train.runtime import resolve_device
-
     if not all(0 <= q <= 1 for q in query):
         raise ValueError(f"query {tuple(query)} must be fractions of the image's height and width, in [0, 1]")
     files = list_image_files(images)

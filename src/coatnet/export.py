@@ -7,7 +7,6 @@ legacy one handles scaled_dot_product_attention with an additive mask.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 
 from .models import CoAtNet, CoAtNetConfig, create_model, inference_model
 from .models.weights import load_pretrained
+from .train.checkpoint import checkpoint_info
 from .utils import atomic_write
 
 FORMATS = ("onnx", "torchscript")
@@ -26,22 +26,16 @@ SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 
 def load_checkpoint_model(path: str | os.PathLike, model_name: str | None = None, **overrides) -> CoAtNet:
     """The model of a checkpoint, in eval mode. A training checkpoint names its config in its safetensors
-    metadata ("coatnet" = JSON with "model_config"); plain weights need `model_name` (and overrides such
-    as num_classes) to say what they are."""
-    from safetensors import safe_open
-
+    metadata (train/checkpoint.py); plain weights need `model_name` (and overrides such as num_classes)
+    to say what they are."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     config = None
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception as e:
-            raise ValueError(f"{path} is not a valid safetensors file ({e})") from None
-        if "coatnet" in meta:
-            config = CoAtNetConfig.from_dict(json.loads(meta["coatnet"])["model_config"])
+        info = checkpoint_info(path)  # None: timm's or plain weights
+        if info is not None:
+            config = CoAtNetConfig.from_dict(info["model_config"])
     if config is not None and model_name is None:
         model = CoAtNet(config.replace(**overrides))
     elif model_name is not None:

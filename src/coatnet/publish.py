@@ -17,8 +17,16 @@ import shlex
 import shutil
 from pathlib import Path
 
+from .models import count_macs, count_params
+from .models.flops import build_on_meta
 from .models.hub import HUB_FILES, HUB_FORMAT, is_ours, read_hub_config
+from .train.checkpoint import load_model, read_checkpoint, save_weights_checkpoint
+from .train.config import TrainConfig
+from .train.finetune import FINETUNE_RECIPE
+from .train.metrics import read_metrics
+from .train.recipes import RECIPES
 from .utils import atomic_write, read_json_object
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +40,6 @@ def save_pretrained(checkpoint: str | os.PathLike, folder: str | os.PathLike, li
     """Write `checkpoint` (a checkpoint-*.safetensors of ours) as a Hub-format folder; returns the folder.
     `repo_id` ("user/name") only fills the card's usage lines. A folder that holds anything but an earlier
     Hub folder of ours is refused (nothing is overwritten by accident)."""
-    from . import __version__
-    from .train.checkpoint import load_model, read_checkpoint, save_weights_checkpoint
-
     checkpoint, folder = Path(checkpoint), Path(folder)
     if repo_id is not None and not REPO_ID.match(repo_id):
         raise ValueError(f"repo id {repo_id!r} must look like 'user/name'")
@@ -100,9 +105,6 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = Non
 def model_card(model, config: dict, info: dict, run: dict, metrics: list[dict], has_curves: bool, license: str,
                repo_id: str) -> str:
     """README.md of a Hub folder: YAML front matter (licence, library, tags, results) and the sections."""
-    from .models import count_macs, count_params
-    from .models.flops import build_on_meta
-
     cfg = model.config
     spec = config["data"]
     arch = config["architecture"] or "coatnet"
@@ -131,7 +133,7 @@ def model_card(model, config: dict, info: dict, run: dict, metrics: list[dict], 
     lines += ["## Use", "", "```python", "import coatnet", "",
               f'model = coatnet.create_model(pretrained="hf-hub:{repo_id}").eval()   # or a local copy of this folder',
               "```", "", "```bash",
-              f"coatnet predict --checkpoint model.safetensors IMAGE_OR_FOLDER... --output preds.csv",
+              "coatnet predict --checkpoint model.safetensors IMAGE_OR_FOLDER... --output preds.csv",
               "```", ""]
     lines += ["## Architecture", "", "| | |", "|---|---|", f"| model | `{arch}` |", f"| layout (S1-S4) | {cfg.layout} "
               f"(C: MBConv, T: Transformer with relative attention) |",
@@ -197,10 +199,6 @@ def model_card(model, config: dict, info: dict, run: dict, metrics: list[dict], 
 def train_command(run: dict) -> str:
     """The command that reproduces a run from its config.json: its recipe (or `coatnet finetune` from its
     starting weights) and a flag for every setting that differs from what that command alone would use."""
-    from .train.config import TrainConfig
-    from .train.finetune import FINETUNE_RECIPE
-    from .train.recipes import RECIPES
-
     settings = TrainConfig.from_dict(run)
     if run.get("recipe") == "finetune" and run.get("pretrained"):
         words = ["coatnet", "finetune", "--checkpoint", str(run["pretrained"])]
@@ -243,8 +241,6 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_metrics(path: Path) -> list[dict]:
-    from .train.metrics import read_metrics
-
     try:
         return read_metrics(path)
     except (OSError, ValueError):

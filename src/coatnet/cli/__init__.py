@@ -1,11 +1,17 @@
 """The `coatnet` command. Each command group lives in its own module with a `register(subparsers)`
-function; the CLI only parses arguments and calls library functions."""
+function; the CLI only parses arguments and calls library functions.
+
+stdout carries the results (JSON lines, tables, per-epoch lines); the library's notes and warnings come
+through `logging` and are shown on stderr, one plain line each, as are errors."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import traceback
+
+from .. import __version__
 
 # Modules under coatnet.cli that add subcommands, in the order they appear in --help.
 COMMAND_MODULES = ("models", "train", "finetune", "explain", "hub", "weights", "scale", "perf", "study")
@@ -20,8 +26,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-
     parser = _Parser(prog="coatnet", description="CoAtNet: train, evaluate, export.")
     parser.add_argument("--version", action="version", version=f"coatnet {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -35,8 +39,34 @@ class CliError(Exception):
     """An error to report to the user as one line, without a traceback."""
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is when a record comes (as logging's last resort does),
+    so redirections made after it was installed are followed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def show_library_messages() -> None:
+    """The library's log records of level INFO and above as plain lines on stderr (installed once)."""
+    logger = logging.getLogger("coatnet")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    show_library_messages()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

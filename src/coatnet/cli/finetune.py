@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-subset", type=int, default=S, metavar="N")
     p.add_argument("--val-subset", type=int, default=S, metavar="N")
     p.add_argument("--drop-path", type=float, default=S)
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=S)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=S)
     p.add_argument("--device", default=S)
     p.add_argument("--threads", type=int, default=S)
     p.add_argument("--seed", type=int, default=S)

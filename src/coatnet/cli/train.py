@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--drop-path", type=float, default=S, help="stochastic depth rate")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=S, help=f"default {d.epochs}")
+    g.add_argument("--min-epoch-images", type=int, default=S, metavar="N",
+                   help="repeat a smaller training set within each epoch (reshuffled, augmented anew) until an "
+                        f"epoch holds N images (default {d.min_epoch_images}; 0: one pass)")
     g.add_argument("--batch-size", type=int, default=S, help=f"global batch per optimizer step (default {d.batch_size})")
     g.add_argument("--micro-batch-size", type=int, default=S,
                    help="images per forward/backward: gradients accumulate to --batch-size")
@@ -62,8 +65,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--mixup", type=float, default=S, help="Mixup alpha (paper 0.8)")
     g.add_argument("--cutmix", type=float, default=S, help="CutMix alpha")
     g.add_argument("--label-smoothing", type=float, default=S, help="(paper 0.1)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--no-tta", dest="tta_flip", action="store_const", const=False, default=S,
+                   help="score images alone (default: averaged with their mirror image when training flips)")
+    g.add_argument("--precise-bn", type=int, default=S, metavar="N",
+                   help="re-estimate BatchNorm statistics on N training images before each evaluation and "
+                        f"checkpoint (default {d.precise_bn}; 0: off)")
     g = p.add_argument_group("runtime")
-    g.add_argument("--precision", choices=("fp32", "bf16"), default=S, help="fp32 or bf16 autocast")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=S,
+                   help="auto (default): bf16 autocast where the hardware has bf16 (CUDA, CPUs with AVX512-BF16 or AMX), "
+                        "else fp32")
     g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N")
     g.add_argument("--channels-last", action="store_const", const=True, default=S)
     g.add_argument("--compile", action="store_const", const=True, default=S, help="torch.compile the model")
@@ -115,6 +126,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
                    help="first re-estimate the BatchNorm statistics on N training images at the input size "
                         "(eval transform, no labels, no weight changes)")
+    e.add_argument("--tta", choices=("flip", "none"),
+                   help="test-time augmentation: average with the mirror image ('flip') or not (default: as the "
+                        "checkpoint's training run evaluated)")
     e.set_defaults(func=run_eval)
 
     q = sub.add_parser("predict", help="top-k classes with probabilities for image files and folders",
@@ -197,8 +211,24 @@ def run_train(args: argparse.Namespace) -> int:
               f"batch {cfg.batch_size}, recipe {cfg.recipe or '-'})", flush=True)
     result = train(cfg)
     if is_main():
+        if result.get("train_gflops"):
+            _hardware_use(result, quiet=cfg.quiet)
         print(json.dumps(result))
     return 0
+
+
+def _hardware_use(result: dict, quiet: bool) -> None:
+    """Add to `result` the training GFLOP/s as a fraction of an fp32 2048 x 2048 matmul timed now, in this
+    process (the machine's practical peak), and say it in one line."""
+    from ..bench import matmul_gflops
+    from ..train.runtime import resolve_device
+
+    peak = matmul_gflops(resolve_device(result.get("device", "auto")))
+    result.update(matmul_gflops=round(peak, 1), gflops_fraction=round(result["train_gflops"] / peak, 3))
+    if not quiet:
+        print(f"hardware use: {result['train_gflops']:.1f} GFLOP/s in training ({result['macs_per_image'] / 1e6:.2f}M "
+              f"multiply-adds x 6 per image) = {result['gflops_fraction']:.2f} of an fp32 2048x2048 matmul here "
+              f"({peak:.0f} GFLOP/s)", flush=True)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -225,7 +255,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                  batch_size=500 if args.batch_size is None else args.batch_size,
                                  device=args.device, precision=args.precision, workers=args.workers,
                                  strict=args.strict, img_size=args.img_size, recalibrate_bn=args.recalibrate_bn,
-                                 threads=args.threads)
+                                 threads=args.threads, tta_flip=None if args.tta is None else args.tta == "flip")
     print(json.dumps(result))
     return 0
 

@@ -1,5 +1,6 @@
 """Data: Fashion-MNIST IDX files, image folders, Pillow decoding and batched tensor augmentation."""
-from .datasets import DataSpec, FolderSource, TensorSource, build_data
+from .build import build_data
+from .datasets import DataSpec, FolderSource, TensorSource
 from .idx import FASHION_MNIST_CLASSES, load_fashion_mnist, read_idx
 from .images import load_image
 

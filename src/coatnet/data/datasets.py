@@ -5,6 +5,9 @@ indices (B,)), applying the train crop/flip (per-sample parameters from `data.ra
 resize/center-crop. Fashion-MNIST lives in memory and is transformed batched in the calling process;
 image folders are decoded with Pillow in DataLoader workers. Unreadable files are dropped from their
 batch and reported by path (or raise with `strict`).
+
+An index i >= len(source) addresses sample i % len(source) again, with augmentation parameters of its own
+(they are keyed by the index): the training engine repeats a small training set within an epoch that way.
 """
 from __future__ import annotations
 
@@ -13,17 +16,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 from PIL import Image
 
-from .idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, load_fashion_mnist
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported: image folders' normalisation)
+from ..preprocess import resize_crop
 from .images import IMAGE_EXTENSIONS, UnreadableImageError, images_under, load_image
 from .random import permutation
 from .transforms import AugmentConfig, center_crop_box, crop_params, resized_crop
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+NO_AUGMENT = AugmentConfig(enabled=False)  # what evaluation passes as `aug`: the eval transform
 
 
 @dataclass(frozen=True)
@@ -74,14 +76,15 @@ class TensorSource:
         size = (spec.img_size, spec.img_size)
         height, width = self.images.shape[-2:]
         for idx in index_batches:
-            x = self.images[idx].to(torch.float32).div_(255)
+            sample = idx % len(self)  # an index past the end is a repeat of this sample (module docstring)
+            x = self.images[sample].to(torch.float32).div_(255)
             if train and aug.enabled:
                 boxes, flips = crop_params(seed, epoch, idx, height, width, aug)
                 x = resized_crop(x, boxes, size, flips)
             elif (height, width) != size or spec.crop_fraction != 1.0:
                 box = torch.tensor(center_crop_box(height, width, spec.crop_fraction, *size)).expand(len(idx), 4)
                 x = resized_crop(x, box, size)
-            yield Batch(x, self.labels[idx], idx)
+            yield Batch(x, self.labels[sample], idx)
 
 
 class _FolderDataset(torch.utils.data.Dataset):
@@ -97,7 +100,7 @@ class _FolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        path, label = self.samples[i]
+        path, label = self.samples[i % len(self.samples)]  # past the end: a repeat (module docstring)
         try:
             img = load_image(path, self.spec.in_chans)
             if self.eval_image is not None and not self.train:
@@ -114,22 +117,20 @@ class _FolderDataset(torch.utils.data.Dataset):
 def transform_image(img: Image.Image, index: int, spec: DataSpec, train: bool, aug: AugmentConfig, seed: int,
                     epoch: int) -> torch.Tensor:
     """A decoded image -> uint8 (C, S, S): the train crop and flip of sample `index` (a function of seed,
-    epoch and index) or the eval centre crop, resized to S = spec.img_size."""
+    epoch and index) or the eval transform (`eval_image`), resized to S = spec.img_size."""
+    if not (train and aug.enabled):
+        return eval_image(img, spec)
+    width, height = img.size
+    boxes, flips = crop_params(seed, epoch, torch.tensor([index]), height, width, aug)
+    return resize_crop(img, boxes[0].tolist(), spec.img_size, flip=bool(flips[0]))
+
+
+def eval_image(img: Image.Image, spec: DataSpec) -> torch.Tensor:
+    """The eval transform of a decoded image -> uint8 (C, S, S): the centred crop keeping spec.crop_fraction
+    of the shorter side, resized to S = spec.img_size (see coatnet/preprocess.py)."""
     s = spec.img_size
     width, height = img.size
-    flip = False
-    if train and aug.enabled:
-        boxes, flips = crop_params(seed, epoch, torch.tensor([index]), height, width, aug)
-        x0, y0, w, h = boxes[0].tolist()
-        flip = bool(flips[0])
-    else:
-        x0, y0, w, h = center_crop_box(height, width, spec.crop_fraction, s, s)
-    img = img.resize((s, s), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
-    if flip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    arr = torch.from_numpy(np.array(img, dtype=np.uint8))
-    arr = arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
-    return arr.contiguous()
+    return resize_crop(img, center_crop_box(height, width, spec.crop_fraction, s, s), s)
 
 
 def _collate(items) -> tuple:
@@ -216,30 +217,3 @@ def scan_image_folder(root: str | os.PathLike, val_fraction: float, seed: int
     if not train:
         raise ValueError(f"no images found under {root} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     return train, val, classes
-
-
-def build_data(data: str, data_dir: str | None = None, val_fraction: float = 0.1, img_size: int | None = None,
-               crop_fraction: float | None = None, seed: int = 0):
-    """(train source, val source, DataSpec) for `data`: "fashion-mnist" (val = the 10,000 test images),
-    an image folder path, or a folder of tar shards written by `coatnet shards`."""
-    if data == "fashion-mnist":
-        root = data_dir or DEFAULT_FASHION_MNIST_DIR
-        sources = []
-        for split in ("train", "test"):
-            images, labels = load_fashion_mnist(root, split)
-            sources.append(TensorSource(torch.from_numpy(images.copy()).unsqueeze(1),
-                                        torch.from_numpy(labels)))
-        spec = DataSpec("fashion-mnist", tuple(FASHION_MNIST_CLASSES), 1, img_size or 32,
-                        1.0 if crop_fraction is None else crop_fraction, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
-        return sources[0], sources[1], spec
-    path = Path(data)
-    if not path.exists():
-        raise FileNotFoundError(f"--data {data!r}: no such folder (use 'fashion-mnist' or an image folder)")
-    from .shards import build_shard_data, is_shard_folder
-
-    if is_shard_folder(path):  # written by `coatnet shards`
-        return build_shard_data(path, img_size, crop_fraction)
-    train, val, classes = scan_image_folder(path, val_fraction, seed)
-    spec = DataSpec(str(path), tuple(classes), 3, img_size or 224, 0.875 if crop_fraction is None else crop_fraction,
-                    IMAGENET_MEAN, IMAGENET_STD)
-    return FolderSource(train), FolderSource(val), spec

@@ -24,6 +24,9 @@ from typing import Iterator
 
 import torch
 
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ..process_group import rank_and_world
+from ..utils import atomic_write
 from .datasets import Batch, DataSpec, scan_image_folder, transform_image
 from .images import load_image
 from .random import mix_int, permutation
@@ -51,10 +54,7 @@ def write_shards(image_folder: str | os.PathLike, out: str | os.PathLike, shard_
     seeded `val_fraction`, as `coatnet train --data` reads them) as tar shards of `shard_size` samples.
     Training samples are shuffled (seeded) before sharding so each shard mixes the classes. Returns the
     index written to out/shards.json (written last: a folder with it is complete)."""
-    from ..utils import atomic_write
-
     wds = _webdataset()
-
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size} must be positive")
     out = Path(out)
@@ -206,8 +206,6 @@ class ShardSource:
                 seed: int, epoch: int, workers: int = 0, strict: bool = False, skip: int = 0) -> Iterator[Batch]:
         """Training: batches of the sizes of `index_batches` from this process's stream, after skipping the
         `skip` samples it already trained on this epoch (resume). Evaluation: exactly the indexed samples."""
-        from ..train.distributed import rank_and_world
-
         rank, world = rank_and_world()
         plan = [len(b) for b in index_batches] if train else [b.tolist() for b in index_batches]
         if not train:
@@ -227,8 +225,6 @@ class ShardSource:
 
 def build_shard_data(root: str | os.PathLike, img_size: int | None, crop_fraction: float | None):
     """(train source, val source, DataSpec) of a shard folder: RGB images, ImageNet normalisation."""
-    from .datasets import IMAGENET_MEAN, IMAGENET_STD
-
     train, val = ShardSource(root, "train"), ShardSource(root, "val")
     spec = DataSpec(str(root), train.classes, 3, img_size or 224, 0.875 if crop_fraction is None else crop_fraction,
                     IMAGENET_MEAN, IMAGENET_STD)

@@ -1,12 +1,15 @@
-"""Pure building blocks: relative attention, stochastic depth, squeeze-excite, layer scale."""
+"""Pure building blocks: relative attention and its position-bias plug-ins, stochastic depth,
+squeeze-excite, layer scale."""
 from .drop_path import DropPath, drop_path, drop_path_noise
 from .layer_scale import LayerScale
-from .relative_attention import RelativeAttention2d, gather_bias, relative_position_index, resize_bias_table
-from .relative_position_mlp import RelativePositionMlp
+from .position_bias import (RelativePositionMlp, RelativePositionTable, gather_bias, relative_position_index,
+                            resize_bias_table)
+from .relative_attention import RelativeAttention2d
 from .squeeze_excite import SqueezeExcite
 from .table_resize import resize_table
 
 __all__ = [
     "DropPath", "drop_path", "drop_path_noise", "LayerScale", "RelativeAttention2d", "RelativePositionMlp",
-    "gather_bias", "relative_position_index", "resize_bias_table", "resize_table", "SqueezeExcite",
+    "RelativePositionTable", "gather_bias", "relative_position_index", "resize_bias_table", "resize_table",
+    "SqueezeExcite",
 ]

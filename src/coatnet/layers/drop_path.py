@@ -31,12 +31,11 @@ def drop_path(x: torch.Tensor, rate: float, training: bool, stream: int = 0) -> 
     if rate == 0.0 or not training:
         return x
     keep = 1.0 - rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    if _noise is not None:
-        mask = (_noise(x.shape[0], stream).to(x.device) < keep).to(x.dtype).view(shape)
-    else:
-        mask = x.new_empty(shape).bernoulli_(keep)
-    return x * mask / keep
+    shape = [x.shape[0]] + [1] * (x.ndim - 1)
+    if not torch.jit.is_scripting():  # TorchScript has no noise hook: it draws from torch's generator
+        if _noise is not None:
+            return x * (_noise(x.shape[0], stream).to(x.device) < keep).to(x.dtype).view(shape) / keep
+    return x * x.new_empty(shape).bernoulli_(keep) / keep
 
 
 class DropPath(nn.Module):

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+from typing import List, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -17,18 +19,19 @@ def _geometric_positions(src: int, dst: int) -> torch.Tensor:
     """Positions of `src` (odd) table entries: 0, then +-(1, 1+q, 1+q+q^2, ...), with q found by
     bisection in [1.01, 1.5] so that the last one reaches about dst // 2."""
     n, target = src // 2, dst // 2
-    lo, hi = 1.01, 1.5
+    lo, hi, q = 1.01, 1.5, 0.0
     while hi - lo > 1e-6:
         q = (lo + hi) / 2
         if (1 - q ** n) / (1 - q) > target:  # sum of q^0 .. q^(n-1)
             hi = q
         else:
             lo = q
-    steps, pos = [], 1.0
+    steps: List[float] = []
+    pos = 1.0
     for i in range(n):
         steps.append(pos)
         pos += q ** (i + 1)
-    return torch.tensor([-s for s in reversed(steps)] + [0.0] + steps)
+    return torch.tensor([-steps[n - 1 - i] for i in range(n)] + [0.0] + steps)
 
 
 def _linear_weights(src_pos: torch.Tensor, dst: int) -> torch.Tensor:
@@ -45,15 +48,15 @@ def _linear_weights(src_pos: torch.Tensor, dst: int) -> torch.Tensor:
     return w
 
 
-def resize_table(table: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+def resize_table(table: torch.Tensor, size: Tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     """Resize a (heads, 2H-1, 2W-1) table to the offsets of an H' x W' map."""
-    target = (2 * size[0] - 1, 2 * size[1] - 1)
-    if tuple(table.shape[-2:]) == target:
+    target = [2 * size[0] - 1, 2 * size[1] - 1]
+    if table.shape[-2] == target[0] and table.shape[-1] == target[1]:
         return table
     if mode == "bilinear":
         return F.interpolate(table[None], size=target, mode="bilinear", align_corners=False)[0]
     if mode != "geometric":
-        raise ValueError(f"table_resize={mode!r} is not one of 'bilinear', 'geometric'")
+        raise ValueError("table_resize='" + mode + "' is not one of 'bilinear', 'geometric'")
     wy = _linear_weights(_geometric_positions(table.shape[-2], target[0]), target[0])
     wx = _linear_weights(_geometric_positions(table.shape[-1], target[1]), target[1])
     wy, wx = wy.to(table.device), wx.to(table.device)

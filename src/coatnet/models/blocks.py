@@ -15,7 +15,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import DropPath, LayerScale, RelativeAttention2d, SqueezeExcite
-from ..layers.bf16_cpu import Conv2d, Linear
 from .config import MBConvConfig, TransformerConfig
 
 ACTIVATION_LAYERS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
@@ -26,14 +25,6 @@ def pool2x2(x: torch.Tensor, pool_type: str) -> torch.Tensor:
     if pool_type == "max3x3":
         return F.max_pool2d(x, 3, 2, 1)
     return F.max_pool2d(x, 2) if pool_type == "max" else F.avg_pool2d(x, 2)
-
-
-def pooled_shortcut(x: torch.Tensor, stride: int, pool_type: str, projection: nn.Module | None) -> torch.Tensor:
-    """A residual block's shortcut on (B, C, H, W): Proj(Pool(x)) when it downsamples, x otherwise (the
-    projection, if any, also when only the width changes)."""
-    if stride > 1:
-        x = pool2x2(x, pool_type)
-    return projection(x) if projection is not None else x
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -48,12 +39,23 @@ class BatchNormChannelsLast(nn.BatchNorm2d):
     """BatchNorm over the last axis of (B, H, W, C): the paper's BatchNorm-in-Transformer ablation."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.numel() == x.shape[-1] and self.running_mean is not None:
+        # nn.BatchNorm2d.forward on the channels-first view, written out: TorchScript has no super().
+        x = to_channels_first(x)
+        if self.training and x.numel() == x.shape[1] and self.running_mean is not None:
             # One value per channel (a batch of one image on a 1x1 map, as in the last stage at 32 px):
             # batch statistics do not exist, so normalise with the running ones and leave them unchanged.
-            return to_channels_last(F.batch_norm(to_channels_first(x), self.running_mean, self.running_var,
-                                                 self.weight, self.bias, False, 0.0, self.eps))
-        return to_channels_last(super().forward(to_channels_first(x)))
+            return to_channels_last(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                                 False, 0.0, self.eps))
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # a cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats  # otherwise the running statistics stay
+        return to_channels_last(F.batch_norm(x, self.running_mean if track else None,
+                                             self.running_var if track else None, self.weight, self.bias,
+                                             batch_statistics, momentum, self.eps))
 
 
 class Stem(nn.Module):
@@ -68,7 +70,7 @@ class Stem(nn.Module):
         for i in range(depth):
             out = width if i == depth - 1 else hidden_width
             # No conv bias: the next block's pre-norm BatchNorm would cancel it.
-            layers.append(Conv2d(in_chans if i == 0 else hidden_width, out, 3, stride if i == 0 else 1, 1,
+            layers.append(nn.Conv2d(in_chans if i == 0 else hidden_width, out, 3, stride if i == 0 else 1, 1,
                                     bias=False))
             if i < depth - 1:
                 layers += [nn.BatchNorm2d(hidden_width, eps=norm_eps), ACTIVATION_LAYERS[activation]()]
@@ -83,7 +85,7 @@ class PatchStem(nn.Module):
 
     def __init__(self, in_chans: int, width: int, patch_size: int):
         super().__init__()
-        self.proj = Conv2d(in_chans, width, patch_size, patch_size)
+        self.proj = nn.Conv2d(in_chans, width, patch_size, patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
@@ -104,7 +106,7 @@ class MBConvBlock(nn.Module):
                  drop_path: float = 0.0, shortcut_projection: str = "strided"):
         super().__init__()
         self.stride, self.pool_type = stride, pool_type
-        self.shortcut = (Conv2d(in_chs, out_chs, 1, bias=cfg.shortcut_bias)
+        self.shortcut = (nn.Conv2d(in_chs, out_chs, 1, bias=cfg.shortcut_bias)
                          if needs_projection(in_chs, out_chs, stride, shortcut_projection) else None)
         hidden = int(round((in_chs if cfg.expand_from == "input" else out_chs) * cfg.expand_ratio))
         conv_stride = stride if cfg.downsample == "conv1x1" else 1
@@ -113,9 +115,9 @@ class MBConvBlock(nn.Module):
         self.act = ACTIVATION_LAYERS[cfg.activation]()
         self.pre_norm = nn.BatchNorm2d(in_chs, eps=cfg.norm_eps)
         self.pre_act = self.act if cfg.pre_norm_act else nn.Identity()
-        self.conv1 = Conv2d(in_chs, hidden, 1, conv_stride, bias=False)
+        self.conv1 = nn.Conv2d(in_chs, hidden, 1, conv_stride, bias=False)
         self.norm1 = nn.BatchNorm2d(hidden, eps=cfg.norm_eps)
-        self.conv2 = Conv2d(hidden, hidden, cfg.kernel_size, dw_stride, cfg.kernel_size // 2, groups=hidden,
+        self.conv2 = nn.Conv2d(hidden, hidden, cfg.kernel_size, dw_stride, cfg.kernel_size // 2, groups=hidden,
                                bias=False)
         self.norm2 = nn.BatchNorm2d(hidden, eps=cfg.norm_eps)
         se_base = {"input": in_chs, "output": out_chs, "expanded": hidden}[cfg.se_from]
@@ -123,11 +125,18 @@ class MBConvBlock(nn.Module):
         self.se = (SqueezeExcite(hidden, se_width, ACTIVATION_LAYERS[cfg.se_activation]) if se_width > 0
                    else nn.Identity())
         self.se_before_norm = cfg.se_placement == "before_norm"
-        self.conv3 = Conv2d(hidden, out_chs, 1, bias=cfg.project_bias)
+        self.conv3 = nn.Conv2d(hidden, out_chs, 1, bias=cfg.project_bias)
         self.drop_path = DropPath(drop_path)
 
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H', W'): Proj(Pool(x)) when it downsamples, x otherwise (the
+        projection, if any, also when only the width changes)."""
+        if self.stride > 1:
+            x = pool2x2(x, self.pool_type)
+        return self.shortcut(x) if self.shortcut is not None else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = pooled_shortcut(x, self.stride, self.pool_type, self.shortcut)
+        shortcut = self._shortcut(x)
         x = self.pre_act(self.pre_norm(x))
         if self.pool_input:  # always 2x2 average, whatever the shortcut's pooling (as timm)
             x = F.avg_pool2d(x, 2)
@@ -146,9 +155,9 @@ class Mlp(nn.Module):
 
     def __init__(self, width: int, hidden: int):
         super().__init__()
-        self.fc1 = Linear(width, hidden)
+        self.fc1 = nn.Linear(width, hidden)
         self.act = nn.GELU()
-        self.fc2 = Linear(hidden, width)
+        self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -169,7 +178,7 @@ class TransformerBlock(nn.Module):
                  feature_size: tuple[int, int], drop_path: float = 0.0, shortcut_projection: str = "strided"):
         super().__init__()
         self.stride, self.pool_type = stride, pool_type
-        self.shortcut = (Linear(in_chs, out_chs, bias=cfg.shortcut_bias)
+        self.shortcut = (nn.Linear(in_chs, out_chs, bias=cfg.shortcut_bias)
                          if needs_projection(in_chs, out_chs, stride, shortcut_projection) else None)
         self.norm1 = make_norm(cfg.norm, in_chs, cfg.norm_eps)
         self.attn = RelativeAttention2d(
@@ -212,10 +221,11 @@ class Stage(nn.Module):
         if self.channels_last:
             x = to_channels_last(x)
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            if not torch.jit.is_scripting():  # TorchScript cannot checkpoint
+                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(block, x, use_reentrant=False)
+                    continue
+            x = block(x)
         return to_channels_first(x) if self.channels_last else x
 
 

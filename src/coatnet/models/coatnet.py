@@ -1,15 +1,11 @@
 """The CoAtNet network (paper, Sec. 3, Fig. 4): stem, four stages, final norm, pooled linear head."""
 from __future__ import annotations
 
-import math
-
-from typing import Any
-
 import torch
+import torch.fx
 from torch import nn
 
 from ..layers import DropPath, RelativeAttention2d
-from ..layers.bf16_cpu import Linear
 from .blocks import (BatchNormChannelsLast, MBConvBlock, PatchStem, Stage, Stem, TransformerBlock,
                      drop_path_rates, feature_size, make_norm, to_channels_first, to_channels_last)
 from .config import CoAtNetConfig, check_image_size
@@ -49,6 +45,7 @@ class CoAtNet(nn.Module):
             stages.append(Stage(blocks, channels_last=spec.block == "T"))
         self.stages = nn.ModuleList(stages)
         self.stage_reductions = [s.reduction for s in specs]
+        self.stage_ends = [s.ends_stage for s in specs]  # False: the first part of a split stage
         self.num_features = in_chs
         # NOTE: the paper does not name a final norm; pre-norm residual streams are never normalised
         # otherwise, so (like ViT and timm) one norm of the last block's type precedes pooling.
@@ -60,24 +57,16 @@ class CoAtNet(nn.Module):
         self.head_norm = final_norm if cfg.head_hidden else None
         self.pre_logits = PreLogits(in_chs, cfg.head_hidden) if cfg.head_hidden else None
         self.head_features = cfg.head_hidden or in_chs
-        self.head = Linear(self.head_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
         for stream, m in enumerate(m for m in self.modules() if isinstance(m, DropPath)):
             m.stream = stream  # each stochastic-depth layer draws its own random stream
 
-    # -- input checks ------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"expected a (B, C, H, W) image batch, got a tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} "
-                             f"(build the model with in_chans={x.shape[1]} to accept them)")
-        check_image_size(tuple(x.shape[-2:]), self.config.reduction)
-
     # -- the standard surface ----------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normalised last feature map (B, num_features, H/32, W/32)."""
-        self._check_input(x)
+        if not torch.jit.is_scripting():  # (TorchScript cannot build the messages)
+            check_input(x, self.in_chans, self.config.reduction)
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
@@ -96,24 +85,23 @@ class CoAtNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps (B, C, H/r, W/r) after the stem and after each stage, r = 2, 4, 8, 16, 32 for the
-        CoAtNet layouts (a split stage reports once, after its Transformer part); the last is normalised."""
-        self._check_input(x)
+        """Feature maps (B, C, H/r, W/r) after the stem and after each stage S1..S4, r = 2, 4, 8, 16, 32 for
+        the paper's strides (a split stage reports once, after its Transformer part); the last is normalised."""
+        check_input(x, self.in_chans, self.config.reduction)
         x = self.stem(x)
         maps = [] if self.config.is_vit else [x]
-        reductions = self.stage_reductions
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i + 1 == len(self.stages):
                 x = to_channels_first(self.norm(to_channels_last(x)))
-            if i + 1 == len(self.stages) or reductions[i + 1] != reductions[i]:
+            if self.stage_ends[i]:
                 maps.append(x)
         return maps
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.config = self.config.replace(num_classes=num_classes)
-        self.head = Linear(self.head_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             _init_weights(self.head)
             self.head.to(next(self.parameters()).device)
@@ -123,70 +111,6 @@ class CoAtNet(nn.Module):
         norm weights, all biases."""
         return {name for name, p in self.named_parameters()
                 if p.ndim <= 1 or name.endswith("relative_bias_table") or ".relative_position_mlp." in name}
-
-    def redundant_parameters(self) -> set[str]:
-        """Names of parameters whose gradient is zero in exact arithmetic, for optimizers to leave alone: the
-        bias of an MBConv block's pre-norm BatchNorm, which the bias-free 1x1 convolution and the BatchNorm
-        after it cancel. AdamW would turn the roundoff in their gradients into lr-sized steps."""
-        pre_norm = {name for name, _ in self.named_parameters()
-                    if ".blocks." in name and name.endswith("pre_norm.bias")
-                    and isinstance(self.get_submodule(name.rsplit(".", 2)[0]), MBConvBlock)}
-        return pre_norm | self._biases_hidden_by_batchnorm()
-
-    def freeze_redundant_parameters(self) -> list[str]:
-        """Stop gradients that are zero in exact arithmetic, before training: `redundant_parameters()` get
-        requires_grad False, and the value part of an attention's qkv bias gets no gradient where the
-        attention's output bias is redundant (softmax rows sum to one, so a value bias only adds that
-        output bias's constant). Both keep their values. Returns the frozen names."""
-        names = sorted(self.redundant_parameters())
-        params = dict(self.named_parameters())
-        for name in names:
-            params[name].requires_grad_(False)
-            if name.endswith("attn.proj.bias"):
-                self.get_submodule(name[:-len(".proj.bias")]).value_bias_learns = False
-        return names
-
-    def _biases_hidden_by_batchnorm(self) -> set[str]:
-        """Biases that only add a per-channel constant to a residual stream whose every reader is a
-        BatchNorm (the blocks' norms, the final norm) or a linear map into such a stream (the next
-        stage's pooled, projected shortcut): the BatchNorms subtract the constant, so it never reaches the
-        output. Walks back from the last stage while that holds. A stage's first shortcut bias always
-        qualifies; a branch's output bias only without stochastic depth (dropping it per sample makes it vary)."""
-        if not isinstance(self.norm, nn.BatchNorm2d):
-            return set()
-        names = []
-        for index in reversed(range(len(self.stages))):
-            stage_names = self._stage_biases_hidden_by_batchnorm(index)
-            if stage_names is None:
-                break
-            names += stage_names
-        params = dict(self.named_parameters())
-        return {n for n in names if n in params}
-
-    def _stage_biases_hidden_by_batchnorm(self, index: int) -> list[str] | None:
-        """Stage `index`'s biases that only shift its stream by a constant, or None when some reader of
-        that stream is not a BatchNorm (the walk back stops there)."""
-        stage_names = [f"stages.{index}.blocks.0.shortcut.bias"]
-        for i, block in enumerate(self.stages[index].blocks):
-            prefix = f"stages.{index}.blocks.{i}."
-            if isinstance(block, TransformerBlock):
-                if not (isinstance(block.norm1, nn.BatchNorm2d) and isinstance(block.norm2, nn.BatchNorm2d)):
-                    return None
-                if block.drop_path1.rate == 0:
-                    stage_names.append(prefix + "attn.proj.bias")
-                    if math.prod(block.attn.feature_size) == 1:
-                        # One token: q and k cannot change the output (the softmax is 1), so the norm's
-                        # bias only reaches the values, whose constant the output bias already is.
-                        stage_names.append(prefix + "norm1.bias")
-                stage_names += [prefix + "mlp.fc2.bias"] * (block.drop_path2.rate == 0)
-            elif isinstance(block, MBConvBlock) and isinstance(block.pre_norm, nn.BatchNorm2d) \
-                    and isinstance(block.pre_act, nn.Identity):
-                stage_names += [prefix + "conv3.bias"] * (block.drop_path.rate == 0)
-            else:
-                return None
-            if i > 0 and block.shortcut is not None:
-                return None
-        return stage_names
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
@@ -202,9 +126,19 @@ class CoAtNet(nn.Module):
                 if isinstance(m, RelativeAttention2d):
                     m.set_feature_size(feature_size(cfg.image_size, reduction))
 
-    def summary(self) -> dict[str, Any]:
-        return {"params": sum(p.numel() for p in self.parameters()), "layout": self.config.layout,
-                "img_size": self.config.image_size, "num_classes": self.num_classes}
+
+def check_input(x: torch.Tensor, in_chans: int, reduction: int) -> None:
+    """Raise ValueError, naming what is wrong and what would fit, unless x is (B, in_chans, H, W) with H and
+    W multiples of `reduction`."""
+    if x.ndim != 4:
+        raise ValueError(f"expected a (B, C, H, W) image batch, got a tensor of shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} "
+                         f"(build the model with in_chans={x.shape[1]} to accept them)")
+    check_image_size(tuple(x.shape[-2:]), reduction)
+
+
+torch.fx.wrap("check_input")  # a leaf for torch.fx, which knows the shapes only as proxies
 
 
 class PreLogits(nn.Module):
@@ -212,7 +146,7 @@ class PreLogits(nn.Module):
 
     def __init__(self, width: int, hidden: int):
         super().__init__()
-        self.fc = Linear(width, hidden)
+        self.fc = nn.Linear(width, hidden)
         self.act = nn.Tanh()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ stage of relative-attention blocks (depths and widths then hold one value each).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -114,6 +115,7 @@ class StageSpec:
     width: int
     stride: int  # of the first block
     reduction: int  # total stride of this stage's output relative to the input image
+    ends_stage: bool = True  # False for the first part of a split stage (S3 of CoAtNet-6/7)
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ class CoAtNetConfig:
     mbconv: MBConvConfig = field(default_factory=MBConvConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     stem_stride: int = 2  # stride of the first stem convolution
+    strides: tuple[int, ...] = (2, 2, 2, 2)  # stride of the first block of S1..S4 (paper: every stage halves the
+    #                                          resolution); 1 keeps it, e.g. to give S3 a 4x4 map at 32 px
     stem_hidden_width: int = 0  # width of the stem's convolutions before its last; 0: the stem's width
     patch_size: int = 16  # ViT-Rel only: patch stem kernel and stride
     pool_type: str = "avg"  # stride-2 pooling when downsampling: 2x2 "avg" or "max", or "max3x3" (padding 1)
@@ -151,19 +155,20 @@ class CoAtNetConfig:
     @property
     def reduction(self) -> int:
         """Total stride of the network: input sides must be multiples of it."""
-        return self.patch_size if self.is_vit else self.stem_stride * 16
+        return self.patch_size if self.is_vit else self.stem_stride * math.prod(self.strides)
 
     def stage_specs(self) -> list[StageSpec]:
         """The stages S1..S4 as built: a split stage becomes two specs (MBConv then Transformer)."""
         if self.is_vit:
             return [StageSpec("T", self.depths[0], self.widths[0], 1, self.patch_size)]
         specs, reduction = [], self.stem_stride
-        for letters, depth, width in zip(self.layout.split("-"), self.depths[1:], self.widths[1:]):
-            reduction *= 2
+        for letters, depth, width, stride in zip(self.layout.split("-"), self.depths[1:], self.widths[1:],
+                                                 self.strides):
+            reduction *= stride
             if len(letters) == 1:
-                specs.append(StageSpec(letters, depth, width, 2, reduction))
+                specs.append(StageSpec(letters, depth, width, stride, reduction))
             else:  # split stage: first part downsamples, second keeps the resolution
-                specs.append(StageSpec(letters[0], depth[0], width[0], 2, reduction))
+                specs.append(StageSpec(letters[0], depth[0], width[0], stride, reduction, ends_stage=False))
                 specs.append(StageSpec(letters[1], depth[1], width[1], 1, reduction))
         return specs
 
@@ -213,6 +218,9 @@ class CoAtNetConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}={v!r} must be a non-negative integer")
         _check_choice("shortcut_projection", self.shortcut_projection, ("strided", "width_change"))
+        if not isinstance(self.strides, (tuple, list)) or len(self.strides) != 4 \
+                or any(isinstance(v, bool) or v not in (1, 2) for v in self.strides):
+            raise ValueError(f"strides={self.strides!r} must be four values of 1 or 2 (S1..S4)")
         if self.stem_stride not in (1, 2):
             raise ValueError(f"stem_stride={self.stem_stride!r} must be 1 or 2")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
@@ -269,7 +277,7 @@ class CoAtNetConfig:
             raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
         d["mbconv"] = MBConvConfig(**d.get("mbconv", {}))
         d["transformer"] = TransformerConfig(**d.get("transformer", {}))
-        for k in ("depths", "widths"):
+        for k in ("depths", "widths", "strides"):
             if k in d:
                 d[k] = tuple(tuple(v) if isinstance(v, list) else v for v in d[k])
         if isinstance(d.get("img_size"), list):

@@ -18,6 +18,12 @@ from pathlib import Path
 
 import torch
 
+from ..utils import read_json_object
+from .coatnet import CoAtNet
+from .config import CoAtNetConfig
+from .pretrained import WEIGHTS, _strip_hub_prefix, hf_cache_dir, hf_cache_snapshots
+from .weights import load_state, read_weights
+
 HUB_FORMAT = "coatnet-hub-v1"
 HUB_PREFIX = "hf-hub:"
 HUB_FILES = ("config.json", "model.safetensors", "README.md", "curves.png")
@@ -25,16 +31,12 @@ HUB_FILES = ("config.json", "model.safetensors", "README.md", "curves.png")
 
 def is_hub_id(pretrained) -> bool:
     """Whether `pretrained` names a Hub repo ("hf-hub:user/name") that is not one of timm's published tags."""
-    from .pretrained import WEIGHTS, _strip_hub_prefix
-
     return (isinstance(pretrained, str) and pretrained.startswith(HUB_PREFIX)
             and _strip_hub_prefix(pretrained) not in WEIGHTS and "/" in pretrained[len(HUB_PREFIX):])
 
 
 def read_hub_config(folder: str | os.PathLike) -> dict | None:
     """The config.json of a Hub-format folder (ours or timm's); None when `folder` has none."""
-    from ..utils import read_json_object
-
     path = Path(folder) / "config.json"
     return read_json_object(path) if path.is_file() else None
 
@@ -46,8 +48,6 @@ def is_ours(config: dict | None) -> bool:
 def hub_snapshot(repo_id: str) -> Path:
     """A local folder with repo `repo_id`'s files: the Hugging Face cache's snapshot (no network), else a
     download with huggingface_hub into that cache. One-line errors when neither works."""
-    from .pretrained import hf_cache_dir, hf_cache_snapshots
-
     for snapshot in hf_cache_snapshots(repo_id):
         if (snapshot / "config.json").is_file():
             return snapshot
@@ -86,25 +86,23 @@ def hub_weights_file(folder: Path) -> Path:
     raise FileNotFoundError(f"{folder} holds no model.safetensors")
 
 
-def load_hub_model(folder: Path, name: str | None, features_only_overrides: dict):
-    """A CoAtNet from a Hub-format folder: our config.json gives the exact network (and its class count,
-    input channels and size), overrides change it; timm's gives the architecture name."""
-    from .coatnet import CoAtNet
-    from .config import CoAtNetConfig
-    from .variants import create_model, get_config
-    from .weights import load_state, read_weights
+def timm_folder_model(folder: Path, config: dict | None, name: str | None, overrides: dict) -> tuple[str, dict]:
+    """(architecture, overrides) to build a timm Hub folder's network with: its config.json names the
+    architecture and the class count, unless overridden."""
+    arch = (config or {}).get("architecture")
+    if not isinstance(arch, str):
+        raise ValueError(f"{folder}/config.json is neither a coatnet model folder nor names a timm architecture")
+    if name is not None and name != arch:
+        raise ValueError(f"{folder} holds {arch}, not {name}")
+    overrides = dict(overrides)
+    if overrides.get("num_classes") is None and isinstance(config.get("num_classes"), int):
+        overrides["num_classes"] = config["num_classes"]
+    return arch, overrides
 
-    config = read_hub_config(folder)
-    overrides = dict(features_only_overrides)
-    if not is_ours(config):
-        arch = (config or {}).get("architecture")
-        if not isinstance(arch, str):
-            raise ValueError(f"{folder}/config.json is neither a coatnet model folder nor names a timm architecture")
-        if name is not None and name != arch:
-            raise ValueError(f"{folder} holds {arch}, not {name}")
-        if overrides.get("num_classes") is None and isinstance(config.get("num_classes"), int):
-            overrides["num_classes"] = config["num_classes"]
-        return create_model(arch, pretrained=hub_weights_file(folder), **overrides)
+
+def load_hub_model(folder: Path, config: dict, name: str | None, overrides: dict) -> CoAtNet:
+    """A CoAtNet from one of our Hub-format folders (`config`: its config.json): the exact network (with its
+    class count, input channels and size), changed by `overrides`."""
     arch = config.get("architecture")
     if name is not None and name != arch:
         raise ValueError(f"{folder} holds {arch}, not {name} (leave the name out to build what it holds)")
@@ -112,8 +110,6 @@ def load_hub_model(folder: Path, name: str | None, features_only_overrides: dict
         base = CoAtNetConfig.from_dict(config["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{folder}/config.json: its model_config is invalid ({e})") from None
-    if arch is not None:
-        get_config(arch)  # an architecture this version does not know: named now
     model = CoAtNet(base.replace(**overrides).validate())
     path = hub_weights_file(folder)
     state = read_weights(path)

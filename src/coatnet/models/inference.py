@@ -21,7 +21,9 @@
   with its bias inside (addmm first copies the broadcast bias into its output), the output projection
   and FFN's last linear also add the residual in the kernel, and the norms' affine parameters and layer
   scale are folded into the linears next to them.
-- Relative-position bias gathered once into a (heads, N, N) buffer instead of at every call.
+- Relative-position bias gathered once into a (heads, N, N) buffer instead of at every call
+  (`FrozenPositionBias` in place of the attention's plug-in), and the qkv projection a plain nn.Linear
+  with the bias it adds (layers/parity.py) in place of the training-time QkvLinear.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import LayerScale, RelativeAttention2d, SqueezeExcite
+from ..layers.parity import QkvLinear
 from ..utils import reuse_freed_memory
-from .blocks import MBConvBlock, Mlp, Stem, TransformerBlock, pooled_shortcut
+from .blocks import MBConvBlock, Mlp, Stem, TransformerBlock
 from .coatnet import CoAtNet
 
 
@@ -80,10 +83,15 @@ def _gelu_algorithm(act: nn.Module) -> str | None:
     return act.approximate if type(act) is nn.GELU else None
 
 
+def _tracing() -> bool:
+    """Whether a graph is being recorded (TorchScript, ONNX, torch.export): it gets the standard ops."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
 def _use_onednn(module: nn.Module, x: torch.Tensor) -> bool:
     return (module.onednn and x.device.type == "cpu" and x.dtype == module.weight.dtype == torch.float32
             and not x.requires_grad and not torch.is_autocast_enabled("cpu")
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting())
+            and not _tracing())
 
 
 class ConvAct(nn.Module):
@@ -184,8 +192,7 @@ class InferenceTransformer(nn.Module):
         self.stride, self.pool_type = block.stride, block.pool_type
         self.shortcut = LinearAct(block.shortcut, None, onednn) if block.shortcut is not None else None
         attn = copy.deepcopy(block.attn)
-        qkv = nn.Linear(attn.qkv.in_features, attn.qkv.out_features, bias=attn.qkv.bias is not None)
-        qkv.weight, qkv.bias = attn.qkv.weight, (nn.Parameter(attn._qkv_bias()) if qkv.bias is not None else None)
+        qkv = attn.qkv.folded()
         self.norm1 = block.norm1
         if self.stride == 1 or self.pool_type == "avg":  # a per-channel affine commutes with average pooling
             self.norm1, qkv = _fold_norm_into_linear(block.norm1, qkv)
@@ -230,6 +237,9 @@ class InferenceMBConv(nn.Module):
             self.conv3 = copy.deepcopy(block.conv3)
             self.conv3.bias = None
 
+    # The same stride, pool_type and shortcut attributes as the block's.
+    _shortcut = MBConvBlock._shortcut
+
     # Largest expanded map (bytes) computed at once. glibc's malloc serves blocks above 32 MB with fresh
     # mmap() pages and unmaps them on free, so a larger map page-faults in anew on every pass; the batch is
     # cut into chunks below that instead (1.15-1.19x for coatnet_0 dwconv at batch 8, docs/performance.md).
@@ -239,15 +249,15 @@ class InferenceMBConv(nn.Module):
         B, _, H, W = x.shape
         per_image = self.conv1.weight.shape[0] * H * W * x.element_size()
         chunk = max(1, self.max_expanded_bytes // per_image)
-        if B <= chunk or torch.jit.is_tracing() or x.device.type != "cpu":
+        if _tracing() or B <= chunk or x.device.type != "cpu":
             return self._forward(x)
         out = torch.cat([self._forward(part) for part in x.split(chunk)])
         return out.contiguous(memory_format=torch.channels_last) if _channels_last(x) else out
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = pooled_shortcut(x, self.stride, self.pool_type, self.shortcut)
+        shortcut = self._shortcut(x)
         x = self.conv2(self.conv1(x))
-        if self.fuse_se and not torch.jit.is_tracing() and _channels_last(x) and _channels_last(shortcut):
+        if self.fuse_se and not _tracing() and _channels_last(x) and _channels_last(shortcut):
             return self._gated_projection(x, shortcut)
         return shortcut + self.conv3(self.se(x))
 
@@ -264,6 +274,20 @@ class InferenceMBConv(nn.Module):
         base = shortcut.permute(0, 2, 3, 1).reshape(B, H * W, out_c)
         out = torch.baddbmm(base, rows, weight.transpose(1, 2))  # (B, H*W, C_out)
         return out.view(B, H, W, out_c).permute(0, 3, 1, 2)  # channels-last (B, C_out, H, W)
+
+
+class FrozenPositionBias(nn.Module):
+    """A position-bias plug-in for inference: the (heads, N, N) bias of the attention's own map size
+    gathered once, other sizes still asked of the plug-in it replaces."""
+
+    def __init__(self, position_bias: nn.Module, size: tuple[int, int]):
+        super().__init__()
+        self.source = position_bias
+        self.size = tuple(size)
+        self.register_buffer("frozen", position_bias.bias(self.size).detach().contiguous(), persistent=False)
+
+    def bias(self, size: tuple[int, int]) -> torch.Tensor:
+        return self.frozen if tuple(size) == self.size else self.source.bias(size)
 
 
 def _paper_form(block: MBConvBlock) -> bool:
@@ -324,7 +348,10 @@ def inference_model(model: CoAtNet, channels_last: bool = True, fuse_kernels: bo
             if not m.se_before_norm:  # squeeze-excite between conv2 and norm2 blocks that fold
                 m.conv2, m.norm2 = fold_bn_after(m.conv2, m.norm2), nn.Identity()
         elif isinstance(m, RelativeAttention2d):
-            m.freeze_bias()
+            if isinstance(m.qkv, QkvLinear):
+                m.qkv = m.qkv.folded()
+            if m.position_bias is not None:
+                m.position_bias = FrozenPositionBias(m.position_bias, m.feature_size)
     for p in model.parameters():
         p.requires_grad_(False)
     if channels_last:

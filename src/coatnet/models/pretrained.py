@@ -1,4 +1,5 @@
-"""timm's published CoAtNet weights: what they are, how to evaluate them, and fetching them.
+"""timm's published CoAtNet weights: what they are, how to evaluate them (their EvalTransform, defined in
+coatnet/preprocess.py beside our own eval transform), and fetching them.
 
 Each tag is timm's `model.pretrained_tag` name, hosted on the Hugging Face Hub as `timm/<tag>`
 (file `model.safetensors`). Values are taken from timm 1.0.31's pretrained configs (models/maxxvit.py)
@@ -14,11 +15,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from ..utils import atomic_write
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 TIMM_SOURCE = "timm 1.0.31 (Ross Wightman), https://huggingface.co/timm"
 
@@ -196,8 +195,6 @@ def download(tag: str, dest: str | os.PathLike | None = None) -> Path:
     """Fetch a tag's model.safetensors from the Hugging Face Hub into `dest` (default weights_dir()) as
     <tag>.safetensors. Needs the optional `hub` extra and network access; raises a one-line error otherwise.
     Verifies the sha256 where one is recorded."""
-    from ..utils import atomic_write
-
     w = get_weights(tag)
     try:
         from huggingface_hub import hf_hub_download
@@ -219,41 +216,3 @@ def download(tag: str, dest: str | os.PathLike | None = None) -> Path:
     with atomic_write(target) as tmp:
         shutil.copyfile(cached, tmp)
     return target
-
-
-class EvalTransform:
-    """PIL image -> normalised (3, size, size) float tensor, the way the weights were evaluated:
-    resize (shorter side, or both sides for "squash") to size / crop_pct, centre-crop, scale to [0, 1],
-    subtract mean, divide by std."""
-
-    def __init__(self, size: int, crop_pct: float, crop_mode: str, interpolation: str,
-                 mean: tuple[float, float, float], std: tuple[float, float, float]):
-        self.size, self.crop_pct, self.crop_mode = size, crop_pct, crop_mode
-        self.interpolation, self.mean, self.std = interpolation, mean, std
-
-    def __call__(self, image) -> torch.Tensor:
-        x = self.resize_crop(image).to(torch.float32) / 255.0
-        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
-
-    def resize_crop(self, image) -> torch.Tensor:
-        """The geometric part: PIL image -> uint8 (3, size, size), before scaling and normalisation."""
-        from PIL import Image
-
-        resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[self.interpolation]
-        image = image.convert("RGB")
-        scaled = int(self.size / self.crop_pct)  # timm's math.floor
-        w, h = image.size
-        if self.crop_mode == "squash":
-            new = (scaled, scaled)
-        elif w <= h:
-            new = (scaled, int(scaled * h / w))
-        else:
-            new = (int(scaled * w / h), scaled)
-        image = image.resize(new, resample)
-        left, top = round((new[0] - self.size) / 2), round((new[1] - self.size) / 2)
-        image = image.crop((left, top, left + self.size, top + self.size))
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-
-    def __repr__(self) -> str:
-        return (f"EvalTransform(size={self.size}, crop_pct={self.crop_pct}, crop_mode={self.crop_mode!r}, "
-                f"interpolation={self.interpolation!r}, mean={self.mean}, std={self.std})")

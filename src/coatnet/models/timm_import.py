@@ -14,6 +14,8 @@ import re
 
 import torch
 
+from ..layers import RelativeAttention2d
+
 # (timm pattern, our replacement), applied in order to the part after "stages.{i}.blocks.{j}." or the
 # whole key outside the stages.
 _BLOCK_RENAMES = [
@@ -92,8 +94,6 @@ def _block_positions(config) -> list[list[str]]:
 def convert_timm_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """timm's keys and layouts -> ours, for loading into `model` (a CoAtNet built from a timm variant's
     config). Keys we do not know pass through renamed as well as possible, so that the loader reports them."""
-    from ..layers import RelativeAttention2d
-
     attn = {name: m for name, m in model.named_modules() if isinstance(m, RelativeAttention2d)}
     own = model.state_dict()
     config = getattr(model, "config", None)

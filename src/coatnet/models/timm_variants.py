@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .config import CoAtNetConfig, MBConvConfig, TransformerConfig
+from .pretrained import WEIGHTS
 from .variants import register
 
 # timm's MaxxVit families share these. "max" (timm's _rw_max_cfg) and "coat" (its _rw_coat_cfg).
@@ -31,51 +32,65 @@ _WIDTHS = {
 }
 _STEM = {"nano": (32, 64), "0": (32, 64), "1": (32, 64), "2": (64, 128), "3": (96, 192)}
 
-# name: (family, size, depths S1..S4, MBConv overrides, Transformer overrides, img_size)
-RW_VARIANTS: dict[str, tuple] = {
-    "coatnet_pico_rw_224": ("max", "nano", (2, 3, 5, 2), dict(shortcut_bias=True, project_bias=True), {}, 224),
-    "coatnet_nano_rw_224": ("max", "nano", (3, 4, 6, 3),
-                            dict(downsample="pool", shortcut_bias=True, project_bias=True), {}, 224),
-    "coatnet_0_rw_224": ("coat", "0", (2, 3, 7, 2), dict(se_placement="before_norm"),
-                         dict(shortcut_bias=False), 224),
-    "coatnet_1_rw_224": ("coat", "1", (2, 6, 14, 2), dict(downsample="dwconv", se_placement="before_norm"),
-                         dict(shortcut_bias=False), 224),
-    "coatnet_2_rw_224": ("coat", "2", (2, 6, 14, 2), dict(downsample="dwconv", se_activation="silu"), {}, 224),
-    "coatnet_3_rw_224": ("coat", "3", (2, 6, 14, 2), dict(downsample="dwconv", se_activation="silu"),
-                         dict(layer_scale=1e-6), 224),
-    "coatnet_bn_0_rw_224": ("coat", "0", (2, 3, 7, 2), dict(downsample="dwconv", se_placement="before_norm"),
-                            dict(shortcut_bias=False, norm="batchnorm"), 224),
-    "coatnet_rmlp_nano_rw_224": ("max", "nano", (3, 4, 6, 3), dict(shortcut_bias=True, project_bias=True),
-                                 dict(relative_bias="mlp", relative_mlp_width=384), 224),
-    "coatnet_rmlp_0_rw_224": ("coat", "0", (2, 3, 7, 2), dict(downsample="dwconv"),
-                              dict(relative_bias="mlp"), 224),
-    "coatnet_rmlp_1_rw_224": ("coat", "1", (2, 6, 14, 2), dict(se_placement="before_norm"),
-                              dict(shortcut_bias=False, relative_bias="mlp", relative_mlp_width=384), 224),
-    "coatnet_rmlp_1_rw2_224": ("coat", "1", (2, 6, 14, 2), dict(downsample="dwconv"),
-                               dict(relative_bias="mlp"), 224),
-    "coatnet_rmlp_2_rw_224": ("coat", "2", (2, 6, 14, 2), dict(downsample="dwconv", se_activation="silu"),
-                              dict(layer_scale=1e-6, relative_bias="mlp"), 224),
-    "coatnet_rmlp_2_rw_384": ("coat", "2", (2, 6, 14, 2), dict(downsample="dwconv", se_activation="silu"),
-                              dict(layer_scale=1e-6, relative_bias="mlp"), 384),
-    "coatnet_rmlp_3_rw_224": ("coat", "3", (2, 6, 14, 2), dict(downsample="dwconv", se_activation="silu"),
-                              dict(layer_scale=1e-6, relative_bias="mlp"), 224),
-}
-# coatnet_rmlp_1_rw_224 pools with timm's "max" (3x3, stride 2, padding 1) everywhere.
-_POOL = {"coatnet_rmlp_1_rw_224": "max3x3"}
 
-
-def _rw(name: str, family: str, size: str, depths: tuple, mb: dict, tr: dict, img_size: int) -> CoAtNetConfig:
+def _rw(*, family: str, size: str, depths: tuple[int, int, int, int], mbconv: dict | None = None,
+        transformer: dict | None = None, pool_type: str = "avg", img_size: int = 224) -> CoAtNetConfig:
+    """One of timm's "rw" CoAtNets. `family`: the MBConv defaults (_RW_MBCONV); `size`: the widths of S1..S4
+    and the stem's two widths (_WIDTHS, _STEM); `depths`: blocks in S1..S4 (the stem S0 has two convs);
+    `mbconv`, `transformer`: the fields that differ from the family's MBConvConfig and from _RW_TRANSFORMER;
+    `pool_type`: the pooling of the MBConv stride."""
     stem_hidden, stem_width = _STEM[size]
     return CoAtNetConfig(
         depths=(2, *depths), widths=(stem_width, *_WIDTHS[size]), layout="C-C-T-T",
-        mbconv=replace(_RW_MBCONV[family], **mb), transformer=replace(_RW_TRANSFORMER, **tr),
-        stem_hidden_width=stem_hidden, pool_type=_POOL.get(name, "avg"), shortcut_projection="width_change",
-        img_size=img_size)
+        mbconv=replace(_RW_MBCONV[family], **(mbconv or {})),
+        transformer=replace(_RW_TRANSFORMER, **(transformer or {})),
+        stem_hidden_width=stem_hidden, pool_type=pool_type, shortcut_projection="width_change", img_size=img_size)
+
+
+# One row per timm "rw" model: the keyword arguments of _rw.
+RW_VARIANTS: dict[str, dict] = {
+    "coatnet_pico_rw_224": dict(family="max", size="nano", depths=(2, 3, 5, 2),
+                                mbconv=dict(shortcut_bias=True, project_bias=True)),
+    "coatnet_nano_rw_224": dict(family="max", size="nano", depths=(3, 4, 6, 3),
+                                mbconv=dict(downsample="pool", shortcut_bias=True, project_bias=True)),
+    "coatnet_0_rw_224": dict(family="coat", size="0", depths=(2, 3, 7, 2), mbconv=dict(se_placement="before_norm"),
+                             transformer=dict(shortcut_bias=False)),
+    "coatnet_1_rw_224": dict(family="coat", size="1", depths=(2, 6, 14, 2),
+                             mbconv=dict(downsample="dwconv", se_placement="before_norm"),
+                             transformer=dict(shortcut_bias=False)),
+    "coatnet_2_rw_224": dict(family="coat", size="2", depths=(2, 6, 14, 2),
+                             mbconv=dict(downsample="dwconv", se_activation="silu")),
+    "coatnet_3_rw_224": dict(family="coat", size="3", depths=(2, 6, 14, 2),
+                             mbconv=dict(downsample="dwconv", se_activation="silu"),
+                             transformer=dict(layer_scale=1e-6)),
+    "coatnet_bn_0_rw_224": dict(family="coat", size="0", depths=(2, 3, 7, 2),
+                                mbconv=dict(downsample="dwconv", se_placement="before_norm"),
+                                transformer=dict(shortcut_bias=False, norm="batchnorm")),
+    "coatnet_rmlp_nano_rw_224": dict(family="max", size="nano", depths=(3, 4, 6, 3),
+                                     mbconv=dict(shortcut_bias=True, project_bias=True),
+                                     transformer=dict(relative_bias="mlp", relative_mlp_width=384)),
+    "coatnet_rmlp_0_rw_224": dict(family="coat", size="0", depths=(2, 3, 7, 2), mbconv=dict(downsample="dwconv"),
+                                  transformer=dict(relative_bias="mlp")),
+    # pools with timm's "max" (3x3, stride 2, padding 1) everywhere
+    "coatnet_rmlp_1_rw_224": dict(family="coat", size="1", depths=(2, 6, 14, 2),
+                                  mbconv=dict(se_placement="before_norm"),
+                                  transformer=dict(shortcut_bias=False, relative_bias="mlp", relative_mlp_width=384),
+                                  pool_type="max3x3"),
+    "coatnet_rmlp_1_rw2_224": dict(family="coat", size="1", depths=(2, 6, 14, 2), mbconv=dict(downsample="dwconv"),
+                                   transformer=dict(relative_bias="mlp")),
+    "coatnet_rmlp_2_rw_224": dict(family="coat", size="2", depths=(2, 6, 14, 2),
+                                  mbconv=dict(downsample="dwconv", se_activation="silu"),
+                                  transformer=dict(layer_scale=1e-6, relative_bias="mlp")),
+    "coatnet_rmlp_2_rw_384": dict(family="coat", size="2", depths=(2, 6, 14, 2),
+                                  mbconv=dict(downsample="dwconv", se_activation="silu"),
+                                  transformer=dict(layer_scale=1e-6, relative_bias="mlp"), img_size=384),
+    "coatnet_rmlp_3_rw_224": dict(family="coat", size="3", depths=(2, 6, 14, 2),
+                                  mbconv=dict(downsample="dwconv", se_activation="silu"),
+                                  transformer=dict(layer_scale=1e-6, relative_bias="mlp")),
+}
 
 
 def _describe(name: str) -> str:
-    from .pretrained import WEIGHTS
-
     tags = [w for w in WEIGHTS.values() if w.model == name]
     best = max((w for w in tags if w.top1 is not None), key=lambda w: w.top1, default=None)
     weights = (f"weights: {best.tag.split('.')[1]} {best.top1:.1f}% top-1" if best else
@@ -83,39 +98,38 @@ def _describe(name: str) -> str:
     return f"timm's {name}; {weights}"
 
 
-for _name, _spec in RW_VARIANTS.items():
-    register(_name, _describe(_name))(lambda n=_name, s=_spec: _rw(n, *s))
+for _name, _row in RW_VARIANTS.items():
+    register(_name, _describe(_name))(lambda row=_row: _rw(**row))
 
 
 # timm's coatnet_nano_cc_224: stages 3 and 4 open with one MBConv block (the stride), then Transformer
 # blocks at the same width (timm's block type ('C', 'T')); here split stages "CT" of equal widths.
 @register("coatnet_nano_cc_224", "timm's coatnet_nano_cc_224 (C-C-CT-CT); no published weights")
 def coatnet_nano_cc_224() -> CoAtNetConfig:
-    return _rw("coatnet_nano_cc_224", "coat", "nano", (3, 4, 6, 3), {}, {}, 224).replace(
+    return _rw(family="coat", size="nano", depths=(3, 4, 6, 3)).replace(
         layout="C-C-CT-CT", depths=(2, 3, 4, (1, 5), (1, 2)), widths=(64, 64, 128, (256, 256), (512, 512)))
 
 
-# timm's paper-style configs: name: (depths S1..S4, widths S1..S4, stem width)
-PAPER_STYLE_VARIANTS: dict[str, tuple] = {
-    "coatnet_0_224": ((2, 3, 5, 2), (96, 192, 384, 768), 64),
-    "coatnet_1_224": ((2, 6, 14, 2), (96, 192, 384, 768), 64),
-    "coatnet_2_224": ((2, 6, 14, 2), (128, 256, 512, 1024), 128),
-    "coatnet_3_224": ((2, 6, 14, 2), (192, 384, 768, 1536), 192),
-    "coatnet_4_224": ((2, 12, 28, 2), (192, 384, 768, 1536), 192),
-    "coatnet_5_224": ((2, 12, 28, 2), (256, 512, 1280, 2048), 192),
-}
-
-
-def _paper_style(depths: tuple, widths: tuple, stem: int) -> CoAtNetConfig:
+def _paper_style(*, depths: tuple[int, int, int, int], widths: tuple[int, int, int, int],
+                 stem_width: int) -> CoAtNetConfig:
+    """timm's paper-style CoAtNet: blocks and widths of S1..S4, the stem's width."""
     return CoAtNetConfig(
-        depths=(2, *depths), widths=(stem, *widths), layout="C-C-T-T",
+        depths=(2, *depths), widths=(stem_width, *widths), layout="C-C-T-T",
         mbconv=MBConvConfig(downsample="dwconv", se_from="output", se_activation="silu"),
         transformer=TransformerConfig(norm_eps=1e-6, table_resize="geometric"),
         shortcut_projection="width_change", head_hidden=widths[-1], img_size=224)
 
 
-for _name, _spec in PAPER_STYLE_VARIANTS.items():
-    register(_name, f"timm's paper-style {_name}; no published weights")(
-        lambda s=_spec: _paper_style(*s))
+# One row per timm paper-style model: the keyword arguments of _paper_style.
+PAPER_STYLE_VARIANTS: dict[str, dict] = {
+    "coatnet_0_224": dict(depths=(2, 3, 5, 2), widths=(96, 192, 384, 768), stem_width=64),
+    "coatnet_1_224": dict(depths=(2, 6, 14, 2), widths=(96, 192, 384, 768), stem_width=64),
+    "coatnet_2_224": dict(depths=(2, 6, 14, 2), widths=(128, 256, 512, 1024), stem_width=128),
+    "coatnet_3_224": dict(depths=(2, 6, 14, 2), widths=(192, 384, 768, 1536), stem_width=192),
+    "coatnet_4_224": dict(depths=(2, 12, 28, 2), widths=(192, 384, 768, 1536), stem_width=192),
+    "coatnet_5_224": dict(depths=(2, 12, 28, 2), widths=(256, 512, 1280, 2048), stem_width=192),
+}
+for _name, _row in PAPER_STYLE_VARIANTS.items():
+    register(_name, f"timm's paper-style {_name}; no published weights")(lambda row=_row: _paper_style(**row))
 
 TIMM_VARIANTS = tuple(RW_VARIANTS) + ("coatnet_nano_cc_224",) + tuple(PAPER_STYLE_VARIANTS)

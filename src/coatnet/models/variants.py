@@ -12,6 +12,11 @@ from torch import nn
 
 from .coatnet import CoAtNet
 from .config import CoAtNetConfig, TransformerConfig
+from .features import CoAtNetFeatures
+from .hub import (hub_weights_file, is_hub_id, is_ours, load_hub_model, read_hub_config, resolve_hub_folder,
+                  timm_folder_model)
+from .pretrained import default_tag, get_weights, resolve_pretrained, split_model_name
+from .weights import checkpoint_num_classes, load_state, read_weights
 
 _REGISTRY: dict[str, Callable[[], CoAtNetConfig]] = {}
 _DOCS: dict[str, str] = {}
@@ -82,8 +87,6 @@ def describe_model(name: str) -> str:
 def get_config(name: str, **overrides: Any) -> CoAtNetConfig:
     """The named variant's config with overrides applied (None overrides ignored), validated. timm's
     "<model>.<tag>" names are accepted: the tag sets the class count of its head unless overridden."""
-    from .pretrained import get_weights, split_model_name
-
     name, tag = split_model_name(name)
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
@@ -111,23 +114,24 @@ def create_model(name: str | None = None, pretrained: str | os.PathLike | bool |
     `features_only=True` returns the backbone instead (models/features.py, timm's convention): a module
     whose forward gives the maps at `out_indices` (0: stem, stride 2; 1..4: S1..S4, strides 4..32;
     default all) and whose `feature_info` tells their channels, reductions and module names."""
-    from .hub import is_hub_id, load_hub_model, resolve_hub_folder
-    from .pretrained import default_tag, resolve_pretrained, split_model_name
-
     if name is not None and is_hub_id(name):  # timm's create_model("hf-hub:user/name")
         if pretrained not in (None, True, False):
             raise ValueError(f"{name} names the weights already; drop pretrained={pretrained!r}")
         name, pretrained = None, name
     if features_only:
         model = create_model(name, pretrained, **overrides)
-        from .features import CoAtNetFeatures
-
         return CoAtNetFeatures(model, (0, 1, 2, 3, 4) if out_indices is None else out_indices)
     if out_indices is not None:
         raise ValueError("out_indices applies with features_only=True")
     folder = resolve_hub_folder(pretrained) if pretrained not in (None, True, False) else None
     if folder is not None:
-        return load_hub_model(folder, name, overrides)
+        config = read_hub_config(folder)
+        if not is_ours(config):  # timm's folder: its architecture, from its weights file
+            arch, overrides = timm_folder_model(folder, config, name, overrides)
+            return create_model(arch, pretrained=hub_weights_file(folder), **overrides)
+        if config.get("architecture") is not None:
+            get_config(config["architecture"])  # an architecture this version does not know: named now
+        return load_hub_model(folder, config, name, overrides)
     if name is None:
         raise ValueError("create_model needs a model name, or pretrained= a Hub-format folder or 'hf-hub:user/name'")
     model_name, tag = split_model_name(name)
@@ -138,8 +142,6 @@ def create_model(name: str | None = None, pretrained: str | os.PathLike | bool |
                              f"pass a weights file as pretrained=")
     if pretrained is None or pretrained is False:
         return CoAtNet(get_config(name, **overrides))
-    from .weights import checkpoint_num_classes, load_state, read_weights
-
     path = resolve_pretrained(pretrained)
     state = read_weights(path)
     if overrides.get("num_classes") is None and checkpoint_num_classes(state) is not None:

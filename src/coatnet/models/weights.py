@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pickle
 import re
@@ -12,11 +13,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..utils import atomic_write
+from .timm_import import convert_timm_state_dict, is_timm_state_dict
+
+log = logging.getLogger(__name__)
 
 def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write the model's state dict to `path` atomically (temporary file, fsync, rename)."""
-    from ..utils import atomic_write
-
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_write(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
@@ -68,8 +71,8 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         # outputs): the weights are the "model." entries.
         others = sorted(k for k in state if not k.startswith("model."))
         if others:
-            print(f"note: {path}: reading the model.* entries; ignoring {len(others)} others "
-                  f"({', '.join(others[:5])})")
+            log.info(f"note: {path}: reading the model.* entries; ignoring {len(others)} others "
+                     f"({', '.join(others[:5])})")
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     return state
 
@@ -93,8 +96,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.
     another size are resized. A classifier whose class count differs is dropped with a message (unless
     strict_head). Any other missing or unexpected key is an error: a load never silently leaves weights
     at their initial values."""
-    from .timm_import import convert_timm_state_dict, is_timm_state_dict
-
+    notes = []  # logged once the load has succeeded: a failed load reports only its error
     if is_timm_state_dict(state):
         state = convert_timm_state_dict(state, model)
     own = model.state_dict()
@@ -104,14 +106,14 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.
         if strict_head:
             raise ValueError(f"{path}: classifier shape {tuple(state[mismatched_head[0]].shape)} does not "
                              f"match the model's {tuple(own[mismatched_head[0]].shape)}")
-        print(f"note: {path}: classifier for {state[mismatched_head[0]].shape[0]} classes dropped; "
-              f"the model keeps its new head for {model.num_classes} classes")
+        notes.append(f"note: {path}: classifier for {state[mismatched_head[0]].shape[0]} classes dropped; "
+                     f"the model keeps its new head for {model.num_classes} classes")
         for k in head_keys:
             state.pop(k, None)
     if not head_keys and getattr(model, "num_classes", None) == 0:
         dropped = [k for k in state if k.startswith("head.")]
         if dropped:
-            print(f"note: {path}: classifier dropped; the model has none (num_classes=0)")
+            notes.append(f"note: {path}: classifier dropped; the model has none (num_classes=0)")
             for k in dropped:
                 state.pop(k)
     try:
@@ -129,3 +131,5 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         raise ValueError(f"{path} does not fit this architecture: {'; '.join(parts)} keys")
+    for note in notes:
+        log.info(note)

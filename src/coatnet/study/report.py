@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
+from ..utils import atomic_write
 from .definitions import Study
 
 METRICS = ("train_loss", "train_top1", "val_top1", "gap_top1")
@@ -348,8 +349,6 @@ def write_report(study: Study, rows: list[dict], out_dir: str | os.PathLike, com
     if notes.is_file():
         lines += ["## Interpretation", "", notes.read_text().strip(), ""]
     md = out_dir / f"{study.name}.md"
-    from ..utils import atomic_write
-
     with atomic_write(md) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return md

@@ -20,8 +20,18 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
+from ..data import build_data
+from ..models import get_config
+from ..models import variants as registry
+from ..train import TrainConfig, train
+from ..train.checkpoint import load_model, weights_path
+from ..train.evaluate import evaluate, subset_indices
+from ..train.runtime import setup_runtime
 from ..utils import atomic_write
 from .definitions import BASE_MODEL, Recipe, Study, Variant, recipe_id, run_key
+from .speed import time_variants
 
 # Test images the engine evaluates after each epoch (only for its log: the row's val_* are measured on the
 # recipe's full validation set after training).
@@ -44,8 +54,6 @@ class RowSpec:
 
 def model_config_dict(overrides: dict, recipe: Recipe) -> dict:
     """The resolved model config of a study model (as the engine builds it for Fashion-MNIST)."""
-    from ..models import get_config
-
     return get_config(BASE_MODEL, **overrides, img_size=recipe.img_size, in_chans=1, num_classes=10).to_dict()
 
 
@@ -70,8 +78,6 @@ def plan(study: Study, seeds: Optional[tuple[int, ...]] = None,
 
 
 def machine_description() -> str:
-    import torch
-
     cpu = platform.processor() or platform.machine()
     return (f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"python {platform.python_version()}")
@@ -112,12 +118,8 @@ def _engine_model(variant: Variant, fields: set[str]) -> dict:
     for name in ("model_overrides", "overrides"):
         if name in fields:
             return {"model": BASE_MODEL, name: dict(variant.overrides)}
-    from ..models import variants as registry
-
     name = "study-" + run_key(variant.overrides, Recipe(), 0, 0)
     if name not in registry.list_models():
-        from ..models import get_config
-
         overrides = dict(variant.overrides)
         registry.register(name, f"study model {variant.name}")(lambda: get_config(BASE_MODEL, **overrides))
     return {"model": name}
@@ -125,8 +127,6 @@ def _engine_model(variant: Variant, fields: set[str]) -> dict:
 
 def train_config(spec: RowSpec, recipe: Recipe, run_dir: str | os.PathLike):
     """The coatnet.train.TrainConfig of one row."""
-    from ..train import TrainConfig
-
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     val_subset = ENGINE_VAL_IMAGES if recipe.val_subset is None else min(ENGINE_VAL_IMAGES, recipe.val_subset)
     size = spec.train_size
@@ -143,11 +143,6 @@ def train_config(spec: RowSpec, recipe: Recipe, run_dir: str | os.PathLike):
 def evaluate_run(run_dir: str | os.PathLike, recipe: Recipe, train_size: int, seed: int) -> dict:
     """Eval-mode loss / top-1 / top-5 of the run's last checkpoint on a sample of its own training images
     (prefix train_) and on the validation images (prefix val_)."""
-    from ..data import build_data
-    from ..train.checkpoint import load_model, weights_path
-    from ..train.evaluate import evaluate, subset_indices
-    from ..train.runtime import setup_runtime
-
     runtime = setup_runtime("cpu", "fp32", threads=recipe.threads)
     model, spec, _ = load_model(weights_path(run_dir, "last"), runtime.device)
     train_src, val_src, _ = build_data(recipe.data, None, 0.1, spec.img_size, spec.crop_fraction, seed)
@@ -165,8 +160,7 @@ def evaluate_run(run_dir: str | os.PathLike, recipe: Recipe, train_size: int, se
 
 def run_row(study: Study, spec: RowSpec, train_fn: Optional[TrainFn] = None) -> dict:
     """Train and measure one row; returns the result row (ROW_FIELDS and a few more)."""
-    if train_fn is None:
-        from ..train import train as train_fn
+    train_fn = train if train_fn is None else train_fn
     recipe = study.recipe
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=f"coatnet-study-{study.name}-") as run_dir:
@@ -231,8 +225,6 @@ def run_study(study: Study, out_dir: str | os.PathLike, seeds: Optional[tuple[in
     log(f"study {study.name}: {len(done)} row(s) already in {path}, {len(todo)} to run")
     speed: dict[str, dict] = {}
     if study.speed_benchmark and todo:
-        from .speed import time_variants
-
         log(f"study {study.name}: timing the variants side by side ...")
         speed = time_variants(study.variants, study.recipe, rounds=study.speed_rounds)
         log("  " + "; ".join(f"{k}: train {v['train_img_s']:.0f} img/s, inference {v['infer_img_s']:.0f} img/s"

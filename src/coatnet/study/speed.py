@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from ..models import create_model
 from .definitions import BASE_MODEL, Recipe, Variant
 
 
@@ -17,8 +18,6 @@ def time_variants(variants: tuple[Variant, ...], recipe: Recipe, rounds: int = 5
                   batch_size: int = 128, infer_batch_size: int = 500) -> dict[str, dict]:
     """{variant name: {"train_img_s", "infer_img_s"}}: medians over `rounds` alternating rounds of
     `steps` AdamW training steps (batch (batch_size, 1, S, S)) and `steps` eval forwards."""
-    from ..models import create_model
-
     torch.set_num_threads(recipe.threads)
     gen = torch.Generator().manual_seed(0)
     size = recipe.img_size

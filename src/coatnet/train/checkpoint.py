@@ -19,6 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..data import DataSpec
+from ..models import CoAtNet, CoAtNetConfig
 from ..utils import atomic_write
 
 FORMAT = "coatnet-checkpoint-v1"
@@ -73,16 +75,26 @@ def _open_metadata(path: str | os.PathLike, what: str) -> tuple[Path, dict]:
         raise _not_safetensors(path, e) from None
 
 
-def read_checkpoint_info(path: str | os.PathLike) -> dict:
-    """The JSON info (model_config, data, epoch, step, metrics, run) of a checkpoint-*.safetensors file,
-    without reading its tensors."""
+def checkpoint_info(path: str | os.PathLike) -> dict | None:
+    """The JSON info (model_config, data, epoch, step, metrics, run) of one of our checkpoint-*.safetensors
+    files, without reading its tensors; None for a safetensors file without it (timm's weights, plain
+    weights). A file that is missing, a folder, or not safetensors raises (FileNotFoundError,
+    IsADirectoryError, ValueError naming what it is)."""
     path, meta = _open_metadata(path, "checkpoint")
     if meta.get("format") != FORMAT or "coatnet" not in meta:
-        raise ValueError(f"{path} is not a coatnet training checkpoint (no model config in its metadata)")
+        return None
     try:
         return json.loads(meta["coatnet"])
     except ValueError:
         raise ValueError(f"{path}: its metadata is not valid JSON (damaged file?)") from None
+
+
+def read_checkpoint_info(path: str | os.PathLike) -> dict:
+    """`checkpoint_info` of a file that must be one of our checkpoints (ValueError otherwise)."""
+    info = checkpoint_info(path)
+    if info is None:
+        raise ValueError(f"{path} is not a coatnet training checkpoint (no model config in its metadata)")
+    return info
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -161,9 +173,6 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(model in eval mode, DataSpec, info) from a checkpoint-*.safetensors file (or a Hub-format folder);
     no other flags needed."""
-    from ..data import DataSpec
-    from ..models import CoAtNet, CoAtNetConfig
-
     path = checkpoint_file(path)
     tensors, info = read_checkpoint(path)
     try:

@@ -12,8 +12,7 @@ from torch import nn
 
 from .checkpoint import (load_train_state, read_checkpoint_info, save_train_state, save_weights_checkpoint,
                          state_path, weights_path)
-from .distributed import (all_reduce_sums, full_model_state, full_optimizer_state_dict, is_main, load_full_state,
-                          shard_optimizer_state_dict)
+from .distributed import all_reduce_sums, full_model_state, full_optimizer_state_dict, is_main, load_full_state
 from .metrics import read_metrics
 from .optim import WeightEMA
 from .runfolder import writing
@@ -36,8 +35,7 @@ class Checkpointer:
         and optimizer; returns its TrainState, the best epoch as checkpoint-best records it."""
         loaded = load_train_state(state_path(self.out))
         if self.fsdp:  # whole states, written by any number of processes, into this sharding
-            load_full_state(self.model, loaded["model"])
-            self.optimizer.load_state_dict(shard_optimizer_state_dict(self.optimizer, loaded["optimizer"]))
+            load_full_state(self.model, loaded["model"], self.optimizer, loaded["optimizer"])
         else:
             self.model.load_state_dict(loaded["model"])
             self.optimizer.load_state_dict(loaded["optimizer"])

@@ -6,6 +6,9 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..models import get_config
+from .tracking import parse_log
+
 
 def _is_a(value: Any, hint: Any) -> bool:
     """isinstance for the field types of TrainConfig: bool, int, float (an int is a float, a bool is neither a
@@ -49,7 +52,10 @@ class TrainConfig:
     #                          running statistics on this many training images at img_size, eval transform,
     #                          no labels (train.recalibrate); 0: off
     # -- optimisation --
-    epochs: int = 10  # passes over the training set
+    epochs: int = 10  # passes over the training set (each of at least min_epoch_images images)
+    min_epoch_images: int = 0  # a smaller training set is repeated within each epoch (each repeat reshuffled and
+    #                            augmented anew) until the epoch holds at least this many images, so that `epochs`
+    #                            gives enough optimizer steps at any data size; 0: one pass per epoch
     batch_size: int = 128  # global batch per optimizer step (all processes and accumulation together)
     micro_batch_size: Optional[int] = None  # images per forward/backward; smaller accumulates gradients
     lr: float = 2e-3  # peak learning rate (AdamW)
@@ -70,7 +76,8 @@ class TrainConfig:
     cutmix: float = 0.0  # CutMix Beta alpha; 0: off
     label_smoothing: float = 0.0  # (paper: 0.1)
     # -- runtime --
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast on CPU and GPU)
+    precision: str = "auto"  # "fp32", "bf16" (autocast on CPU and GPU), or "auto": bf16 where the hardware has it
+    #                          natively (CUDA; CPUs with AVX512-BF16 or AMX), fp32 elsewhere (train.runtime)
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     channels_last: bool = False  # NHWC memory format for the convolutions
     compile: bool = False  # torch.compile the model
@@ -80,6 +87,11 @@ class TrainConfig:
     seed: int = 0  # model init, data order, subsets, augmentation
     deterministic: bool = False  # deterministic kernels: a resumed run then equals an uninterrupted one
     eval_batch_size: int = 500  # images per evaluation forward
+    tta_flip: bool = True  # evaluate on each image and its mirror image, averaging the probabilities (only when
+    #                        training flips images, hflip > 0: a model that never saw mirrors is not asked to judge them)
+    precise_bn: int = 2048  # before each evaluation and checkpoint, re-estimate every BatchNorm's running statistics
+    #                         on this many training images (eval transform, train/recalibrate.py), so no checkpoint
+    #                         carries statistics that lag its weights (they trail by ~1/momentum steps); 0: off
     # -- run folder --
     out: Optional[str] = None  # run folder (None: nothing written)
     resume: bool = False  # continue from out/checkpoint-last.* (from the start when none exists)
@@ -91,6 +103,11 @@ class TrainConfig:
     quiet: bool = False  # no per-epoch summary lines
     recipe: Optional[str] = None  # the recipe these settings came from (recorded only)
     log: Optional[str] = None  # experiment tracking into the run folder: "tensorboard", "wandb" or both, comma-separated
+
+    @property
+    def eval_flip(self) -> bool:
+        """Whether evaluation averages each image with its mirror (tta_flip, when training flips images)."""
+        return self.tta_flip and self.augment and self.hflip > 0
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with fields changed; None values are ignored; unknown names raise ValueError."""
@@ -113,11 +130,12 @@ class TrainConfig:
                      "threads", "stop_at_step"):
             positive(name)
         for name in ("min_lr", "warmup_epochs", "weight_decay", "ema_decay", "mixup", "cutmix", "save_every",
-                     "randaugment_n", "randaugment_m", "drop_path", "label_smoothing", "workers", "recalibrate_bn"):
+                     "randaugment_n", "randaugment_m", "drop_path", "label_smoothing", "workers", "recalibrate_bn",
+                     "precise_bn", "min_epoch_images"):
             positive(name, allow_zero=True)
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay={self.layer_decay} must be in (0, 1]")
-        for name in ("freeze_stages", "recalibrate_bn"):
+        for name in ("freeze_stages", "recalibrate_bn", "precise_bn", "min_epoch_images"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}={v!r} must be a non-negative integer")
@@ -125,8 +143,8 @@ class TrainConfig:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} exceeds batch_size={self.batch_size}")
         if self.schedule not in ("cosine", "linear"):
             raise ValueError(f"schedule={self.schedule!r} must be 'cosine' or 'linear'")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision={self.precision!r} must be 'fp32' or 'bf16'")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision={self.precision!r} must be 'auto', 'fp32' or 'bf16'")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
         if not 0 <= self.label_smoothing < 1:
@@ -139,12 +157,8 @@ class TrainConfig:
             raise ValueError("fsdp does not keep an EMA of sharded weights: drop ema_decay (--ema-decay) or fsdp")
         if self.resume and not self.out:
             raise ValueError("resume needs the run folder (out)")
-        from .tracking import parse_log
-
         if parse_log(self.log) and not self.out:
             raise ValueError(f"log={self.log!r} writes into the run folder: give one (out)")
-        from ..models import get_config
-
         get_config(self.model, layout=self.layout)  # an unknown model or a bad layout: named now, not after loading
         return self
 

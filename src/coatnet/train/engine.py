@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -27,13 +28,15 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from ..data import build_data
 from ..data.datasets import Batch, DataSpec
 from ..data.random import mix_int, permutation, uniform
 from ..data.transforms import AugmentConfig, mix_batch, normalize, rand_augment
 from ..layers import drop_path_noise
-from ..models import count_params, create_model
+from ..models import CoAtNet, build_on_meta, count_macs, count_params, create_model, inference_model
+from ..models.pretrained import weights_of
 from ..models.transfer import freeze_stages
 from ..utils import atomic_write
 from .checkpoint import read_progress, state_path
@@ -45,11 +48,14 @@ from .evaluate import evaluate, skipped_summary, subset_indices
 from .metrics import plot_curves, read_metrics, write_metrics
 from .optim import WeightEMA, build_optimizer
 from .recalibrate import recalibrate_batchnorm
+from .redundant import freeze_redundant_parameters
 from .runfolder import prepare_run_folder, remove_stale_temp_files, run_folder_lock, writing
 from .runtime import Runtime, setup_runtime
 from .schedule import lr_at
 from .state import TrainState
 from .tracking import Tracker, make_tracker, sample_predictions
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(ValueError):
@@ -127,15 +133,21 @@ def _drop_path_uniforms(seed: int, step: int, indices: torch.Tensor, batch: int,
 
 # -- messages ------------------------------------------------------------------------------------------------
 def _log(msg: str, quiet: bool = False) -> None:
-    """A progress line on stdout (the main process's, unless quiet)."""
+    """A line of the run's report on stdout: scores, the per-epoch summaries (the main process's, unless quiet)."""
     if is_main() and not quiet:
         print(msg, flush=True)
 
 
+def _note(msg: str, quiet: bool = False) -> None:
+    """A notice through logging, shown on stderr by the CLI (the main process's, unless quiet)."""
+    if is_main() and not quiet:
+        log.info(msg)
+
+
 def _warn(msg: str) -> None:
-    """A warning or notice on stderr (the main process's), even when quiet."""
+    """A warning through logging, shown on stderr (the main process's), even when quiet."""
     if is_main():
-        print(msg, file=sys.stderr, flush=True)
+        log.warning(msg)
 
 
 def _note_skipped(state: TrainState, failed: dict[str, str]) -> None:
@@ -165,8 +177,6 @@ def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Opt
 
     Returns {"train_loss", "train_top1" (running, with augmentation, over all processes), "lr" (the last
     step's), "img_per_s"}; None when it stopped at settings.stop_at_step first (the caller checkpoints)."""
-    from tqdm import tqdm
-
     _, world = rank_and_world()
     model.train()
     n_batches = len(data.batch_sizes)
@@ -260,7 +270,8 @@ def _finite_everywhere(loss_sum: float, world: int) -> bool:
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) as `cfg` says; returns the final metrics: train_loss, train_top1 (running, with
     augmentation), val_loss, val_top1, val_top5 (%), train_eval_* when cfg.eval_train, seconds, params,
-    epochs, steps, best_val_top1, skipped_images (unreadable files, counted once each).
+    epochs, steps, best_val_top1, skipped_images (unreadable files, counted once each), device, precision
+    (as resolved), macs_per_image and train_gflops (multiply-adds x 2 x 3 per image x the epochs' mean training images/s).
 
     With a run folder (cfg.out), before any work: the folder is created and proved writable, locked against
     a second training process, cleared of temporaries a killed write left, and a folder that already holds
@@ -301,6 +312,7 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
     _, world = rank_and_world()
     runtime = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads or local_threads(),
                             cfg.deterministic)
+    _log(f"device {runtime.device}, precision {runtime.precision} ({runtime.precision_reason})", cfg.quiet)
     cfg, data = _load_data(cfg)
     resuming = bool(cfg.resume and cfg.out) and state_path(cfg.out).is_file()
     model, n_params = _build_model(cfg, data, runtime, resuming)
@@ -309,10 +321,10 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
     eval_model = copy.deepcopy(model) if ema is not None else model
     net = runtime.compiled(model if cfg.fsdp else wrap_model(model, cfg.sync_bn))
     eval_net = runtime.compiled(eval_model) if ema is not None else net
-    steps_per_epoch = math.ceil(len(data.train_idx) / cfg.batch_size)
+    steps_per_epoch = math.ceil(data.epoch_images / cfg.batch_size)
     settings = StepSettings.from_config(cfg, steps_per_epoch)
     run_info = {"data": cfg.data, "data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
-                "model": cfg.model, "layout": cfg.layout}
+                "model": cfg.model, "layout": cfg.layout, "tta_flip": cfg.eval_flip}
     checkpointer = Checkpointer(cfg.out, model, optimizer, ema, cfg.fsdp,
                                 {"model_config": model.config.to_dict(), "data": data.spec.to_dict(), "run": run_info})
     state = _initial_state(cfg, checkpointer, runtime, resuming)
@@ -320,14 +332,20 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
         _write_config(checkpointer.out, {
             **cfg.replace(resume=False).to_dict(), "classes": list(data.spec.classes),
             "model_config": model.config.to_dict(), "data_spec": data.spec.to_dict(), "params": n_params,
-            "train_images": len(data.train_idx), "val_images": len(data.val_idx), "steps_per_epoch": steps_per_epoch,
-            "total_steps": settings.total_steps, "warmup_steps": settings.warmup_steps, "world_size": world})
+            "train_images": len(data.train_idx), "val_images": len(data.val_idx), "epoch_repeats": data.repeats,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": settings.total_steps, "warmup_steps": settings.warmup_steps, "world_size": world,
+            "runtime": {"device": str(runtime.device), "precision": runtime.precision,
+                        "precision_reason": runtime.precision_reason, "threads": torch.get_num_threads()}})
     initial: dict = {}
     if cfg.eval_before and state.global_step == 0:
         before = _evaluate(cfg, eval_net, data.val_src, data.val_idx, data, runtime, state)
         initial = {"initial_val_loss": before["loss"], "initial_val_top1": before["top1"]}
         _log(f"before training: val_loss {before['loss']:.4f}  val_top1 {before['top1']:.2f}", cfg.quiet)
-    result = partial(_result, state, n_params, initial, t_start, checkpointer.out)
+    # Multiply-adds per image, counted on a weightless copy: the training GFLOP/s in the result.
+    macs = count_macs(build_on_meta(model.config)) if hasattr(model, "config") else None
+    initial.update(device=str(runtime.device), precision=runtime.precision)
+    result = partial(_result, state, n_params, initial, t_start, checkpointer.out, macs)
 
     for epoch in range(state.epoch, cfg.epochs):
         t_epoch = time.time()
@@ -338,7 +356,8 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
             return result(stopped=True)
         if ema is not None:
             eval_model.load_state_dict(ema.state)
-        rec = _epoch_record(cfg, eval_net, data, runtime, state, epoch, stats)
+        _refresh_batchnorm(cfg, eval_model, ema, data, runtime)
+        rec = _epoch_record(cfg, *_scoring(cfg, eval_model, eval_net, runtime), data, state, epoch, stats)
         rec["seconds"] = time.time() - t_epoch
         rec["elapsed"] = time.time() - t_start
         if cfg.log:  # before the checkpoint: a run killed in between repeats the epoch, and its events with it
@@ -362,6 +381,11 @@ class _Data:
     train_idx: torch.Tensor
     val_idx: torch.Tensor
     workers: int  # DataLoader worker processes for folders
+    repeats: int = 1  # passes over train_idx per epoch (cfg.min_epoch_images)
+
+    @property
+    def epoch_images(self) -> int:
+        return len(self.train_idx) * self.repeats
 
 
 def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
@@ -375,22 +399,23 @@ def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
     val_idx = subset_indices(len(val_src), cfg.val_subset, cfg.seed, stream=2)
     if len(val_idx) == 0:
         raise ValueError(f"{cfg.data}: no validation images (raise --val-fraction or add a val/ folder)")
-    return cfg, _Data(train_src, val_src, spec, train_idx, val_idx, workers)
+    repeats = 1
+    if cfg.min_epoch_images and len(train_idx) and not getattr(train_src, "streams", False):
+        repeats = math.ceil(cfg.min_epoch_images / len(train_idx))  # a stream is read as it comes: never repeated
+    return cfg, _Data(train_src, val_src, spec, train_idx, val_idx, workers, repeats)
 
 
 def _published_preprocessing(cfg: TrainConfig, spec):
     """Starting from published weights (a tag, or a file named after one) on RGB images: normalise with
     the mean and std they were trained with, and (unless --crop-fraction is given) evaluate with their
     centre crop. Recorded in the checkpoint's data spec, so eval and predict use the same."""
-    from ..models.pretrained import weights_of
-
     published = weights_of(cfg.pretrained)
     if published is None or spec.in_chans != 3:
         return spec
     crop = spec.crop_fraction if cfg.crop_fraction is not None else published.crop_pct
     if (spec.mean, spec.std, spec.crop_fraction) != (published.mean, published.std, crop):
-        _log(f"preprocessing of {published.tag}: mean {published.mean}, std {published.std}, eval crop {crop}",
-             cfg.quiet)
+        _note(f"preprocessing of {published.tag}: mean {published.mean}, std {published.std}, eval crop {crop}",
+              cfg.quiet)
     return dataclasses.replace(spec, mean=published.mean, std=published.std, crop_fraction=crop)
 
 
@@ -408,15 +433,14 @@ def _build_model(cfg: TrainConfig, data: _Data, runtime: Runtime, resuming: bool
         used = recalibrate_batchnorm(model, data.train_src, calib_idx, data.spec, runtime, cfg.eval_batch_size,
                                      data.workers, cfg.strict)
         size = data.spec.img_size
-        _log(f"BatchNorm statistics re-estimated on {used} training images at {size}x{size}", cfg.quiet)
+        _note(f"BatchNorm statistics re-estimated on {used} training images at {size}x{size}", cfg.quiet)
     if cfg.freeze_stages:
         freeze_stages(model, cfg.freeze_stages)
-    if hasattr(model, "freeze_redundant_parameters"):  # AdamW would turn their roundoff gradients into steps
-        model.freeze_redundant_parameters()
+    freeze_redundant_parameters(model)  # AdamW would turn their roundoff gradients into steps (train/redundant.py)
     n_params = count_params(model)
     if cfg.fsdp:  # sharding replaces the parameters: before the optimizer sees them
         apply_fsdp(convert_sync_batchnorm(model) if cfg.sync_bn else model, grad_checkpointing=True,
-                   param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
+                   param_dtype=torch.bfloat16 if runtime.precision == "bf16" else None)
     return model, n_params
 
 
@@ -438,16 +462,20 @@ def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtim
     if state.epoch >= cfg.epochs:
         _warn(f"{out} is complete ({state.epoch} of {cfg.epochs} epochs): nothing to do (--epochs N extends it)")
     else:
-        _warn(f"resuming {out} at epoch {state.epoch + 1}, step {state.global_step}")
+        _note(f"resuming {out} at epoch {state.epoch + 1}, step {state.global_step}")
     return state
 
 
 # -- per epoch -----------------------------------------------------------------------------------------------
 def _epoch_data(cfg: TrainConfig, data: _Data, epoch: int, start: int) -> EpochData:
-    """Epoch `epoch`'s global batches (a permutation of the training indices, a function of seed and epoch)
-    as this process's micro-batches, from global batch `start` on."""
+    """Epoch `epoch`'s global batches (a permutation of the training indices, a function of seed and epoch;
+    with data.repeats > 1 that many permutations, each repeat r's indices shifted by r * len(source) so that
+    its augmentation is drawn anew, see data/datasets.py) as this process's micro-batches, from global batch
+    `start` on."""
     rank, world = rank_and_world()
-    order = data.train_idx[permutation(cfg.seed, epoch, len(data.train_idx))]
+    n, k = len(data.train_idx), data.repeats
+    order = torch.cat([data.train_idx[permutation(cfg.seed, epoch * k + r, n)] + r * len(data.train_src)
+                       for r in range(k)])
     global_batches = list(order.split(cfg.batch_size))
     micro = cfg.micro_batch_size or cfg.batch_size  # per-process images per forward/backward
     parts = [split_micro_batches(shard(gb, rank, world), len(gb), world, micro) for gb in global_batches]
@@ -462,15 +490,42 @@ def _epoch_data(cfg: TrainConfig, data: _Data, epoch: int, start: int) -> EpochD
     return EpochData(epoch, [len(gb) for gb in global_batches], [len(p) for p in parts], start, batches, inputs)
 
 
+def _refresh_batchnorm(cfg: TrainConfig, eval_model: nn.Module, ema: WeightEMA | None, data: _Data,
+                       runtime: Runtime) -> None:
+    """"Precise BN" before evaluating and checkpointing: the running statistics of `eval_model` (the model,
+    or the EMA weights) re-estimated on cfg.precise_bn training images. Running averages trail the weights
+    by about 1/momentum steps, which on a short run leaves the checkpoint's statistics far from what its
+    weights produce (eval accuracy near chance after a few dozen steps). The EMA's saved state gets them too."""
+    if not cfg.precise_bn:
+        return
+    idx = data.train_idx[subset_indices(len(data.train_idx), cfg.precise_bn, cfg.seed, stream=5)]
+    recalibrate_batchnorm(eval_model, data.train_src, idx, data.spec, runtime, cfg.eval_batch_size, data.workers,
+                          cfg.strict)
+    if ema is not None:
+        ema.state.update({k: v.detach().clone() for k, v in eval_model.state_dict().items()
+                          if k.endswith(("running_mean", "running_var"))})
+
+
 def _evaluate(cfg: TrainConfig, net: nn.Module, source, indices: torch.Tensor, data: _Data, runtime: Runtime,
               state: TrainState) -> dict:
     """`evaluate` with the run's settings; unreadable files it met are noted in `state`."""
-    scores = evaluate(net, source, indices, data.spec, runtime, cfg.eval_batch_size, data.workers, cfg.strict)
+    scores = evaluate(net, source, indices, data.spec, runtime, cfg.eval_batch_size, data.workers, cfg.strict,
+                      cfg.eval_flip)
     _note_skipped(state, scores["skipped"])
     return scores
 
 
-def _epoch_record(cfg: TrainConfig, eval_net: nn.Module, data: _Data, runtime: Runtime, state: TrainState,
+def _scoring(cfg: TrainConfig, eval_model: nn.Module, eval_net: nn.Module, runtime: Runtime
+             ) -> tuple[nn.Module, Runtime]:
+    """The network evaluation runs, and its runtime. On a CPU: `inference_model(eval_model)` (BatchNorm folded,
+    oneDNN's fused convolution/linear + GELU kernels, which exist in fp32 only), twice the images/s of the
+    training graph in eval mode and equal to it to ~1e-6; elsewhere the training network as it is."""
+    if runtime.device.type != "cpu" or cfg.fsdp or not isinstance(eval_model, CoAtNet):
+        return eval_net, runtime
+    return inference_model(eval_model), dataclasses.replace(runtime, precision="fp32", channels_last=False)
+
+
+def _epoch_record(cfg: TrainConfig, eval_net: nn.Module, runtime: Runtime, data: _Data, state: TrainState,
                   epoch: int, stats: dict) -> dict:
     """The metrics.jsonl line of the epoch just trained (all but its times): `stats` from train_one_epoch,
     scores on the validation set and, with cfg.eval_train, on the training set."""
@@ -503,10 +558,13 @@ def _end_epoch(cfg: TrainConfig, state: TrainState, rec: dict, checkpointer: Che
 
 
 def _result(state: TrainState, n_params: int, initial: dict, t_start: float, out: Path | None,
-            stopped: bool = False) -> dict:
+            macs: int | None, stopped: bool = False) -> dict:
     """What `train` returns (see there)."""
     last = state.records[-1] if state.records else {}
     res = {k: v for k, v in last.items() if k not in ("seconds",)}
+    if macs and state.records:  # forward + backward = 3 forward passes; 2 FLOPs per multiply-add
+        img_per_s = sum(r["img_per_s"] for r in state.records) / len(state.records)
+        res.update(macs_per_image=macs, train_gflops=round(macs * 6 * img_per_s / 1e9, 2))
     res.update(seconds=time.time() - t_start, params=n_params, epochs=state.epoch, steps=state.global_step,
                best_val_top1=state.best_val_top1, skipped_images=len(state.skipped_images),
                nonfinite_steps=len(state.nonfinite_steps))

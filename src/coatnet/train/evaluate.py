@@ -1,17 +1,28 @@
 """Evaluation: loss, top-1 and top-5 of a model on a source (eval transform, no augmentation)."""
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.datasets import DataSpec
+from ..data import build_data
+from ..data.datasets import NO_AUGMENT, DataSpec, FolderSource, _class_dirs, _list_images
 from ..data.random import permutation
-from ..data.transforms import AugmentConfig, normalize
+from ..data.transforms import normalize
+from ..models import create_model
+from ..models.pretrained import HALF, default_tag, get_weights, weights_of
+from ..preprocess import EvalTransform
+from .checkpoint import load_model
 from .distributed import all_reduce_sums, is_sharded, rank_and_world, shard
+from .recalibrate import recalibrate_batchnorm
 from .runtime import Runtime, setup_runtime
 
-NO_AUGMENT = AugmentConfig(enabled=False)  # the eval transform
+log = logging.getLogger(__name__)
 
 
 def skipped_summary(skipped: dict[str, str], limit: int = 10) -> str:
@@ -45,10 +56,11 @@ def _scores(logits: torch.Tensor, y: torch.Tensor, k: int) -> tuple[float, int, 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, runtime: Runtime,
-             batch_size: int = 500, workers: int = 0, strict: bool = False) -> dict:
+             batch_size: int = 500, workers: int = 0, strict: bool = False, flip: bool = False) -> dict:
     """{"loss": mean cross-entropy, "top1": %, "top5": % (top-k with k = min(5, classes)), "n": images,
     "skipped": {path: reason} of unreadable files left out (this process's)} over source[indices] (sharded
-    over processes, summed back)."""
+    over processes, summed back). `flip`: score each image by its class probabilities averaged with those
+    of its mirror image (test-time augmentation)."""
     was_training = model.training
     model.eval()
     rank, world = rank_and_world()
@@ -64,6 +76,8 @@ def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, ru
         y = batch.labels.to(runtime.device)
         with runtime.autocast():
             logits = model(x)
+            if flip:  # log of the mean probability: cross-entropy and ranking of the averaged prediction
+                logits = torch.logaddexp(logits.float().log_softmax(-1), model(x.flip(-1)).float().log_softmax(-1))
         loss, c1, c5 = _scores(logits, y, k)
         loss_sum, correct1, correct5, n = loss_sum + loss, correct1 + c1, correct5 + c5, n + len(y)
     model.train(was_training)
@@ -79,20 +93,13 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
                         split: str = "val", val_fraction: float | None = None, subset: int | None = None,
                         batch_size: int = 500, device: str = "auto", precision: str = "fp32",
                         workers: int | None = None, strict: bool = False, img_size: int | None = None,
-                        recalibrate_bn: int = 0, threads: int | None = None) -> dict:
+                        recalibrate_bn: int = 0, threads: int | None = None, tta_flip: bool | None = None) -> dict:
     """Evaluate a checkpoint on `split` ("val", "train" or "both") of `data` (default: the data it was trained
     on, as recorded in it). "both" adds train_/val_ prefixed keys and gap_top1 = train top-1 - val top-1.
     `img_size`: evaluate at another input side (relative-position tables resized, no training), e.g. a
     model trained at 32 px at 64 px. `recalibrate_bn` N > 0: first re-estimate the BatchNorm statistics on
-    a seeded subset of N training images (eval transform, no labels; train.recalibrate)."""
-    import dataclasses
-    import os
-    import sys
-
-    from ..data import build_data
-    from .checkpoint import load_model
-    from .recalibrate import recalibrate_batchnorm
-
+    a seeded subset of N training images (eval transform, no labels; train.recalibrate). `tta_flip`:
+    average each image's prediction with its mirror's (None: as the run that made the checkpoint did)."""
     if split not in ("val", "train", "both"):
         raise ValueError(f"split={split!r} must be 'val', 'train' or 'both'")
     _at_least_one(batch_size=batch_size, subset=subset)
@@ -102,6 +109,7 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
         raise ValueError(f"recalibrate_bn={recalibrate_bn!r} must be a non-negative integer")
     runtime = setup_runtime(device, precision, threads=threads)
     model, spec, info = load_model(checkpoint, runtime.device)
+    runtime.prepare(model)
     if img_size is not None and img_size != spec.img_size:
         model.set_input_size(img_size)  # raises ValueError unless a multiple of the model's reduction
         spec = dataclasses.replace(spec, img_size=img_size)
@@ -123,10 +131,11 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
     for name, src in (("train", train_src), ("val", val_src)):
         if split in (name, "both"):
             idx = subset_indices(len(src), subset, run.get("seed", 0), stream=7)
-            out[name] = evaluate(model.to(runtime.device), src, idx, spec, runtime, batch_size, workers, strict)
+            flip = run.get("tta_flip", False) if tta_flip is None else tta_flip
+            out[name] = evaluate(model, src, idx, spec, runtime, batch_size, workers, strict, flip)
             skipped = out[name].pop("skipped")
             if skipped:
-                print(f"warning: {name}: {skipped_summary(skipped)}", file=sys.stderr, flush=True)
+                log.warning(f"warning: {name}: {skipped_summary(skipped)}")
     if split != "both":
         return out[split]
     result = {f"{s}_{k}": v for s in ("train", "val") for k, v in out[s].items()}
@@ -144,14 +153,6 @@ def evaluate_published(checkpoint: str, data: str, model: str | None = None, img
     or a root with val/ (used whole); sorted class folders must be the weights' classes in order (ImageNet's
     wnid folders n01440764 ... are). `model` is needed for a file not named after a tag; `img_size` builds
     the model at another size (tables resized) and evaluates at that size."""
-    import os
-    import sys
-    from pathlib import Path
-
-    from ..data.datasets import FolderSource, _class_dirs, _list_images
-    from ..models import create_model
-    from ..models.pretrained import HALF, EvalTransform, default_tag, get_weights, weights_of
-
     _at_least_one(batch_size=batch_size, subset=subset)
     published = weights_of(checkpoint)
     name = model or (published.model if published else None)
@@ -167,7 +168,7 @@ def evaluate_published(checkpoint: str, data: str, model: str | None = None, img
     if not samples:
         raise ValueError(f"no images under {root}/<class>/ to evaluate on")
     runtime = setup_runtime(device, precision, threads=threads)
-    net = create_model(name, pretrained=checkpoint, img_size=img_size).to(runtime.device).eval()
+    net = runtime.prepare(create_model(name, pretrained=checkpoint, img_size=img_size)).eval()
     if len(classes) != net.num_classes:
         raise ValueError(f"{data} has {len(classes)} class folders; the weights classify {net.num_classes} classes")
     recipe = published or (get_weights(default_tag(name)) if default_tag(name) else None)
@@ -183,7 +184,7 @@ def evaluate_published(checkpoint: str, data: str, model: str | None = None, img
     result = evaluate(net, source, idx, spec, runtime, batch_size, workers, strict)
     skipped = result.pop("skipped")
     if skipped:
-        print(f"warning: {skipped_summary(skipped)}", file=sys.stderr, flush=True)
+        log.warning(f"warning: {skipped_summary(skipped)}")
     if result["n"] == 0:
         raise ValueError(f"none of the {len(idx)} images under {root} could be read")
     return {**result, "model": name, "weights": published.tag if published else str(checkpoint),

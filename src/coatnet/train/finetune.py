@@ -4,10 +4,12 @@ a new label set, with the paper's fine-tuning recipe as defaults: 30 epochs, con
 the model from the checkpoint and the settings."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from ..data import build_data
+from ..models.pretrained import weights_of
+from .checkpoint import checkpoint_info
 from .config import TrainConfig
 
 # The paper's fine-tuning settings (Sec. 4.1 / Table 9): a constant lr is a cosine whose floor is its peak.
@@ -19,13 +21,9 @@ def checkpoint_run(checkpoint: str) -> dict:
     path = Path(checkpoint)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return dict(json.loads(meta["coatnet"])["run"])
-    except Exception:  # not ours, or no metadata: the caller must name the model
+        return dict(checkpoint_info(path)["run"])
+    except (ValueError, KeyError, TypeError):  # not ours, damaged, or no run recorded: the caller names the model
         return {}
 
 
@@ -40,8 +38,6 @@ def finetune_config(checkpoint: str, model: str | None = None, num_classes: int 
     FINETUNE_RECIPE, then `settings` (TrainConfig fields; None ignored). The model is the one recorded
     in the checkpoint, or `model` (needed for files without our metadata). `num_classes`, when given,
     must be the data's class count (a new head is made whenever it differs from the checkpoint's)."""
-    from ..models.pretrained import weights_of
-
     run = checkpoint_run(checkpoint)
     published = weights_of(checkpoint)  # a tag, or a file named after one: its model is known
     name = model or run.get("model") or (published.model if published else None)
@@ -52,8 +48,6 @@ def finetune_config(checkpoint: str, model: str | None = None, num_classes: int 
     cfg = TrainConfig().replace(**FINETUNE_RECIPE, model=name, pretrained=str(checkpoint), eval_before=True,
                                 recipe="finetune").replace(**settings)
     if num_classes is not None:
-        from ..data import build_data
-
         classes = len(build_data(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.img_size, cfg.crop_fraction,
                                  cfg.seed)[2].classes)
         if classes != num_classes:

@@ -19,6 +19,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..models import get_config
+from ..models.flops import build_on_meta
+
 GIB = 2**30
 
 
@@ -87,9 +90,6 @@ def estimate_training_memory(model_name: str, img_size: int = 224, batch_per_gpu
                              fsdp: bool = True, checkpointing: bool = True,
                              num_classes: int = 1000) -> MemoryEstimate:
     """Memory per GPU to train `model_name` with AdamW, bf16 compute and float32 master weights."""
-    from ..models import get_config
-    from ..models.flops import build_on_meta
-
     if gpus < 1 or batch_per_gpu < 1:
         raise ValueError("gpus and batch_per_gpu must be positive")
     cfg = get_config(model_name, img_size=img_size, num_classes=num_classes)

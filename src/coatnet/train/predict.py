@@ -6,21 +6,23 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from tqdm import tqdm
 
-from ..data.images import load_image
+from ..data.datasets import NO_AUGMENT, FolderSource, eval_image
+from ..data.images import UnreadableImageError, list_image_files, load_image
 from ..data.transforms import normalize
+from .checkpoint import load_model
+from .runtime import resolve_device
 
 
 def preprocess(path: str, spec) -> torch.Tensor:
     """One file -> (C, S, S) float in [0, 1] by the eval transform (resize, centre crop)."""
-    from ..data.datasets import transform_image
-    from .evaluate import NO_AUGMENT
-
-    return transform_image(load_image(path, spec.in_chans), 0, spec, False, NO_AUGMENT, 0, 0).float().div_(255)
+    return eval_image(load_image(path, spec.in_chans), spec).float().div_(255)
 
 
 @torch.no_grad()
@@ -29,13 +31,6 @@ def iter_predictions(model: torch.nn.Module, spec, files: Sequence[str], top_k: 
     """{"image": path, "top": [{"class", "index", "prob"}, ...]} for each file in order, top_k best first, or
     {"image": path, "error": reason} for a file that is not a readable image. `model` in eval mode; batches
     of `batch_size` decoded by `workers` DataLoader processes; a tqdm bar on stderr with `progress`."""
-    import sys
-
-    from tqdm import tqdm
-
-    from ..data.datasets import FolderSource
-    from .evaluate import NO_AUGMENT
-
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     device = next(model.parameters()).device
@@ -70,10 +65,6 @@ def predict_files(checkpoint: str, paths: list[str], top_k: int = 5, device: str
 
     A file that is not a readable image raises UnreadableImageError (a ValueError naming it and why), or
     with `skip_unreadable` gives {"image": path, "error": reason} and the others are still predicted."""
-    from ..data.images import UnreadableImageError, list_image_files
-    from .checkpoint import load_model
-    from .runtime import resolve_device
-
     files = list_image_files(paths)
     model, spec, _ = load_model(checkpoint, resolve_device(device))
     results = list(iter_predictions(model, spec, files, top_k, batch_size, workers))

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data.datasets import DataSpec
+from ..data.datasets import NO_AUGMENT, DataSpec
 from ..data.transforms import normalize
-from .evaluate import NO_AUGMENT
+from .distributed import SyncBatchNorm, rank_and_world, shard
 from .runtime import Runtime
 
 
@@ -33,7 +33,7 @@ def recalibrate_batchnorm(model: nn.Module, source, indices: torch.Tensor, spec:
     runs in eval mode (no stochastic depth), no weight changes, labels are not read. A BatchNorm that
     saw no batch in training mode (off the forward path, or held in eval mode by a hook such as frozen
     stages') keeps its previous statistics, and so does every one when the pass fails. Returns the
-    number of images used."""
+    number of images used (by this rank, under synchronized data parallelism)."""
     layers = batchnorm_layers(model)
     if not layers or len(indices) == 0:
         return 0
@@ -45,11 +45,15 @@ def recalibrate_batchnorm(model: nn.Module, source, indices: torch.Tensor, spec:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches
         m.train()
+    # Under data parallelism with synchronized BatchNorm each rank measures its share of every batch and the
+    # layers combine the shares: the statistics one process measures on the whole batches, at 1/world the cost.
+    rank, world = rank_and_world()
+    synced = world > 1 and any(isinstance(m, SyncBatchNorm) for m in layers)
+    batches = [shard(b, rank, world) if synced else b for b in indices.split(batch_size)]
     n, completed = 0, False
     try:
-        for batch in source.batches(list(indices.split(batch_size)), spec, False, NO_AUGMENT, 0, 0, workers,
-                                    strict):
-            if len(batch.labels) == 0:
+        for batch in source.batches(batches, spec, False, NO_AUGMENT, 0, 0, workers, strict):
+            if len(batch.labels) == 0 and not synced:  # a synchronized rank takes part even with no images
                 continue
             with runtime.autocast():
                 model(runtime.inputs(normalize(batch.images, spec.mean, spec.std)))

@@ -8,24 +8,42 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..layers import bf16_cpu
+
+PRECISIONS = ("auto", "fp32", "bf16")
+MIN_BF16_SPEEDUP = 1.1  # "auto" takes bf16 on a CPU whose bf16 matrix products are at least this much faster
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The precision context of forward passes for a resolved precision (`resolve_precision`): bf16
+    autocast (weights stay fp32, matmuls and convolutions run in bf16) or, for fp32, nothing."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {precision!r} is not one of fp32, bf16")
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
 
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
-    precision: str  # "fp32" or "bf16" (autocast)
+    precision: str  # "fp32" or "bf16" (autocast), resolved from "auto" by setup_runtime
     channels_last: bool
     compile: bool
+    precision_reason: str = ""  # why this precision, in words (printed and recorded by the trainer)
 
-    def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.precision)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Move the model to the device and memory format (parameters keep fp32: autocast casts)."""
+        """Move the model to the device and memory format (parameters keep fp32: autocast casts), in place.
+        bf16 on a CPU without bf16 instructions: linears and dense convolutions take fp32 kernels
+        (layers/bf16_cpu.py, the same numbers 2-4x faster there)."""
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+        if self.precision == "bf16" and self.device.type == "cpu" and bf16_cpu.emulated_bf16_cpu():
+            bf16_cpu.use_bf16_cpu_kernels(model)
         return model
 
     def compiled(self, model: nn.Module):
@@ -47,7 +65,8 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"device={device!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+            raise ValueError(f"--device {device}: CUDA is not available in this torch build or on this machine "
+                             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'})")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type != "cpu":
@@ -57,9 +76,35 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """("fp32" or "bf16", why) for a requested precision on `device`. "auto" takes bf16 autocast where the
+    hardware computes bf16 natively and faster: CUDA GPUs with bf16 support; CPUs with AVX512-BF16 or AMX
+    (as torch detects them) whose bf16 matrix products, timed here, beat fp32 by 10% or more (AMX: several
+    times; some AVX512-BF16 CPUs run oneDNN's bf16 kernels slower than its fp32 ones, and bf16 would only
+    cost accuracy there). fp32 elsewhere: without bf16 instructions bf16 is emulated."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision, "asked for"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: this GPU computes bf16 natively"
+        return "fp32", "auto: this GPU has no bf16 support"
+    if device.type == "cpu":
+        if not bf16_cpu.cpu_has_native_bf16():
+            return "fp32", "auto: this CPU has no bf16 instructions (bf16 would be emulated)"
+        speedup = bf16_cpu.bf16_matmul_speedup()
+        if speedup >= MIN_BF16_SPEEDUP:
+            return "bf16", f"auto: this CPU has bf16 instructions; bf16 matrix products run {speedup:.2f}x fp32's"
+        return "fp32", (f"auto: this CPU has bf16 instructions, but its bf16 matrix products run at {speedup:.2f}x "
+                        f"fp32's speed")
+    return "fp32", f"auto: fp32 on {device.type}"
+
+
 def setup_runtime(device: str = "auto", precision: str = "fp32", channels_last: bool = False,
                   compile: bool = False, threads: int | None = None, deterministic: bool = False) -> Runtime:
-    """Apply process-wide settings (threads, deterministic kernels) and return the Runtime."""
+    """Apply process-wide settings (threads, deterministic kernels) and return the Runtime (precision
+    "auto" resolved by `resolve_precision`)."""
     if threads or torch.get_num_threads() != (os.cpu_count() or 1):
         torch.set_num_threads(threads or os.cpu_count() or 1)
     if deterministic:
@@ -70,4 +115,5 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", channels_last: 
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = not deterministic
         torch.backends.cudnn.allow_tf32 = not deterministic
-    return Runtime(dev, precision, channels_last, compile)
+    precision, reason = resolve_precision(precision, dev)
+    return Runtime(dev, precision, channels_last, compile, reason)

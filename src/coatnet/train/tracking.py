@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.datasets import NO_AUGMENT
 from ..data.transforms import normalize
 from .distributed import is_main
 
@@ -176,8 +177,6 @@ def epoch_scalars(record: dict) -> dict[str, float]:
 def sample_predictions(model: torch.nn.Module, source, indices: torch.Tensor, spec, device
                        ) -> tuple[torch.Tensor, list[str], list[str]]:
     """(images (B, C, S, S) in [0, 1], true labels, predicted labels) of source[indices], eval transform."""
-    from .evaluate import NO_AUGMENT
-
     was_training = model.training
     model.eval()
     batch = next(iter(source.batches([indices], spec, False, NO_AUGMENT, 0, 0, 0)))

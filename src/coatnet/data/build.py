@@ -1,0 +1,39 @@
+"""`build_data`: what `--data` names -> (train source, val source, DataSpec). Fashion-MNIST's IDX files
+(in memory), a folder of tar shards written by `coatnet shards`, or an image folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .datasets import DataSpec, FolderSource, TensorSource, scan_image_folder
+from .idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, load_fashion_mnist
+from .shards import build_shard_data, is_shard_folder
+
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+
+
+def build_data(data: str, data_dir: str | None = None, val_fraction: float = 0.1, img_size: int | None = None,
+               crop_fraction: float | None = None, seed: int = 0):
+    """(train source, val source, DataSpec) for `data`: "fashion-mnist" (val = the 10,000 test images),
+    an image folder path, or a folder of tar shards written by `coatnet shards`."""
+    if data == "fashion-mnist":
+        root = data_dir or DEFAULT_FASHION_MNIST_DIR
+        sources = []
+        for split in ("train", "test"):
+            images, labels = load_fashion_mnist(root, split)
+            sources.append(TensorSource(torch.from_numpy(images.copy()).unsqueeze(1),
+                                        torch.from_numpy(labels)))
+        spec = DataSpec("fashion-mnist", tuple(FASHION_MNIST_CLASSES), 1, img_size or 32,
+                        1.0 if crop_fraction is None else crop_fraction, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+        return sources[0], sources[1], spec
+    path = Path(data)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {data!r}: no such folder (use 'fashion-mnist' or an image folder)")
+    if is_shard_folder(path):  # written by `coatnet shards`
+        return build_shard_data(path, img_size, crop_fraction)
+    train, val, classes = scan_image_folder(path, val_fraction, seed)
+    spec = DataSpec(str(path), tuple(classes), 3, img_size or 224, 0.875 if crop_fraction is None else crop_fraction,
+                    IMAGENET_MEAN, IMAGENET_STD)
+    return FolderSource(train), FolderSource(val), spec
