@@ -76,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto (default): bf16 autocast where the hardware has bf16 (CUDA, CPUs with AVX512-BF16 or AMX), "
                         "else fp32")
     g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--channels-last", action="store_const", const=True, default=S)
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=S,
+                   help=f"NHWC memory format for the convolutions (default {'on' if d.channels_last else 'off'})")
     g.add_argument("--compile", action="store_const", const=True, default=S, help="torch.compile the model")
     g.add_argument("--threads", type=int, default=S, help="CPU threads (default: all)")
     g.add_argument("--fsdp", action="store_const", const=True, default=S,

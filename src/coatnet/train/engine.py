@@ -402,6 +402,10 @@ def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
     repeats = 1
     if cfg.min_epoch_images and len(train_idx) and not getattr(train_src, "streams", False):
         repeats = math.ceil(cfg.min_epoch_images / len(train_idx))  # a stream is read as it comes: never repeated
+    steps = math.ceil(len(train_idx) * repeats / cfg.batch_size)
+    if steps < 50 and not cfg.min_epoch_images and not cfg.pretrained:
+        _note(f"{len(train_idx)} training images make {steps} optimizer steps per epoch: a short run learns little; "
+              f"--recipe small-data (or --min-epoch-images 8000) repeats them within each epoch", cfg.quiet)
     return cfg, _Data(train_src, val_src, spec, train_idx, val_idx, workers, repeats)
 
 
