@@ -52,7 +52,7 @@ class TrainConfig:
     #                          running statistics on this many training images at img_size, eval transform,
     #                          no labels (train.recalibrate); 0: off
     # -- optimisation --
-    epochs: int = 8  # passes over the training set (each of at least min_epoch_images images)
+    epochs: int = 7  # passes over the training set (each of at least min_epoch_images images)
     min_epoch_images: int = 0  # a smaller training set is repeated within each epoch (each repeat reshuffled and
     #                            augmented anew) until the epoch holds at least this many images, so that `epochs`
     #                            gives enough optimizer steps at any data size; 0: one pass per epoch

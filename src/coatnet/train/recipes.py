@@ -17,7 +17,7 @@ def recipe(name: str) -> Callable:
 @recipe("default")
 def default() -> dict:
     """The TrainConfig defaults: coatnet_micro (0.48M parameters with one input channel; C-C-T-T, both
-    Transformer stages over 4x4 maps, BatchNorm in them) at 32x32 on Fashion-MNIST, 8 epochs, batch 256,
+    Transformer stages over 4x4 maps, BatchNorm in them) at 32x32 on Fashion-MNIST, 7 epochs, batch 256,
     AdamW 3e-3 with 0.3 epochs of warmup and cosine decay, label smoothing 0.1, horizontal flip, channels_last,
     precise BatchNorm statistics and flip averaging at evaluation. Command: `coatnet train`.  Measured
     (docs/results/fashion-mnist.md): 92.2% top-1 on the 10,000 test images; target >= 93% (not reached)."""
@@ -27,7 +27,7 @@ def default() -> dict:
 @recipe("small-data")
 def small_data() -> dict:
     """The defaults for a small training set: each epoch repeats the set (reshuffled, augmented anew) until it
-    holds at least 8,000 images, so 8 epochs make at least 250 optimizer steps whatever the data size; a set
+    holds at least 8,000 images, so 7 epochs make at least 220 optimizer steps whatever the data size; a set
     of 8,000 images or more trains exactly as `default`. Command: `coatnet train --recipe small-data
     --train-subset 3000`.  Measured (docs/results/fashion-mnist.md): >= 85% test top-1 on 3,000 images."""
     return dict(min_epoch_images=8000)
