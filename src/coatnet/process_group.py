@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .device_plan import device_plan
+
 
 @dataclass(frozen=True)
 class DistributedEnv:
@@ -59,14 +61,13 @@ def init_distributed(timeout_s: float = 1800.0) -> DistributedEnv:
         raise RuntimeError("this PyTorch build has no torch.distributed; cannot train with several processes")
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} is outside 0..WORLD_SIZE-1={world_size - 1}")
-    backend = "gloo"
-    if torch.cuda.is_available():
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s); "
                              f"use --nproc-per-node {torch.cuda.device_count()} or fewer")
         torch.cuda.set_device(local_rank)
-        backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(device_plan(device_type).dist_backend, timeout=datetime.timedelta(seconds=timeout_s))
     atexit.register(destroy_distributed)
     return current_env()
 
