@@ -67,7 +67,17 @@ def init_distributed(timeout_s: float = 1800.0) -> DistributedEnv:
             raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s); "
                              f"use --nproc-per-node {torch.cuda.device_count()} or fewer")
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(device_plan(device_type).dist_backend, timeout=datetime.timedelta(seconds=timeout_s))
+    backend, timeout = device_plan(device_type).dist_backend, datetime.timedelta(seconds=timeout_s)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        # Under torchrun the workers of every restart share the agent's store, and the keys where the previous
+        # attempt's processes published their addresses are still there: gloo then connects to dead ports (seen:
+        # "connectFullMesh failed ... Connection refused", or a hang). Each attempt gets keys of its own.
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+        store = dist.PrefixStore(f"coatnet/attempt_{restart}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     atexit.register(destroy_distributed)
     return current_env()
 

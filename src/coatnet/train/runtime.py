@@ -12,6 +12,7 @@ from torch import nn
 
 from ..device_plan import DevicePlan, device_plan
 from ..layers import bf16_cpu
+from ..process_group import broadcast_object
 from ..models.inference import onednn_fusion_available
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -144,5 +145,7 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", channels_last: 
         tf32 = plan_for(dev, deterministic).tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
-    precision, reason = resolve_precision(precision, dev)
+    # "auto" may time bf16 against fp32 here: rank 0's decision is every process's (broadcast_object: identity
+    # in one process), so that the processes of a run never compute in different precisions.
+    precision, reason = broadcast_object(resolve_precision(precision, dev))
     return Runtime(dev, precision, channels_last, compile, reason, deterministic)
