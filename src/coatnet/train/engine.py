@@ -242,7 +242,7 @@ def _accumulate_gradients(net: nn.Module, data: EpochData, step_in_epoch: int, s
         if len(batch.labels) == 0 and world == 1:  # across processes every forward is collective
             continue
         x, targets = data.inputs(batch)
-        x, targets = runtime.inputs(x), targets.to(runtime.device)
+        x, targets = runtime.inputs(x), runtime.to_device(targets)
         # Stochastic depth masks keyed by (seed, step, sample): the same whatever process or
         # micro-batch a sample lands in; backward too, where checkpointing recomputes them.
         noise = partial(_drop_path_uniforms, seed, step, batch.indices)
