@@ -365,6 +365,8 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
             tracker.log_predictions(state.global_step, *sample_predictions(eval_model, data.val_src, data.val_idx[:8],
                                                                            data.spec, runtime.device))
         _end_epoch(cfg, state, rec, checkpointer)
+        if epoch == 0:
+            _few_steps_note(cfg, data, steps_per_epoch)
         if settings.stops_at(state.global_step) and epoch + 1 < cfg.epochs:
             return result(stopped=True)
     return result()
@@ -402,11 +404,14 @@ def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
     repeats = 1
     if cfg.min_epoch_images and len(train_idx) and not getattr(train_src, "streams", False):
         repeats = math.ceil(cfg.min_epoch_images / len(train_idx))  # a stream is read as it comes: never repeated
-    steps = math.ceil(len(train_idx) * repeats / cfg.batch_size)
-    if steps < 50 and not cfg.min_epoch_images and not cfg.pretrained:
-        _note(f"{len(train_idx)} training images make {steps} optimizer steps per epoch: a short run learns little; "
-              f"--recipe small-data (or --min-epoch-images 8000) repeats them within each epoch", cfg.quiet)
     return cfg, _Data(train_src, val_src, spec, train_idx, val_idx, workers, repeats)
+
+
+def _few_steps_note(cfg: TrainConfig, data: _Data, steps: int) -> None:
+    """After the first epoch of a run on a small set from scratch: say how to give it more steps."""
+    if steps < 50 and not cfg.min_epoch_images and not cfg.pretrained:
+        _note(f"{len(data.train_idx)} training images make {steps} optimizer steps per epoch: a short run learns "
+              f"little; --recipe small-data (or --min-epoch-images 8000) repeats them within each epoch", cfg.quiet)
 
 
 def _published_preprocessing(cfg: TrainConfig, spec):
