@@ -80,16 +80,18 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from ..export import SUFFIXES, export, load_checkpoint_model, max_relative_error
+    from ..export import SUFFIXES, export, export_metadata, load_checkpoint_model, max_relative_error
 
     overrides = {"num_classes": args.num_classes}
     if args.img_size is not None:
         overrides["img_size"] = args.img_size
     model = load_checkpoint_model(args.checkpoint, args.model, **{k: v for k, v in overrides.items() if v is not None})
     output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(SUFFIXES[args.format])
-    export(model, output, args.format)
+    meta = export_metadata(model, args.checkpoint)
+    export(model, output, args.format, metadata=meta)
+    where = "metadata_props" if args.format == "onnx" else "extra file coatnet.json"
     print(f"wrote {output} ({args.format}, dynamic batch, input {model.in_chans}x"
-          f"{'x'.join(map(str, model.config.image_size))})")
+          f"{'x'.join(map(str, model.config.image_size))}; {where}: {', '.join(meta)})")
     if not args.no_check:
         err = max_relative_error(model, output, args.format)
         print(f"max relative difference to PyTorch at batch 1 and 3: {err:.2e}")

@@ -16,7 +16,7 @@ from .features import CoAtNetFeatures
 from .hub import (hub_weights_file, is_hub_id, is_ours, load_hub_model, read_hub_config, resolve_hub_folder,
                   timm_folder_model)
 from .pretrained import default_tag, get_weights, resolve_pretrained, split_model_name
-from .weights import checkpoint_num_classes, load_state, read_weights
+from .weights import checkpoint_in_chans, checkpoint_num_classes, load_state, read_weights
 
 _REGISTRY: dict[str, Callable[[], CoAtNetConfig]] = {}
 _DOCS: dict[str, str] = {}
@@ -102,7 +102,8 @@ def create_model(name: str | None = None, pretrained: str | os.PathLike | bool |
     `coatnet weights` (found in our weights folder after `coatnet download TAG`, or in the Hugging Face
     cache where timm keeps what it downloads; never fetched here); or True for the tag in `name`
     ("coatnet_0_rw_224.sw_in1k") or else the model's default tag, as in timm. Without a num_classes
-    override the model takes the checkpoint's class count; with another one the checkpoint's classifier
+    (in_chans) override the model takes the checkpoint's class count (input channels); another in_chans
+    adapts the stem's first convolution as timm does; with another one the checkpoint's classifier
     is dropped with a message. Relative-position tables are resized to img_size.
 
     `pretrained` may also be a Hub-format folder (`coatnet save-pretrained`) or "hf-hub:user/name" (the
@@ -146,6 +147,8 @@ def create_model(name: str | None = None, pretrained: str | os.PathLike | bool |
     state = read_weights(path)
     if overrides.get("num_classes") is None and checkpoint_num_classes(state) is not None:
         overrides["num_classes"] = checkpoint_num_classes(state)
+    if overrides.get("in_chans") is None and checkpoint_in_chans(state) is not None:
+        overrides["in_chans"] = checkpoint_in_chans(state)  # another in_chans adapts the stem (load_state)
     model = CoAtNet(get_config(model_name, **overrides))
     load_state(model, state, path)
     return model

@@ -133,6 +133,9 @@ class TrainConfig:
                      "randaugment_n", "randaugment_m", "drop_path", "label_smoothing", "workers", "recalibrate_bn",
                      "precise_bn", "min_epoch_images"):
             positive(name, allow_zero=True)
+        if not 0 < self.val_fraction < 1:  # checked before the run folder is written, as every other setting
+            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1): training needs validation images "
+                             f"(a folder with train/ and val/ ignores it)")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay={self.layer_decay} must be in (0, 1]")
         for name in ("freeze_stages", "recalibrate_bn", "precise_bn", "min_epoch_images"):

@@ -327,7 +327,7 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
                 "model": cfg.model, "layout": cfg.layout, "tta_flip": cfg.eval_flip}
     checkpointer = Checkpointer(cfg.out, model, optimizer, ema, cfg.fsdp,
                                 {"model_config": model.config.to_dict(), "data": data.spec.to_dict(), "run": run_info})
-    state = _initial_state(cfg, checkpointer, runtime, resuming)
+    state = _initial_state(cfg, checkpointer, runtime, resuming, settings)
     if checkpointer.out is not None and is_main():
         _write_config(checkpointer.out, {
             **cfg.replace(resume=False).to_dict(), "classes": list(data.spec.classes),
@@ -397,6 +397,10 @@ def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
     workers = min(4, os.cpu_count() or 1) if cfg.workers is None else cfg.workers
     train_idx = subset_indices(len(train_src), cfg.train_subset, cfg.seed, stream=1)
     val_idx = subset_indices(len(val_src), cfg.val_subset, cfg.seed, stream=2)
+    for flag, asked, have, split in (("--train-subset", cfg.train_subset, len(train_src), "training"),
+                                     ("--val-subset", cfg.val_subset, len(val_src), "validation")):
+        if asked is not None and asked > have:
+            _warn(f"warning: {flag} {asked} is more than the {have} {split} images of {cfg.data}: using all {have}")
     if len(val_idx) == 0:
         raise ValueError(f"{cfg.data}: no validation images (raise --val-fraction or add a val/ folder)")
     repeats = 1
@@ -444,9 +448,12 @@ def _build_model(cfg: TrainConfig, data: _Data, runtime: Runtime, resuming: bool
     return model, n_params
 
 
-def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtime, resuming: bool) -> TrainState:
+def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtime, resuming: bool,
+                   settings: StepSettings) -> TrainState:
     """A new TrainState; when `resuming`, the run folder's checkpoint's (its weights loaded), and
-    metrics.jsonl rewritten to the epoch records it holds."""
+    metrics.jsonl rewritten to the epoch records it holds. A run is never shortened below the epochs it has
+    trained; extending it recomputes the schedule over the new epochs (the lr is a function of the step and
+    the total), which is said with the learning rates before and after."""
     out = checkpointer.out
     if out is None or not cfg.resume:
         return TrainState()
@@ -454,6 +461,9 @@ def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtim
         _warn(f"no checkpoint in {out} yet: starting from the beginning")
         return TrainState()
     state = checkpointer.resume(runtime.device)
+    if state.epoch > cfg.epochs:
+        raise ValueError(f"--epochs {cfg.epochs}: {out} has trained {state.epoch} epochs already and cannot be "
+                         f"shortened (resume with --epochs {state.epoch} or more)")
     # The epoch records travel in the checkpoint: metrics.jsonl is rewritten to match it, so a kill
     # between writing the checkpoint and the metrics neither loses nor repeats an epoch.
     if is_main() and state.records != read_metrics(out / "metrics.jsonl"):
@@ -463,6 +473,11 @@ def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtim
         _warn(f"{out} is complete ({state.epoch} of {cfg.epochs} epochs): nothing to do (--epochs N extends it)")
     else:
         _note(f"resuming {out} at epoch {state.epoch + 1}, step {state.global_step}")
+        last_lr, new_lr = (state.records[-1].get("lr") if state.records else None), settings.lr_at(state.global_step)
+        if last_lr and abs(new_lr - last_lr) > 0.01 * last_lr:
+            _warn(f"warning: the learning-rate schedule now spans {cfg.epochs} epochs ({settings.total_steps} steps): the lr "
+                  f"goes from {last_lr:.2e} (the last step trained) to {new_lr:.2e} at step {state.global_step}, "
+                  f"then decays to {cfg.min_lr:.0e}")
     return state
 
 
