@@ -11,6 +11,12 @@ from . import CliError
 # Settings that may change when resuming a run (the rest would change what is being resumed).
 _RESUME_CHANGEABLE = {"epochs", "device", "threads", "workers", "progress", "quiet", "stop_at_step", "save_every",
                       "eval_batch_size", "strict", "skip_nonfinite", "fsdp", "log"}
+_TRAIN_FLAGS: dict[str, str] = {}  # TrainConfig field -> its flag(s) in `coatnet train`, filled by register()
+
+
+def _flags(fields) -> str:
+    """The `coatnet train` flags of TrainConfig fields, as a user types them (fields without a flag left out)."""
+    return ", ".join(sorted({_TRAIN_FLAGS[f] for f in fields if f in _TRAIN_FLAGS}))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -103,6 +109,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "WANDB_MODE=offline keeps it local), or 'tensorboard,wandb': loss, lr, img/s per step, "
                         "val metrics and a few predicted images per epoch")
     p.set_defaults(func=run_train)
+    for action in p._actions:
+        if action.option_strings and action.dest not in ("help", "recipe", "list_recipes", "resume"):
+            for field in {"randaugment": ("randaugment_n", "randaugment_m")}.get(action.dest, (action.dest,)):
+                _TRAIN_FLAGS[field] = "/".join(filter(None, (_TRAIN_FLAGS.get(field), action.option_strings[0])))
 
     e = sub.add_parser("eval", help="evaluate a checkpoint: JSON line with top1, top5, loss, n")
     e.add_argument("--checkpoint", required=True,
@@ -183,8 +193,8 @@ def build_config(args: argparse.Namespace):
         cfg = TrainConfig.from_dict(saved)
         fixed = sorted(k for k, v in flags.items() if k not in _RESUME_CHANGEABLE and getattr(cfg, k) != v)
         if fixed:
-            raise CliError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)} when resuming "
-                           f"(only {', '.join(sorted('--' + k.replace('_', '-') for k in _RESUME_CHANGEABLE))})")
+            raise CliError(f"cannot change {_flags(fixed)} when resuming {run_dir} (these may change: "
+                           f"{_flags(_RESUME_CHANGEABLE)})")
         return cfg.replace(**flags, out=str(run_dir), resume=True)
     name = getattr(args, "recipe", "default")
     cfg = TrainConfig().replace(**get_recipe(name)).replace(**flags)
