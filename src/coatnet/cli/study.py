@@ -9,11 +9,15 @@ from pathlib import Path
 
 from . import CliError
 
+COMMANDS = {  # command: its line in `coatnet --help`
+    "study": "reproduce the paper's findings at small scale (layouts, attention, norms)",
+}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..study import STUDIES
 
-    p = sub.add_parser("study", help="reproduce the paper's findings at small scale (layouts, attention, norms)",
+    p = sub.add_parser("study", help=COMMANDS["study"],
                        description="Train every row of a study (resumable: rows already in the JSON are "
                                    "skipped) and write <out>/<study>.json, .md and .png.")
     p.add_argument("study", choices=list(STUDIES), help="which study")
@@ -25,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="training-set sizes to run (default: the study's); every seed runs at each")
     p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps per row instead of the study's (a different recipe: use its own --out)")
+                   help="optimizer steps per row instead of the study's (a different recipe: use its own --out; "
+                        "default: the study's)")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the JSON, train nothing")
     p.set_defaults(func=run)
 

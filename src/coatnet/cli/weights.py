@@ -4,12 +4,17 @@ from __future__ import annotations
 import argparse
 import json
 
+COMMANDS = {  # command: its line in `coatnet --help`
+    "weights": "list the published pretrained weights (timm's CoAtNet checkpoints)",
+    "download": "fetch published weights from the Hugging Face Hub (needs coatnet[hub])",
+}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("weights", help="list the published pretrained weights (timm's CoAtNet checkpoints)")
+    p = sub.add_parser("weights", help=COMMANDS["weights"])
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=run_weights)
-    d = sub.add_parser("download", help="fetch published weights from the Hugging Face Hub (needs coatnet[hub])")
+    d = sub.add_parser("download", help=COMMANDS["download"])
     d.add_argument("tag", help="a tag from `coatnet weights`, e.g. coatnet_0_rw_224.sw_in1k")
     d.add_argument("--dir", default=None, help="destination folder (default: $COATNET_WEIGHTS or "
                                                "~/.cache/coatnet/weights)")
