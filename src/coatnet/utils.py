@@ -53,6 +53,23 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def rounded(value, digits: int = 6):
+    """`value` (a number, or dicts and lists of them) with every float rounded to `digits` significant digits:
+    JSON that shows what was measured (0.0244419, not 0.024441871792078018). Ints and bools are kept."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
+def plural(count: int, noun: str) -> str:
+    """"1 epoch", "2 epochs"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def read_json_object(path: str | os.PathLike) -> dict:
     """The JSON object in the file at `path`; ValueError naming the file when it is not valid JSON or not an object."""
     try:

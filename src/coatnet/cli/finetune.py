@@ -63,12 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import train
     from ..train.finetune import finetune_config
+    from ..utils import plural, rounded
 
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("command", "func", "debug", "checkpoint", "model", "num_classes")}
     cfg = finetune_config(args.checkpoint, model=args.model, num_classes=args.num_classes, **settings)
     if not cfg.quiet:
-        print(f"fine-tuning {cfg.pretrained} ({cfg.model}) on {cfg.data}: {cfg.epochs} epochs, lr {cfg.lr}, "
+        print(f"fine-tuning {cfg.pretrained} ({cfg.model}) on {cfg.data}: {plural(cfg.epochs, 'epoch')}, lr {cfg.lr}, "
               f"img_size {cfg.img_size or 'default'}, run folder {cfg.out or '-'}", flush=True)
-    print(json.dumps(train(cfg)))
+    print(json.dumps(rounded(train(cfg))))
     return 0

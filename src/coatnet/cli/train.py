@@ -230,6 +230,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ..train import train
     from ..train.distributed import broadcast_object, init_distributed, is_main
     from ..train.recipes import describe_recipe, list_recipes
+    from ..utils import plural, rounded
 
     if args.list_recipes:
         for name in list_recipes():
@@ -240,13 +241,13 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = build_config(args).validate()
     cfg = cfg.replace(out=broadcast_object(cfg.out))
     if not cfg.quiet and is_main():
-        print(f"run folder: {cfg.out}  (model {cfg.model}, data {cfg.data}, {cfg.epochs} epochs, "
+        print(f"run folder: {cfg.out}  (model {cfg.model}, data {cfg.data}, {plural(cfg.epochs, 'epoch')}, "
               f"batch {cfg.batch_size}, recipe {cfg.recipe or '-'})", flush=True)
     result = train(cfg)
     if is_main():
         if result.get("train_gflops"):
             _hardware_use(result, quiet=cfg.quiet)
-        print(json.dumps(result))
+        print(json.dumps(rounded(result)))
     return 0
 
 
@@ -268,6 +269,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..models.pretrained import weights_of
     from ..train import evaluate_checkpoint
     from ..train.finetune import checkpoint_run
+    from ..utils import rounded
 
     if args.model and checkpoint_run(args.checkpoint):
         raise CliError(f"--model is for timm's files: {args.checkpoint} records its own model")
@@ -281,7 +283,7 @@ def run_eval(args: argparse.Namespace) -> int:
         result = evaluate_published(args.checkpoint, args.data, args.model, args.img_size, args.subset,
                                     64 if args.batch_size is None else args.batch_size, args.device,
                                     args.precision, args.workers, args.strict, args.threads)
-        print(json.dumps(result))
+        print(json.dumps(rounded(result)))
         return 0
     result = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir, split=args.split,
                                  val_fraction=args.val_fraction, subset=args.subset,
@@ -289,7 +291,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                  device=args.device, precision=args.precision, workers=args.workers,
                                  strict=args.strict, img_size=args.img_size, recalibrate_bn=args.recalibrate_bn,
                                  threads=args.threads, tta_flip=None if args.tta is None else args.tta == "flip")
-    print(json.dumps(result))
+    print(json.dumps(rounded(result)))
     return 0
 
 
@@ -316,6 +318,8 @@ def run_predict(args: argparse.Namespace) -> int:
     # Like cat(1): every readable image is predicted, then one error line names the named files that were not;
     # unreadable files found in folders are skipped with a warning, as training skips them.
     failed, skipped, predicted, t0 = [], [], 0, time.time()
+    # Columns aligned while streaming: the widths are known before the first line (every path, every class).
+    path_width, class_width = max(len(str(f)) for f in files), max(len(c) for c in spec.classes)
     with writer or contextlib.nullcontext():  # the output file appears only when complete
         for res in iter_predictions(model, spec, files, args.top_k, args.batch_size, workers,
                                     progress=args.progress and len(files) > args.batch_size):
@@ -332,7 +336,8 @@ def run_predict(args: argparse.Namespace) -> int:
             predicted += 1
             if writer is None:
                 print(json.dumps(res) if args.json else
-                      res["image"] + "  " + "  ".join(f"{t['class']} {t['prob']:.4f}" for t in res["top"]), flush=True)
+                      f"{res['image']:<{path_width}}  " + "  ".join(f"{t['class']:<{class_width}} {t['prob']:.4f}"
+                                                                   for t in res["top"]).rstrip(), flush=True)
     seconds = time.time() - t0
     if writer is not None:
         print(json.dumps({"output": str(args.output), "predicted": predicted, "unreadable": len(failed) + len(skipped),

@@ -38,7 +38,7 @@ from ..layers import drop_path_noise
 from ..models import CoAtNet, build_on_meta, count_macs, count_params, create_model, inference_model
 from ..models.pretrained import weights_of
 from ..models.transfer import freeze_stages
-from ..utils import atomic_write
+from ..utils import atomic_write, plural
 from .checkpoint import read_progress, state_path
 from .checkpointer import Checkpointer
 from .config import TrainConfig
@@ -181,7 +181,7 @@ def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Opt
     model.train()
     n_batches = len(data.batch_sizes)
     bar = tqdm(total=n_batches, initial=data.start, desc=f"epoch {data.epoch + 1}/{settings.epochs}",
-               disable=not (settings.progress_bar and is_main()), leave=False, file=sys.stderr, dynamic_ncols=True)
+               disable=not (settings.progress_bar and is_main() and sys.stderr.isatty()), leave=False, file=sys.stderr, dynamic_ncols=True)
     images_seen, t_train, lr = 0, time.time(), settings.lr_at(state.global_step)
     with contextlib.closing(data.batches), bar:  # a folder's DataLoader workers end with the epoch
         for step_in_epoch in range(data.start, n_batches):
@@ -470,7 +470,8 @@ def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtim
         with writing(out / "metrics.jsonl", f"the checkpoint ({checkpointer.saved_at}) is kept"):
             write_metrics(out / "metrics.jsonl", state.records)
     if state.epoch >= cfg.epochs:
-        _warn(f"{out} is complete ({state.epoch} of {cfg.epochs} epochs): nothing to do (--epochs N extends it)")
+        _warn(f"{out} is complete ({state.epoch} of {plural(cfg.epochs, 'epoch')}): nothing to do (--epochs N "
+              f"extends it)")
     else:
         _note(f"resuming {out} at epoch {state.epoch + 1}, step {state.global_step}")
         last_lr, new_lr = (state.records[-1].get("lr") if state.records else None), settings.lr_at(state.global_step)
@@ -567,7 +568,7 @@ def _end_epoch(cfg: TrainConfig, state: TrainState, rec: dict, checkpointer: Che
         with writing(out / "metrics.jsonl", f"the checkpoint ({checkpointer.saved_at}) was saved"):
             write_metrics(out / "metrics.jsonl", state.records)
         with writing(out / "curves.png", f"the checkpoint ({checkpointer.saved_at}) was saved"):
-            plot_curves(state.records, out / "curves.png")
+            plot_curves(state.records, out / "curves.png", title=f"{out.name}: {cfg.model} on {cfg.data}")
     barrier()
     _log(_summary_line(rec, cfg.epochs), cfg.quiet)
 
