@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import difflib
 import json
 import os
 import sys
@@ -63,6 +64,12 @@ def rounded(value, digits: int = 6):
     if isinstance(value, (list, tuple)):
         return [rounded(v, digits) for v in value]
     return value
+
+
+def did_you_mean(word: str, options) -> str:
+    """"; did you mean 'x'?" for the closest of `options` to a mistyped `word` (difflib), or ""."""
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def plural(count: int, noun: str) -> str:

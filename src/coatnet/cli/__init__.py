@@ -6,7 +6,6 @@ through `logging` and are shown on stderr, one plain line each, as are errors.""
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import logging
 import os
@@ -14,6 +13,7 @@ import re
 import sys
 import traceback
 
+from ..utils import did_you_mean
 from ..version import __version__
 
 # Modules under coatnet.cli that add subcommands, in the order they appear in --help. Each has COMMANDS
@@ -60,8 +60,7 @@ def _did_you_mean(message: str, parser: argparse.ArgumentParser) -> str:
         parsers = [parser] + [p for a in parser._actions if isinstance(a, argparse._SubParsersAction)
                               for p in a.choices.values()]  # the top parser reports its command's leftovers
         word, options = flag.group(1), [o for p in parsers for a in p._actions for o in a.option_strings]
-    close = difflib.get_close_matches(word, options, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return did_you_mean(word, options)
 
 
 def state_defaults(parser: argparse.ArgumentParser, defaults: dict, none_means: dict[str, str]) -> None:

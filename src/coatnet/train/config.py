@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..models import get_config
+from ..utils import did_you_mean
 from .tracking import parse_log
 
 
@@ -114,7 +115,8 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
-            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}"
+                             f"{did_you_mean(unknown[0], sorted(known)) if len(unknown) == 1 else ''}")
         changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **changes)
 
