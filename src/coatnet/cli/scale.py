@@ -42,7 +42,8 @@ def run_shards(args: argparse.Namespace) -> int:
     index = write_shards(args.source, args.out, args.shard_size, args.val_fraction, args.seed)
     print(f"{args.out}: {len(index['classes'])} classes; "
           + ", ".join(f"{split} {index['counts'][split]} images in {len(files)} shard(s)"
-                      for split, files in index["splits"].items()))
+                      for split, files in index["splits"].items())
+          + (f"; skipped {len(index['skipped'])} unreadable file(s), named above" if index["skipped"] else ""))
     return 0
 
 
