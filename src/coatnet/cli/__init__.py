@@ -6,6 +6,7 @@ through `logging` and are shown on stderr, one plain line each, as are errors.""
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import logging
 import os
@@ -25,12 +26,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every flag's help ends with its default, "(default: X)", unless the text already states it or there is
     none to state (a required flag, a switch, a setting left to the library: default None)."""
 
+    @staticmethod
+    def _states_no_default(action: argparse.Action) -> bool:
+        return ("default" in (action.help or "").lower() or action.required or not action.option_strings
+                or any(action.default is v for v in (None, False, True, argparse.SUPPRESS)))
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text.lower() or any(action.default is v for v in (None, False, True, argparse.SUPPRESS))
-                or action.required or not action.option_strings):
-            return text
-        return super()._get_help_string(action)
+        return text if self._states_no_default(action) else super()._get_help_string(action)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and not self._states_no_default(action):  # a flag without help text still
+            action = copy.copy(action)                                      # shows its default
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -27,7 +27,7 @@ def run_weights(args: argparse.Namespace) -> int:
     from ..models.pretrained import find_weights, list_weights
 
     if not args.json:
-        print(f"{'tag':<42} {'input':>5} {'top-1':>6} {'classes':>7}  {'license':<10} downloaded")
+        print(f"{'tag':<42} {'input':>5} {'top-1':>6} {'classes':>7}  {'license':<10} downloaded to")
     for w in list_weights():
         path = find_weights(w.tag)  # ours (`coatnet download`) or the Hugging Face cache (timm's downloads)
         have = path is not None
@@ -37,7 +37,7 @@ def run_weights(args: argparse.Namespace) -> int:
         else:
             top1 = f"{w.top1:.2f}" if w.top1 is not None else "-"
             print(f"{w.tag:<42} {w.input_size:>5} {top1:>6} {w.num_classes:>7}  {w.license:<10} "
-                  f"{'yes' if have else 'no'}")
+                  f"{path if have else 'no'}")
     return 0
 
 

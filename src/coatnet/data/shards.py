@@ -16,10 +16,12 @@ every worker follows the same stream and decodes only its own batches.
 """
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import logging
 import os
+import tarfile
 from pathlib import Path
 from typing import Iterator
 
@@ -108,9 +110,8 @@ def read_index(folder: str | os.PathLike) -> dict:
     return index
 
 
-def _read_shard(path: Path) -> list[tuple[int, bytes, int, str]]:
-    """All samples of one tar shard, in file order: (key as int, image bytes, label, where: "<tar>#<key>" and
-    the source file when the shard names it)."""
+def _read_shard(path: Path) -> list[tuple[int, bytes, int]]:
+    """All samples of one tar shard, in file order: (key as int, image bytes, label)."""
     wds = _webdataset()
 
     samples = []
@@ -120,10 +121,7 @@ def _read_shard(path: Path) -> list[tuple[int, bytes, int, str]]:
         images = [k for k in record if not k.startswith("__") and k not in ("cls", "src")]
         if len(images) != 1 or "cls" not in record:
             raise ValueError(f"{path}: sample {record.get('__key__')!r} needs one image and a .cls entry")
-        where = f"{path}#{record['__key__']}"
-        if "src" in record:
-            where += f" (from {record['src'].decode(errors='replace')})"
-        samples.append((int(record["__key__"]), record[images[0]], int(record["cls"]), where))
+        samples.append((int(record["__key__"]), record[images[0]], int(record["cls"])))
     return samples
 
 
@@ -152,11 +150,11 @@ class _StreamBatches(torch.utils.data.IterableDataset):
 
     def _decode(self, records):
         images, labels, indices, failed, reasons = [], [], [], [], []
-        for key, data, label, where in records:
+        for key, data, label in records:
             try:
                 img = load_image(io.BytesIO(data), self.spec.in_chans)
             except UnreadableImageError as e:  # unreadable or corrupt: reported by the engine
-                failed.append(where)
+                failed.append(self.source.describe(key))
                 reasons.append(e.reason)
                 continue
             images.append(transform_image(img, key, self.spec, self.train, self.aug, self.seed, self.epoch))
@@ -189,6 +187,19 @@ class ShardSource:
     def __len__(self) -> int:
         return self.offsets[-1]
 
+    def describe(self, key: int) -> str:
+        """Where sample `key` is, for a message: "<tar>#<key>", and the file it was written from when the shard
+        records it (shards written before .src entries existed do not)."""
+        shard = bisect.bisect_right(self.offsets, key) - 1
+        path = self.shards[shard][0]
+        try:
+            with tarfile.open(path) as tar:
+                member = tar.extractfile(f"{key:09d}.src")
+                source = member.read().decode(errors="replace") if member is not None else None
+        except (KeyError, OSError, tarfile.TarError):
+            source = None
+        return f"{path}#{key:09d}" + (f" (from {source})" if source else "")
+
     def rank_shards(self, rank: int, world: int) -> list[int]:
         """Positions of the shards process `rank` of `world` reads for training (every world-th)."""
         if len(self.shards) < world:
@@ -196,9 +207,8 @@ class ShardSource:
                              f"write at least one per process (a smaller --shard-size)")
         return list(range(rank, len(self.shards), world))
 
-    def train_stream(self, seed: int, epoch: int, rank: int = 0, world: int = 1) -> Iterator[tuple]:
-        """Process `rank`'s endless training stream of (key, image bytes, label, where); see the module
-        docstring."""
+    def train_stream(self, seed: int, epoch: int, rank: int = 0, world: int = 1) -> Iterator[tuple[int, bytes, int]]:
+        """Process `rank`'s endless training stream of (key, image bytes, label); see the module docstring."""
         mine = self.rank_shards(rank, world)
         for pass_ in range(1 << 30):
             for j in permutation(mix_int(seed, pass_, rank), epoch, len(mine)).tolist():
@@ -206,7 +216,7 @@ class ShardSource:
                 for i in permutation(mix_int(seed, pass_, mine[j]), epoch, len(samples)).tolist():
                     yield samples[i]
 
-    def eval_stream(self, keys: list[int]) -> Iterator[tuple]:
+    def eval_stream(self, keys: list[int]) -> Iterator[tuple[int, bytes, int]]:
         """The samples with these keys (sorted), read in order from the shards that hold them."""
         wanted = iter(keys)
         nxt = next(wanted, None)
