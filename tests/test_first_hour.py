@@ -83,6 +83,7 @@ def test_resume_refuses_to_shorten_a_run(finished_run, capsys):
     assert (finished_run / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_says_how_the_learning_rate_changes(finished_run, capsys):
     assert main(["train", "--resume", str(finished_run), "--epochs", "3", "--no-progress", "--quiet"]) == 0
     err = capsys.readouterr().err
@@ -110,18 +111,22 @@ def cli_run(colour_images, tmp_path_factory):
     return proc.stdout, proc.stderr, out
 
 
+@pytest.mark.slow
 def test_a_train_subset_larger_than_the_data_says_so(cli_run):
     assert "--train-subset 5000 is more than the 72 training images" in cli_run[1]
 
 
+@pytest.mark.slow
 def test_no_progress_bar_is_written_into_a_pipe(cli_run):
     assert "it/s" not in cli_run[1] and "%|" not in cli_run[1]
 
 
+@pytest.mark.slow
 def test_one_epoch_is_singular(cli_run):
     assert "1 epoch," in cli_run[0] and "1 epochs" not in cli_run[0] + cli_run[1]
 
 
+@pytest.mark.slow
 def test_json_numbers_are_rounded_to_six_significant_digits(cli_run):
     result = json.loads(cli_run[0].strip().splitlines()[-1])
     records = [json.loads(line) for line in (cli_run[2] / "metrics.jsonl").read_text().splitlines()]
@@ -172,6 +177,7 @@ def test_a_torchscript_export_carries_classes_normalisation_and_channels(torchsc
     assert json.loads(extra["coatnet.json"])["classes"] == meta["classes"]
 
 
+@pytest.mark.slow
 def test_an_onnx_export_carries_classes_in_its_metadata_props(tiny_run, tmp_path):
     onnx = pytest.importorskip("onnx")
     out = tmp_path / "model.onnx"
