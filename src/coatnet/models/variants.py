@@ -92,8 +92,8 @@ def get_config(name: str, **overrides: Any) -> CoAtNetConfig:
     "<model>.<tag>" names are accepted: the tag sets the class count of its head unless overridden."""
     name, tag = split_model_name(name)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}{did_you_mean(name, list_models())}; available: "
-                         f"{', '.join(list_models())}")
+        hint = did_you_mean(name, list_models())  # "; did you mean 'x'?" or ""
+        raise ValueError(f"unknown model {name!r}{hint or ';'} available: {', '.join(list_models())}")
     if tag is not None and overrides.get("num_classes") is None:
         overrides["num_classes"] = get_weights(tag).num_classes
     return _REGISTRY[name]().replace(**overrides).validate()
