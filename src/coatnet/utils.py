@@ -55,10 +55,11 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def rounded(value, digits: int = 6):
-    """`value` (a number, or dicts and lists of them) with every float rounded to `digits` significant digits:
-    JSON that shows what was measured (0.0244419, not 0.024441871792078018). Ints and bools are kept."""
+    """`value` (a number, or dicts and lists of them) with every float rounded to `digits` decimal places, and
+    below 1 to `digits` significant digits (a learning rate of 1.6e-6 stays that): JSON that shows what was
+    measured (0.0244419, not 0.024441871792078018), never off by more than 1e-6. Ints and bools are kept."""
     if isinstance(value, float):
-        return float(f"{value:.{digits}g}")
+        return round(value, digits) if abs(value) >= 1 else float(f"{value:.{digits}g}")
     if isinstance(value, dict):
         return {k: rounded(v, digits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
