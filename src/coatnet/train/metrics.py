@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from ..utils import atomic_write, rounded
+from ..utils import atomic_write
 
 
 CURVES_NOTE = ("train: running mean over each epoch's steps, in training mode with augmentation; "
@@ -22,7 +22,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 def write_metrics(path: str | os.PathLike, records: list[dict]) -> None:
     """Rewrite the whole file atomically (a few hundred lines at most): never a torn line."""
     with atomic_write(path) as tmp:
-        tmp.write_text("".join(json.dumps(rounded(r)) + "\n" for r in records))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))  # full precision: the tracker's values
 
 
 def plot_curves(records: list[dict], path: str | os.PathLike, title: str | None = None) -> None:
