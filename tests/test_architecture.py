@@ -11,7 +11,8 @@ SRC = Path(coatnet.__file__).resolve().parent
 
 # Bottom to top: a module imports modules of its own layer or of layers below it, never above.
 LAYERS = (
-    ("base", ("coatnet.utils", "coatnet.process_group", "coatnet.preprocess", "coatnet.version")),
+    ("base", ("coatnet.utils", "coatnet.process_group", "coatnet.preprocess", "coatnet.version",
+              "coatnet.device_plan")),
     ("layers", ("coatnet.layers",)),
     ("models", ("coatnet.models",)),
     ("data", ("coatnet.data",)),

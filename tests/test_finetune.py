@@ -10,7 +10,7 @@ from coatnet.train.finetune import FINETUNE_RECIPE, checkpoint_model_name, finet
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST IDX files not present")
-TINY = dict(train_subset=64, val_subset=64, batch_size=32, epochs=1, progress=False, quiet=True, threads=1)
+TINY = dict(model="coatnet_nano", train_subset=64, val_subset=64, batch_size=32, epochs=1, progress=False, quiet=True, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_a_file_without_our_metadata_needs_the_model_named(tmp_path):
 @needs_fmnist
 def test_finetune_continues_from_the_checkpoint_at_a_new_size_with_decay_and_frozen_stages(checkpoint, tmp_path,
                                                                                            capsys):
-    assert checkpoint_model_name(str(checkpoint)) == TrainConfig().model
+    assert checkpoint_model_name(str(checkpoint)) == TINY["model"]
     with pytest.raises(ValueError, match="has 10 classes"):
         finetune_config(str(checkpoint), num_classes=7)
     code = main(["finetune", "--checkpoint", str(checkpoint), "--img-size", "64", "--epochs", "1",
@@ -111,7 +111,7 @@ def test_finetune_recalibrates_batchnorm_at_the_new_size_before_freezing(checkpo
 
     code = main(["finetune", "--checkpoint", str(checkpoint), "--img-size", "64", "--epochs", "1",
                  "--train-subset", "64", "--val-subset", "32", "--batch-size", "32", "--freeze-stages", "4",
-                 "--recalibrate-bn", "40", "--ema-decay", "0", "--threads", "1", "--no-progress",
+                 "--recalibrate-bn", "40", "--ema-decay", "0", "--threads", "1", "--no-progress", "--no-channels-last",
                  "--out", str(tmp_path / "ft")])
     err = capsys.readouterr().err  # a note of the library's, through logging
     assert code == 0 and "re-estimated on 40 training images at 64x64" in err

@@ -9,10 +9,13 @@ import torch
 from safetensors import safe_open
 
 import coatnet
+from coatnet.data import build_data
 from coatnet.train import TrainConfig, get_recipe, list_recipes, train
 from coatnet.train.checkpoint import load_model, read_checkpoint, save_weights_checkpoint
+from coatnet.train.evaluate import evaluate, subset_indices
 from coatnet.train.optim import WeightEMA, param_groups
 from coatnet.train.redundant import redundant_parameters
+from coatnet.train.runtime import setup_runtime
 from coatnet.train.schedule import lr_at
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -80,7 +83,7 @@ def test_run_folder_contents(tmp_path):
     out = tmp_path / "run"
     res = train(TrainConfig(**TINY, out=str(out), eval_train=True, ema_decay=0.9))
     assert {"train_loss", "train_top1", "val_top1", "val_top5", "seconds", "params", "train_eval_top1"} <= set(res)
-    assert res["params"] == coatnet.count_params(coatnet.create_model("coatnet_nano", num_classes=10, in_chans=1))
+    assert res["params"] == coatnet.count_params(coatnet.create_model(TrainConfig().model, num_classes=10, in_chans=1))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["classes"][0] == "T-shirt/top" and len(cfg["classes"]) == 10
     assert cfg["img_size"] == 32 and cfg["batch_size"] == 32 and cfg["steps_per_epoch"] == 3
@@ -201,3 +204,23 @@ def test_small_training_set_is_repeated_within_an_epoch_with_fresh_augmentation(
     assert all(labels[i] == int(data.train_src.labels[i]) for i in labels)
     # the same image, augmented anew: some repeats differ (a flip or crop drawn differently)
     assert sum(not torch.equal(first[i], again[i]) for i in first) > 10
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_a_short_run_checkpoints_statistics_that_match_its_weights(tmp_path):
+    """The issue's case: 2 epochs on 2,000 images. BatchNorm running averages trail the weights by ~1/momentum
+    steps; precise BN (the default) re-estimates them before each evaluation and checkpoint, so the saved
+    model scores its own training images in eval mode about as well as training saw them. Without it, the
+    stale statistics sink eval-mode accuracy far below."""
+    short = dict(train_subset=2000, val_subset=500, epochs=2, min_epoch_images=0, eval_train=True, progress=False,
+                 quiet=True, threads=2, seed=0)
+    res = train(TrainConfig(**short, out=str(tmp_path / "run")))
+    assert abs(res["train_eval_top1"] - res["train_top1"]) < 8, res
+    model, spec, _ = load_model(tmp_path / "run" / "checkpoint-last.safetensors")
+    train_src, _, _ = build_data("fashion-mnist", img_size=spec.img_size)
+    idx = subset_indices(len(train_src), 2000, 0, stream=1)
+    saved = evaluate(model, train_src, idx, spec, setup_runtime("cpu", threads=2), flip=True)
+    assert abs(saved["top1"] - res["train_eval_top1"]) <= 0.1  # the checkpoint holds what was measured
+    stale = train(TrainConfig(**short, precise_bn=0))
+    assert stale["train_eval_top1"] < res["train_eval_top1"] - 10, (stale, res)

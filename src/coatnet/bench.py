@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .device_plan import device_plan
 from .export import onnx_session
 from .layers import bf16_cpu
 from .layers.bf16_cpu import cpu_has_native_bf16
@@ -200,7 +201,8 @@ def prepare(model: nn.Module, device: torch.device, train: bool, channels_last: 
         model = inference_model(model, channels_last=True)
     elif channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if ours and precision == "bf16" and device.type == "cpu" and bf16_cpu.emulated_bf16_cpu():
+    plan = device_plan(device.type, cpu_native_bf16=not bf16_cpu.emulated_bf16_cpu())
+    if ours and precision == "bf16" and plan.bf16_cpu_kernels:
         bf16_cpu.use_bf16_cpu_kernels(model)
     return torch.compile(model) if compile else model
 
@@ -251,7 +253,7 @@ def benchmark(name: str, batch: int = 8, img_size: int | None = None, precision:
     coatnet.utils.reuse_freed_memory() first (process-wide: timm's model profits too)."""
     dev = resolve_device(device)
     # Process-wide, so both models profit alike: see reuse_freed_memory.
-    malloc_reuse = reuse_memory and dev.type == "cpu" and reuse_freed_memory()
+    malloc_reuse = reuse_memory and device_plan(dev.type).reuse_freed_memory and reuse_freed_memory()
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads {threads} must be at least 1")

@@ -7,6 +7,7 @@ legacy one handles scaled_dot_product_attention with an additive mask.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -90,7 +91,8 @@ def export(model: CoAtNet, path: str | os.PathLike, fmt: str, img_size: tuple[in
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder does not exist: {path.parent}")
     size = img_size or model.config.image_size
-    graph = inference_model(model.cpu().float(), channels_last=False, fuse_kernels=False)
+    # A copy, moved to the CPU in float32: the caller's model stays on its device (a CUDA model too) and dtype.
+    graph = inference_model(copy.deepcopy(model).cpu().float(), channels_last=False, fuse_kernels=False)
     example = torch.randn(2, model.in_chans, *size)
     with warnings.catch_warnings(), atomic_write(path) as tmp:
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .device_plan import device_plan
+
 
 @dataclass(frozen=True)
 class DistributedEnv:
@@ -59,14 +61,23 @@ def init_distributed(timeout_s: float = 1800.0) -> DistributedEnv:
         raise RuntimeError("this PyTorch build has no torch.distributed; cannot train with several processes")
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} is outside 0..WORLD_SIZE-1={world_size - 1}")
-    backend = "gloo"
-    if torch.cuda.is_available():
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s); "
                              f"use --nproc-per-node {torch.cuda.device_count()} or fewer")
         torch.cuda.set_device(local_rank)
-        backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    backend, timeout = device_plan(device_type).dist_backend, datetime.timedelta(seconds=timeout_s)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        # Under torchrun the workers of every restart share the agent's store, and the keys where the previous
+        # attempt's processes published their addresses are still there: gloo then connects to dead ports (seen:
+        # "connectFullMesh failed ... Connection refused", or a hang). Each attempt gets keys of its own.
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+        store = dist.PrefixStore(f"coatnet/attempt_{restart}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     atexit.register(destroy_distributed)
     return current_env()
 

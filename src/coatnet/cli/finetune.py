@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-path", type=float, default=S)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=S)
     p.add_argument("--device", default=S)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=S,
+                   help="NHWC memory format for the convolutions (default on)")
     p.add_argument("--threads", type=int, default=S)
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--out", default=S, help="run folder (default: none, nothing written)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -46,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default=S, help="named settings (see --list-recipes); default: 'default'")
     p.add_argument("--list-recipes", action="store_true", help="print the recipes and exit")
     p.add_argument("--resume", metavar="DIR", default=S, help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="with --out DIR: start a run in DIR, or continue the one there (the same command line "
+                        "restarted, e.g. by torchrun --max-restarts, carries on where it stopped)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=S, help=f"'fashion-mnist' or an ImageFolder root (default {d.data})")
     g.add_argument("--data-dir", default=S, help="folder of the Fashion-MNIST IDX files")
@@ -98,7 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto (default): bf16 autocast where the hardware has bf16 (CUDA, CPUs with AVX512-BF16 or AMX), "
                         "else fp32")
     g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--channels-last", action="store_const", const=True, default=S)
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=S,
+                   help=f"NHWC memory format for the convolutions (default {'on' if d.channels_last else 'off'})")
     g.add_argument("--compile", action="store_const", const=True, default=S, help="torch.compile the model")
     g.add_argument("--threads", type=int, default=S, help="CPU threads (default: all)")
     g.add_argument("--fsdp", action="store_const", const=True, default=S,
@@ -185,7 +190,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _flag_values(args: argparse.Namespace) -> dict:
     """The TrainConfig settings given on the command line."""
     values = {k: v for k, v in vars(args).items()
-              if k not in ("command", "func", "debug", "recipe", "list_recipes", "resume")}
+              if k not in ("command", "func", "debug", "recipe", "list_recipes", "resume", "auto_resume")}
     if "randaugment" in values:
         n, m = values.pop("randaugment")
         if n != int(n) or n < 0:
@@ -196,34 +201,60 @@ def _flag_values(args: argparse.Namespace) -> dict:
     return values
 
 
-def build_config(args: argparse.Namespace):
-    """TrainConfig from the recipe (or a resumed run's config.json) and the flags."""
+def build_config(args: argparse.Namespace, existing_run: bool | None = None):
+    """TrainConfig from the recipe (or a resumed run's config.json) and the flags. With --auto-resume,
+    `existing_run` says whether --out already holds a run (None: look now), which is then continued."""
     from ..train import TrainConfig, get_recipe
-    from ..utils import read_json_object
 
     flags = _flag_values(args)
-    if hasattr(args, "resume"):
-        run_dir = Path(args.resume)
-        cfg_file = run_dir / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a run folder)")
+    if getattr(args, "auto_resume", False):
+        if hasattr(args, "resume"):
+            raise CliError("--auto-resume continues the run in --out; drop --resume")
+        if not flags.get("out"):
+            raise CliError("--auto-resume needs --out DIR (the run folder that a restart continues)")
+        if existing_run is None:
+            existing_run = (Path(flags["out"]) / "config.json").is_file()
+        if existing_run:
+            recipe = getattr(args, "recipe", None)
+            cfg = _resumed_config(Path(flags["out"]), {k: v for k, v in flags.items() if k != "out"}, recipe,
+                                  "--auto-resume")
+            # The command line is the whole story of a restart: what it leaves out of the settings a resume may
+            # change takes the recipe's value, not the earlier start's (e.g. an earlier --stop-at-step).
+            fresh = TrainConfig().replace(**get_recipe(recipe or cfg.recipe or "default")).replace(**flags)
+            # (dataclasses.replace: TrainConfig.replace ignores None, and None is a value here: no --stop-at-step)
+            return dataclasses.replace(cfg, **{k: getattr(fresh, k) for k in _RESUME_CHANGEABLE if k not in flags})
+    elif hasattr(args, "resume"):
         if hasattr(args, "recipe"):
             raise CliError("--resume takes the settings of the run; drop --recipe")
-        try:
-            saved = read_json_object(cfg_file)
-        except ValueError as e:
-            raise CliError(f"--resume {run_dir}: {e} (not the run's settings)") from None
-        cfg = TrainConfig.from_dict(saved)
-        fixed = sorted(k for k, v in flags.items() if k not in _RESUME_CHANGEABLE and getattr(cfg, k) != v)
-        if fixed:
-            raise CliError(f"cannot change {_flags(fixed)} when resuming {run_dir} (these may change: "
-                           f"{_flags(_RESUME_CHANGEABLE)})")
-        return cfg.replace(**flags, out=str(run_dir), resume=True)
+        return _resumed_config(Path(args.resume), flags, None, "--resume")
     name = getattr(args, "recipe", "default")
     cfg = TrainConfig().replace(**get_recipe(name)).replace(**flags)
     if cfg.out is None:
         cfg = cfg.replace(out=str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
     return cfg
+
+
+def _resumed_config(run_dir: Path, flags: dict, recipe: str | None, how: str):
+    """The settings of the run in `run_dir` (its config.json) with the `flags` a resume may change; any
+    other flag must repeat the run's value (so that --auto-resume's unchanged command line passes)."""
+    from ..train import TrainConfig
+    from ..utils import read_json_object
+
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{how} {run_dir}: no config.json there (not a run folder)")
+    try:
+        saved = read_json_object(cfg_file)
+    except ValueError as e:
+        raise CliError(f"{how} {run_dir}: {e} (not the run's settings)") from None
+    cfg = TrainConfig.from_dict(saved)
+    if recipe is not None and recipe != cfg.recipe:
+        raise CliError(f"{how}: {run_dir} holds a run of recipe {cfg.recipe!r}, not {recipe!r}")
+    fixed = sorted(k for k, v in flags.items() if k not in _RESUME_CHANGEABLE and getattr(cfg, k) != v)
+    if fixed:
+        raise CliError(f"cannot change {_flags(fixed)} when resuming {run_dir} (these may change: "
+                       f"{_flags(_RESUME_CHANGEABLE)})")
+    return cfg.replace(**flags, out=str(run_dir), resume=True)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -238,7 +269,10 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     # Under torchrun every process runs this; the run folder named by rank 0's clock is everyone's.
     init_distributed()
-    cfg = build_config(args).validate()
+    out = getattr(args, "out", None)
+    # --auto-resume: rank 0 decides whether the folder holds a run, so every process takes the same branch.
+    existing = broadcast_object(Path(out, "config.json").is_file()) if args.auto_resume and out else None
+    cfg = build_config(args, existing).validate()
     cfg = cfg.replace(out=broadcast_object(cfg.out))
     if not cfg.quiet and is_main():
         print(f"run folder: {cfg.out}  (model {cfg.model}, data {cfg.data}, {plural(cfg.epochs, 'epoch')}, "

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device_plan import device_plan
 from ..layers import LayerScale, RelativeAttention2d, SqueezeExcite
 from ..layers.parity import QkvLinear
 from ..utils import reuse_freed_memory
@@ -218,8 +219,9 @@ class InferenceMBConv(nn.Module):
     """An MBConvBlock with its three BatchNorms folded and GELU fused into the convolutions.
     (B, C_in, H, W) -> (B, C_out, H/stride, W/stride), the same function as the block it was made from."""
 
-    def __init__(self, block: MBConvBlock, onednn: bool):
+    def __init__(self, block: MBConvBlock, onednn: bool, chunk_large_maps: bool = True):
         super().__init__()
+        self.chunk_large_maps = chunk_large_maps
         self.stride, self.pool_type = block.stride, block.pool_type
         self.shortcut = block.shortcut
         self.conv1 = ConvAct(fold_bn_after(fold_bn_before(block.pre_norm, block.conv1), block.norm1), block.act, onednn)
@@ -249,7 +251,7 @@ class InferenceMBConv(nn.Module):
         B, _, H, W = x.shape
         per_image = self.conv1.weight.shape[0] * H * W * x.element_size()
         chunk = max(1, self.max_expanded_bytes // per_image)
-        if _tracing() or B <= chunk or x.device.type != "cpu":
+        if _tracing() or B <= chunk or not self.chunk_large_maps or x.device.type != "cpu":
             return self._forward(x)
         out = torch.cat([self._forward(part) for part in x.split(chunk)])
         return out.contiguous(memory_format=torch.channels_last) if _channels_last(x) else out
@@ -326,13 +328,17 @@ def inference_model(model: CoAtNet, channels_last: bool = True, fuse_kernels: bo
     malloc setting that stops every pass from page-faulting in its large activations again (off by default:
     it changes the whole process, and every other model in it gains as well)."""
     model = copy.deepcopy(model).eval()
-    if reuse_memory and all(p.device.type == "cpu" for p in model.parameters()):
+    # The device-specific choices (oneDNN kernels, chunking, malloc) follow the device the model is on:
+    # on CUDA none of them, torch's own kernels (cuDNN, SDPA) instead.
+    device_type = next(model.parameters()).device.type
+    plan = device_plan(device_type, onednn_fusion=device_type == "cpu" and onednn_fusion_available())
+    if reuse_memory and plan.reuse_freed_memory:
         reuse_freed_memory()
-    onednn = fuse_kernels and onednn_fusion_available()
+    onednn = fuse_kernels and plan.onednn_fusion
     for stage in model.stages:
         for i, block in enumerate(stage.blocks):
             if type(block) is MBConvBlock and _paper_form(block):
-                stage.blocks[i] = InferenceMBConv(block, onednn)
+                stage.blocks[i] = InferenceMBConv(block, onednn, plan.chunk_large_maps)
             elif type(block) is TransformerBlock and onednn:
                 stage.blocks[i] = InferenceTransformer(block, onednn)
     for m in model.modules():

@@ -39,6 +39,7 @@ class Checkpointer:
         else:
             self.model.load_state_dict(loaded["model"])
             self.optimizer.load_state_dict(loaded["optimizer"])
+            _match_parameter_layouts(self.optimizer)
         if self.ema is not None:
             if loaded["ema"] is None:
                 raise ValueError(f"{self.out}: the checkpoint has no EMA weights but ema_decay={self.ema.decay}")
@@ -94,3 +95,15 @@ class Checkpointer:
         self.saved_at = state.position
         with writing(weights_path(self.out, "last"), f"the resume state ({self.saved_at}) was saved"):
             save_weights_checkpoint(weights_path(self.out, "last"), weights, info)
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded optimizer state tensor its parameter's memory layout. Loading keeps the saved
+    (contiguous) strides, while a channels_last model's 3x3 convolution weights have others; the fused AdamW
+    kernel walks a parameter and its moments in memory order, so mismatched strides pair wrong elements."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)

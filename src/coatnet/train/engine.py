@@ -242,7 +242,7 @@ def _accumulate_gradients(net: nn.Module, data: EpochData, step_in_epoch: int, s
         if len(batch.labels) == 0 and world == 1:  # across processes every forward is collective
             continue
         x, targets = data.inputs(batch)
-        x, targets = runtime.inputs(x), targets.to(runtime.device)
+        x, targets = runtime.inputs(x), runtime.to_device(targets)
         # Stochastic depth masks keyed by (seed, step, sample): the same whatever process or
         # micro-batch a sample lands in; backward too, where checkpointing recomputes them.
         noise = partial(_drop_path_uniforms, seed, step, batch.indices)
@@ -406,6 +406,10 @@ def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
     repeats = 1
     if cfg.min_epoch_images and len(train_idx) and not getattr(train_src, "streams", False):
         repeats = math.ceil(cfg.min_epoch_images / len(train_idx))  # a stream is read as it comes: never repeated
+    steps = math.ceil(len(train_idx) * repeats / cfg.batch_size)
+    if steps < 50 and not cfg.min_epoch_images and not cfg.pretrained:
+        _note(f"{len(train_idx)} training images make {steps} optimizer steps per epoch: a short run learns little; "
+              f"--recipe small-data (or --min-epoch-images 8000) repeats them within each epoch", cfg.quiet)
     return cfg, _Data(train_src, val_src, spec, train_idx, val_idx, workers, repeats)
 
 

@@ -48,7 +48,7 @@ def recalibrate_batchnorm(model: nn.Module, source, indices: torch.Tensor, spec:
     # Under data parallelism with synchronized BatchNorm each rank measures its share of every batch and the
     # layers combine the shares: the statistics one process measures on the whole batches, at 1/world the cost.
     rank, world = rank_and_world()
-    synced = world > 1 and any(isinstance(m, SyncBatchNorm) for m in layers)
+    synced = world > 1 and any(isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)) for m in layers)
     batches = [shard(b, rank, world) if synced else b for b in indices.split(batch_size)]
     n, completed = 0, False
     try:

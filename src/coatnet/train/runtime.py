@@ -1,4 +1,6 @@
-"""Device, precision, threads, determinism, memory format and compilation: decided here, once."""
+"""Device, precision, threads, determinism, memory format and compilation: decided here, once. The
+device-specific choices behind them (kernels, backends, copies) are coatnet.device_plan's, with this
+machine's abilities detected by `plan_for`."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..device_plan import DevicePlan, device_plan
 from ..layers import bf16_cpu
+from ..process_group import broadcast_object
+from ..models.inference import onednn_fusion_available
 
 PRECISIONS = ("auto", "fp32", "bf16")
 MIN_BF16_SPEEDUP = 1.1  # "auto" takes bf16 on a CPU whose bf16 matrix products are at least this much faster
@@ -31,6 +36,12 @@ class Runtime:
     channels_last: bool
     compile: bool
     precision_reason: str = ""  # why this precision, in words (printed and recorded by the trainer)
+    deterministic: bool = False
+
+    @property
+    def plan(self) -> DevicePlan:
+        """The device-specific choices for this runtime's device (coatnet.device_plan)."""
+        return plan_for(self.device, self.deterministic)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.precision)
@@ -42,7 +53,7 @@ class Runtime:
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        if self.precision == "bf16" and self.device.type == "cpu" and bf16_cpu.emulated_bf16_cpu():
+        if self.precision == "bf16" and self.plan.bf16_cpu_kernels:
             bf16_cpu.use_bf16_cpu_kernels(model)
         return model
 
@@ -50,9 +61,26 @@ class Runtime:
         """The callable to run forward passes with (the compiled module, or the module itself)."""
         return torch.compile(model) if self.compile else model
 
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device: page-locked first and copied asynchronously where the plan says
+        (CUDA: the copy overlaps with the host's next work; torch keeps the pinned block until it is done)."""
+        plan = device_plan(self.device.type)  # these two choices depend on the device type alone
+        if plan.pin_memory and t.device.type == "cpu":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=plan.non_blocking)
+
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
+        x = self.to_device(x)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def plan_for(device: torch.device, deterministic: bool = False) -> DevicePlan:
+    """`device_plan` for `device` with this machine's abilities detected (CPU bf16 instructions, the GPU's
+    bf16 support, oneDNN's fused kernels)."""
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cpu_native = device.type == "cpu" and not bf16_cpu.emulated_bf16_cpu()
+    return device_plan(device.type, cuda_bf16=cuda_bf16, cpu_native_bf16=cpu_native,
+                       onednn_fusion=device.type == "cpu" and onednn_fusion_available(), deterministic=deterministic)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -87,11 +115,12 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     if precision != "auto":
         return precision, "asked for"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        plan = device_plan("cuda", cuda_bf16=torch.cuda.is_bf16_supported())
+        if plan.auto_precision == "bf16":
             return "bf16", "auto: this GPU computes bf16 natively"
         return "fp32", "auto: this GPU has no bf16 support"
     if device.type == "cpu":
-        if not bf16_cpu.cpu_has_native_bf16():
+        if device_plan("cpu", cpu_native_bf16=bf16_cpu.cpu_has_native_bf16()).auto_precision != "measure":
             return "fp32", "auto: this CPU has no bf16 instructions (bf16 would be emulated)"
         speedup = bf16_cpu.bf16_matmul_speedup()
         if speedup >= MIN_BF16_SPEEDUP:
@@ -113,7 +142,10 @@ def setup_runtime(device: str = "auto", precision: str = "fp32", channels_last: 
         torch.backends.cudnn.benchmark = False
     dev = resolve_device(device)
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = not deterministic
-        torch.backends.cudnn.allow_tf32 = not deterministic
-    precision, reason = resolve_precision(precision, dev)
-    return Runtime(dev, precision, channels_last, compile, reason)
+        tf32 = plan_for(dev, deterministic).tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    # "auto" may time bf16 against fp32 here: rank 0's decision is every process's (broadcast_object: identity
+    # in one process), so that the processes of a run never compute in different precisions.
+    precision, reason = broadcast_object(resolve_precision(precision, dev))
+    return Runtime(dev, precision, channels_last, compile, reason, deterministic)

@@ -17,12 +17,14 @@ from ...process_group import (DistributedEnv, all_reduce_sums, barrier, broadcas
 from .batches import loss_scale, rank_slice, shard, split_micro_batches
 from .data_parallel import (apply_fsdp, broadcast_module_state, full_model_state, full_optimizer_state_dict,
                             is_sharded, load_full_state, shard_optimizer_state_dict, unwrap, wrap_ddp, wrap_model)
-from .sync_batchnorm import SyncBatchNorm, SyncBatchNormChannelsLast, convert_sync_batchnorm
+from .sync_batchnorm import (SyncBatchNorm, SyncBatchNormChannelsLast, TorchSyncBatchNorm, TorchSyncBatchNormChannelsLast,
+                             convert_sync_batchnorm)
 
 __all__ = [
     "DistributedEnv", "all_reduce_sums", "barrier", "broadcast_object", "current_env", "destroy_distributed",
     "init_distributed", "is_main", "local_threads", "rank_and_world", "loss_scale", "rank_slice", "shard",
     "split_micro_batches", "apply_fsdp", "broadcast_module_state", "full_model_state", "full_optimizer_state_dict",
     "is_sharded", "load_full_state", "shard_optimizer_state_dict", "unwrap", "wrap_ddp", "wrap_model",
-    "SyncBatchNorm", "SyncBatchNormChannelsLast", "convert_sync_batchnorm",
+    "SyncBatchNorm", "SyncBatchNormChannelsLast", "TorchSyncBatchNorm", "TorchSyncBatchNormChannelsLast",
+    "convert_sync_batchnorm",
 ]

@@ -1,5 +1,6 @@
-"""BatchNorm over the samples of all ranks (the global batch), on any device and backend, and the module swap
-that puts it into a model in place."""
+"""BatchNorm over the samples of all ranks (the global batch), and the module swap that puts it into a model
+in place. Which one is the device plan's (coatnet.device_plan): on CUDA torch's nn.SyncBatchNorm (its fused
+kernels, NCCL), elsewhere ours (plain tensor ops: any device and backend, gloo on CPU included)."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ...device_plan import SYNC_BATCHNORM_KINDS, device_plan
 from ...models.blocks import BatchNormChannelsLast
 from ...process_group import is_active
 
@@ -114,19 +116,54 @@ class SyncBatchNormChannelsLast(SyncBatchNorm):
         return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
-def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d of `model` (in place) by a SyncBatchNorm of the same layout. The new layers
-    hold the very same Parameter and buffer objects, so an optimizer built before the conversion still
-    updates them, and state-dict keys do not change. LayerNorm (the Transformer blocks) needs no
-    synchronization."""
+class TorchSyncBatchNorm(nn.SyncBatchNorm):
+    """torch's nn.SyncBatchNorm (fused CUDA kernels, statistics gathered over NCCL) with what ours adds:
+    BatchNorm2d's state-dict keys (it has them already), and running statistics updated once per step
+    when activation checkpointing recomputes the block (torch's would update them a second time)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.track_running_stats and self.running_mean is not None and _in_backward()):
+            return super().forward(x)
+        kept = self.running_mean, self.running_var, self.num_batches_tracked
+        self.running_mean, self.running_var, self.num_batches_tracked = (t.clone() for t in kept)
+        try:  # the recomputation updates copies, then the statistics of the forward pass are put back
+            return super().forward(x)
+        finally:
+            self.running_mean, self.running_var, self.num_batches_tracked = kept
+
+
+class TorchSyncBatchNormChannelsLast(TorchSyncBatchNorm):
+    """TorchSyncBatchNorm over the last axis of (B, H, W, C): the form of BatchNormChannelsLast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+_SYNC_CLASSES = {"coatnet": (SyncBatchNorm, SyncBatchNormChannelsLast),
+                 "torch": (TorchSyncBatchNorm, TorchSyncBatchNormChannelsLast)}
+
+
+def convert_sync_batchnorm(model: nn.Module, kind: str | None = None) -> nn.Module:
+    """Replace every BatchNorm2d of `model` (in place) by a synchronized BatchNorm of the same layout: `kind`
+    "torch" (TorchSyncBatchNorm) or "coatnet" (SyncBatchNorm); None: the device plan's for the device the
+    model is on. The new layers hold the very same Parameter and buffer objects, so an optimizer built
+    before the conversion still updates them, and state-dict keys do not change. LayerNorm (the Transformer
+    blocks) needs no synchronization."""
+    if kind is None:
+        first = next(model.parameters(), None)
+        kind = device_plan(first.device.type if first is not None else "cpu").sync_batchnorm
+    if kind not in SYNC_BATCHNORM_KINDS:
+        raise ValueError(f"synchronized BatchNorm kind {kind!r} is not one of {', '.join(SYNC_BATCHNORM_KINDS)}")
+    plain, channels_last = _SYNC_CLASSES[kind]
+    synced = (SyncBatchNorm, nn.SyncBatchNorm)
     for name, child in list(model.named_children()):
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SyncBatchNorm):
-            cls = SyncBatchNormChannelsLast if isinstance(child, BatchNormChannelsLast) else SyncBatchNorm
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, synced):
+            cls = channels_last if isinstance(child, BatchNormChannelsLast) else plain
             new = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
                       device="meta")
             new._parameters, new._buffers = child._parameters, child._buffers
             new.train(child.training)
             setattr(model, name, new)
         else:
-            convert_sync_batchnorm(child)
+            convert_sync_batchnorm(child, kind)
     return model
