@@ -51,7 +51,7 @@ def _readme_commands() -> list[str]:
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"\[[^]]*\]", "", line.split("#")[0]).strip()
+            line = re.sub(r"\[[^]]*\]|\s\.\.\.(?=\s|$)", "", line.split("#")[0]).strip()  # [optional], ...
             if line.startswith("coatnet "):
                 lines.append(line)
     return lines
