@@ -21,3 +21,44 @@ def test_a_bad_size_is_one_error_line_and_a_non_zero_exit():
     assert proc.stderr.strip().splitlines() == [
         "error: img_size 100x100 is not a multiple of 32; nearest valid sizes: 96x96 or 96x128 or 128x96 or 128x128"]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_the_counts_table_holds_every_registered_variant_so_models_counts_nothing(monkeypatch, capsys):
+    # `coatnet models` reads models/counts.json instead of running 37 models on the meta device (17 s on the
+    # 2-core machine); a variant missing from it (changed or new) is counted, only slower.
+    from coatnet.models import flops
+
+    def no_counting(config):
+        raise AssertionError(f"not in models/counts.json: rerun scripts/count_models.py ({config.layout} ...)")
+
+    monkeypatch.setattr(flops, "build_on_meta", no_counting)
+    assert main(["models"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) > 30
+
+
+def test_the_counts_table_agrees_with_a_fresh_count():
+    from coatnet.models import build_on_meta, count_macs, count_params, get_config, model_counts
+
+    for name in ("coatnet_nano", "coatnet_pico", "coatnet_0"):
+        config = get_config(name, img_size=224)
+        model = build_on_meta(config)
+        assert model_counts(config) == (count_params(model), count_macs(model)), name
+
+
+def test_models_says_what_it_counts_and_shows_three_significant_digits(capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "counted with 3 input channels, own head" in lines[0]
+    nano = next(line for line in lines if line.startswith("coatnet_nano "))
+    assert nano.split()[1:3] == ["1.22", "0.148"]  # at 32 px: 0.00306, not "0.00"
+
+
+def test_the_presets_descriptions_give_the_counts_of_both_shapes():
+    from coatnet.models import describe_model, get_config, model_counts
+
+    for name, grey, rgb in (("coatnet_nano", "0.96M", "1.2M"), ("coatnet_pico", "4.9M", "5.3M")):
+        fm, _ = model_counts(get_config(name, in_chans=1, num_classes=10))
+        imagenet, _ = model_counts(get_config(name, img_size=224))
+        assert f"{fm / 1e6:.2f}M".startswith(grey[:-1]) or f"{fm / 1e6:.1f}M" == grey
+        assert f"{imagenet / 1e6:.1f}M" == rgb
+        assert grey in describe_model(name) and rgb in describe_model(name)

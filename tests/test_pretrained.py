@@ -90,7 +90,8 @@ def test_download_copies_the_file_and_create_model_loads_it_by_tag(monkeypatch, 
     assert model.num_classes == 1000
     torch.testing.assert_close(model.state_dict()["head.weight"], src.state_dict()["head.weight"])
     assert main(["weights"]) == 0
-    assert any(line.startswith("coatnet_nano_rw_224.sw_in1k") and line.endswith("yes")
+    where = str(tmp_path / "weights" / "coatnet_nano_rw_224.sw_in1k.safetensors")
+    assert any(line.startswith("coatnet_nano_rw_224.sw_in1k") and line.endswith(where)  # says where, not just yes
                for line in capsys.readouterr().out.splitlines())
 
 

@@ -51,9 +51,10 @@ def test_shards_hold_every_image_once_with_its_bytes_and_class(image_folder, sha
         with tarfile.open(shards / entry["file"]) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
         for name, data in members.items():
-            if not name.endswith(".cls"):
+            if not name.endswith((".cls", ".src")):
                 key = name.split(".")[0]
                 assert index["classes"][int(members[key + ".cls"])] == originals[data]
+                assert Path(members[key + ".src"].decode()).read_bytes() == data  # the source file, for messages
                 seen[data] = key
     assert len(seen) == 30 and set(seen) == set(originals)
 

@@ -243,13 +243,13 @@ class BenchResult:
                 "gflops_fraction_of_matmul": self.ours.gflops / self.matmul_gflops}
 
 
-def benchmark(name: str, batch: int = 8, img_size: int = 224, precision: str = "fp32", train: bool = False,
+def benchmark(name: str, batch: int = 8, img_size: int | None = None, precision: str = "fp32", train: bool = False,
               compile: bool = False, channels_last: bool = False, threads: int | None = None,
               device: str = "cpu", compare_timm: bool = False, timm_name: str | None = None,
               overrides: dict | None = None, warmup: int = 2, repeats: int = 5, seed: int = 0,
               reuse_memory: bool = False) -> BenchResult:
     """Measure our model `name` (with config `overrides`), and timm's counterpart interleaved with it
-    when `compare_timm`. See `Measurement` for what is reported. `reuse_memory`:
+    when `compare_timm`, at `img_size` (None: the model's own). See `Measurement` for what is reported. `reuse_memory`:
     coatnet.utils.reuse_freed_memory() first (process-wide: timm's model profits too)."""
     dev = resolve_device(device)
     # Process-wide, so both models profit alike: see reuse_freed_memory.
@@ -261,6 +261,7 @@ def benchmark(name: str, batch: int = 8, img_size: int = 224, precision: str = "
     torch.manual_seed(seed)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     ours = create_model(name, img_size=img_size, **overrides)
+    img_size = ours.config.image_size[0] if img_size is None else img_size  # None: the model's own size
     num_classes = ours.num_classes
     downsample = ours.config.mbconv.downsample
     models = {name: ours}

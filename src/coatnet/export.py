@@ -8,8 +8,10 @@ legacy one handles scaled_dot_product_attention with an additive mask.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,6 +25,36 @@ from .utils import atomic_write
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+METADATA_FILE = "coatnet.json"  # the TorchScript extra file that holds export_metadata()
+
+
+def export_metadata(model: CoAtNet, checkpoint: str | os.PathLike | None = None) -> dict[str, str]:
+    """What a user of an exported file needs to preprocess and read its outputs, as string values (ONNX's
+    metadata_props are strings): model, in_chans, img_size, num_classes and, from one of our checkpoints,
+    classes (a JSON list, the order of the logits), mean, std (JSON lists, applied to [0, 1] pixels) and
+    crop_fraction (the eval centre crop)."""
+    meta = {"model_config": json.dumps(model.config.to_dict()), "in_chans": str(model.in_chans),
+            "img_size": json.dumps(list(model.config.image_size)), "num_classes": str(model.num_classes)}
+    info = checkpoint_info(checkpoint) if checkpoint is not None and Path(checkpoint).suffix == ".safetensors" else None
+    if info is not None:
+        data = info.get("data", {})
+        for key in ("classes", "mean", "std", "crop_fraction"):
+            if data.get(key) is not None:
+                meta[key] = json.dumps(data[key])
+        meta["source_checkpoint"] = Path(checkpoint).name
+    return meta
+
+
+def read_export_metadata(path: str | os.PathLike, fmt: str) -> dict[str, str]:
+    """The metadata written by `export` into an ONNX (metadata_props) or TorchScript (extra file) file,
+    read without running anything ({} when there is none)."""
+    if fmt == "onnx":
+        import onnx
+
+        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    with zipfile.ZipFile(path) as z:
+        name = next((n for n in z.namelist() if n.endswith(f"/extra/{METADATA_FILE}")), None)
+        return json.loads(z.read(name)) if name else {}
 
 
 def load_checkpoint_model(path: str | os.PathLike, model_name: str | None = None, **overrides) -> CoAtNet:
@@ -47,9 +79,12 @@ def load_checkpoint_model(path: str | os.PathLike, model_name: str | None = None
     return model.eval()
 
 
-def export(model: CoAtNet, path: str | os.PathLike, fmt: str, img_size: tuple[int, int] | None = None) -> Path:
+def export(model: CoAtNet, path: str | os.PathLike, fmt: str, img_size: tuple[int, int] | None = None,
+           metadata: dict[str, str] | None = None) -> Path:
     """Write `model` as `fmt` ("onnx" or "torchscript") to `path` atomically; input (B, C, H, W) with a
-    dynamic batch B, output logits (B, num_classes). Returns the path."""
+    dynamic batch B, output logits (B, num_classes). `metadata` (default: export_metadata(model)) goes into
+    the ONNX file's metadata_props, or the TorchScript file's extra file coatnet.json. Returns the path."""
+    metadata = export_metadata(model) if metadata is None else metadata
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     path = Path(path)
@@ -65,10 +100,23 @@ def export(model: CoAtNet, path: str | os.PathLike, fmt: str, img_size: tuple[in
             torch.onnx.export(graph, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
                               input_names=["images"], output_names=["logits"],
                               dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+            _add_onnx_metadata(tmp, metadata)
         else:
             traced = torch.jit.trace(graph, example, check_trace=False)
-            torch.jit.save(traced, str(tmp))
+            torch.jit.save(traced, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
     return path
+
+
+def _add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise ValueError("writing an ONNX file needs onnx (pip install 'coatnet[export]')") from None
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
 
 
 def run_exported(path: str | os.PathLike, fmt: str, x: torch.Tensor, threads: int | None = None):

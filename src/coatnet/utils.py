@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import difflib
 import json
 import os
 import sys
@@ -51,6 +52,30 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def rounded(value, digits: int = 6):
+    """`value` (a number, or dicts and lists of them) with every float rounded to `digits` decimal places, and
+    below 1 to `digits` significant digits (a learning rate of 1.6e-6 stays that): JSON that shows what was
+    measured (0.0244419, not 0.024441871792078018), never off by more than 1e-6. Ints and bools are kept."""
+    if isinstance(value, float):
+        return round(value, digits) if abs(value) >= 1 else float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
+def did_you_mean(word: str, options) -> str:
+    """"; did you mean 'x'?" for the closest of `options` to a mistyped `word` (difflib), or ""."""
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def plural(count: int, noun: str) -> str:
+    """"1 epoch", "2 epochs"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def read_json_object(path: str | os.PathLike) -> dict:

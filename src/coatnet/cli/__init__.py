@@ -6,33 +6,109 @@ through `logging` and are shown on stderr, one plain line each, as are errors.""
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import logging
+import os
+import re
 import sys
 import traceback
 
-from .. import __version__
+from ..utils import did_you_mean
+from ..version import __version__
 
-# Modules under coatnet.cli that add subcommands, in the order they appear in --help.
+# Modules under coatnet.cli that add subcommands, in the order they appear in --help. Each has COMMANDS
+# ({name: one-line help}) and register(subparsers), which adds those commands with all their flags.
 COMMAND_MODULES = ("models", "train", "finetune", "explain", "hub", "weights", "scale", "perf", "study")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, "(default: X)", unless the text already states it or there is
+    none to state (a required flag, a switch, a setting left to the library: default None)."""
+
+    @staticmethod
+    def _states_no_default(action: argparse.Action) -> bool:
+        return ("default" in (action.help or "").lower() or action.required or not action.option_strings
+                or any(action.default is v for v in (None, False, True, argparse.SUPPRESS)))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if self._states_no_default(action) else super()._get_help_string(action)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and not self._states_no_default(action):  # a flag without help text still
+            action = copy.copy(action)                                      # shows its default
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: "error: <what>; see `<prog> --help`" and exit code 2 (subcommands'
-    parsers are of this class too)."""
+    """argparse with one-line errors: "error: <what>; see `<prog> --help`" and exit code 2, a "did you mean"
+    for a mistyped choice or flag, and help that shows every default (subcommands' parsers are of this class
+    too)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"error: {message.strip().splitlines()[0]} (see `{self.prog} --help`)\n")
+        message = message.strip().splitlines()[0]
+        self.exit(2, f"error: {message}{_did_you_mean(message, self)} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _did_you_mean(message: str, parser: argparse.ArgumentParser) -> str:
+    """"; did you mean 'x'?" for argparse's "invalid choice: 'y' (choose from ...)" and "unrecognized
+    arguments: --y" messages, when a close match exists."""
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        word, options = choice.group(1), re.findall(r"'([^']*)'", choice.group(2)) or choice.group(2).split(", ")
+    else:
+        flag = re.search(r"unrecognized arguments: (--[\w-]+)", message)
+        if not flag:
+            return ""
+        parsers = [parser] + [p for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                              for p in a.choices.values()]  # the top parser reports its command's leftovers
+        word, options = flag.group(1), [o for p in parsers for a in p._actions for o in a.option_strings]
+    return did_you_mean(word, options)
+
+
+def state_defaults(parser: argparse.ArgumentParser, defaults: dict, none_means: dict[str, str]) -> None:
+    """Append "(default: X)" to the help of flags whose default argparse does not know (default=SUPPRESS: the
+    value comes from a recipe or a checkpoint): X from `defaults` (field -> value), or `none_means` for a
+    field whose default None means something ("all", "the checkpoint's")."""
+    for action in parser._actions:
+        if (action.default is not argparse.SUPPRESS or not action.option_strings or action.nargs == 0
+                or "default" in (action.help or "").lower()):
+            continue
+        field = {"randaugment": "randaugment_n"}.get(action.dest, action.dest)
+        value = none_means.get(field, defaults.get(field))
+        if field == "randaugment_n" and field not in none_means:
+            value = f"{defaults['randaugment_n']} {defaults['randaugment_m']:g}"
+        if isinstance(value, tuple):
+            value = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        if value is not None:
+            action.help = f"{action.help or ''} (default: {value})".strip()
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `coatnet` parser. With `command`, only that command's flags are built (the others are listed with
+    their one-line help: `coatnet --help` and a command's start-up import nothing else); None: all of them."""
     parser = _Parser(prog="coatnet", description="CoAtNet: train, evaluate, export.")
     parser.add_argument("--version", action="version", version=f"coatnet {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
-        importlib.import_module(f"{__name__}.{name}").register(sub)
+        module = importlib.import_module(f"{__name__}.{name}")
+        if command is None or command in module.COMMANDS:
+            module.register(sub)
+        else:
+            for cmd, text in module.COMMANDS.items():
+                sub.add_parser(cmd, help=text)
     return parser
+
+
+def command_names() -> list[str]:
+    return [cmd for name in COMMAND_MODULES for cmd in importlib.import_module(f"{__name__}.{name}").COMMANDS]
 
 
 class CliError(Exception):
@@ -66,8 +142,26 @@ def show_library_messages() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `coatnet weights | head -2`: the reader has gone; stop quietly, as cat(1) does
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a command stopped by a closed pipe
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's final flush does not report the broken pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _main(argv: list[str]) -> int:
     show_library_messages()
-    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in command_names() else "")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or a parse error (already printed as one line)
@@ -80,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise
     except (CliError, ValueError, OSError) as e:  # the user's input or the machine: the message says it
         if args.debug:
             traceback.print_exc()

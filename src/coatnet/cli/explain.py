@@ -5,9 +5,13 @@ import argparse
 import json
 import sys
 
+COMMANDS = {  # command: its line in `coatnet --help`
+    "explain": "what the model looks at: Grad-CAM, attention per head, learned position bias",
+}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("explain", help="what the model looks at: Grad-CAM, attention per head, learned position bias",
+    p = sub.add_parser("explain", help=COMMANDS["explain"],
                        description="Per image: <name>.gradcam.png (Grad-CAM of the predicted or --class label) and "
                                    "<name>.attention-S3.png, -S4.png (each head's attention of the --query position "
                                    "over the image, per Transformer stage); once: bias-S3.png, bias-S4.png (every "
@@ -16,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files and folders")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG files")
     p.add_argument("--class", dest="target", default=None, help="Grad-CAM for this class (name or index) instead "
-                                                                 "of the predicted one")
+                                                                 "of the predicted one (default: the predicted)")
     p.add_argument("--query", type=float, nargs=2, metavar=("Y", "X"), default=(0.5, 0.5),
                    help="the attention query as fractions of the image height and width (default 0.5 0.5: centre)")
     p.add_argument("--cam-stage", default=None, help="map for Grad-CAM: stem, S1..S4 (default: the deepest with at "

@@ -6,22 +6,28 @@ import argparse
 import json
 from pathlib import Path
 
+COMMANDS = {  # command: its line in `coatnet --help`
+    "bench": "images/s, latency, peak memory and GFLOP/s of a model (optionally vs timm)",
+    "export": "export a checkpoint to ONNX or TorchScript (dynamic batch), checked to 1e-4",
+}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="images/s, latency, peak memory and GFLOP/s of a model (optionally vs timm)")
+    p = sub.add_parser("bench", help=COMMANDS["bench"])
     p.add_argument("--model", required=True, help="registered model name, e.g. coatnet_0")
     p.add_argument("--batch", type=int, nargs="+", default=[8], help="batch size(s); several give one line each")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's own, e.g. 32 for "
+                                                              "coatnet_nano, 224 for coatnet_0)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD update)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last input (and timm's model / our training model in channels-last memory); "
                         "our inference model always runs channels-last inside")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, all CPUs)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--downsample", choices=("conv1x1", "dwconv"), default=None,
-                   help="where MBConv's stride sits (dwconv: timm's paper-style coatnet_N_224)")
+                   help="where MBConv's stride sits (dwconv: timm's paper-style coatnet_N_224; default: the model's)")
     p.add_argument("--compare-timm", action="store_true", help="time timm's matching model interleaved (needs timm)")
     p.add_argument("--timm-model", default=None, help="the timm model to compare with (default: the matching one)")
     p.add_argument("--reuse-memory", action="store_true",
@@ -31,23 +37,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per batch size")
     p.set_defaults(func=run_bench)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (dynamic batch), checked to 1e-4")
+    p = sub.add_parser("export", help=COMMANDS["export"])
     p.add_argument("--checkpoint", required=True, help="a .safetensors training checkpoint or weights file")
     p.add_argument("--format", choices=("onnx", "torchscript"), required=True)
     p.add_argument("--output", default=None, help="output file (default: the checkpoint's name with .onnx / .pt)")
-    p.add_argument("--model", default=None, help="architecture of plain weights without a config in their metadata")
-    p.add_argument("--num-classes", type=int, default=None, help="with --model: the classifier's class count")
+    p.add_argument("--model", default=None, help="architecture of plain weights without a config in their metadata "
+                                                        "(default: the one in the checkpoint's metadata)")
+    p.add_argument("--num-classes", type=int, default=None, help="with --model: the classifier's class count (default: "
+                                                                 "the weights')")
     p.add_argument("--img-size", type=int, default=None, help="input size of the exported graph (default: the model's)")
     p.add_argument("--no-check", action="store_true", help="skip comparing the exported outputs with PyTorch")
     p.add_argument("--bench", action="store_true", help="time the exported file against PyTorch (interleaved)")
     p.add_argument("--batch", type=int, default=8, help="with --bench: batch size")
-    p.add_argument("--threads", type=int, default=None, help="with --bench: threads for both runtimes")
+    p.add_argument("--threads", type=int, default=None, help="with --bench: threads for both runtimes (default: all)")
     p.set_defaults(func=run_export)
+
+
+def _macs(macs: float) -> str:
+    """Multiply-adds with the unit that keeps three significant digits (a 32 px model has 0.003 GMACs)."""
+    return f"{macs / 1e9:.2f} GMACs" if macs >= 1e9 else f"{macs / 1e6:.1f} MMACs"
 
 
 def _fmt(m) -> str:
     return (f"{m.model:<28} {m.images_per_s:>9.2f} img/s {m.latency_ms:>9.1f} ms/batch {m.peak_memory_mb:>8.0f} MB "
-            f"{m.macs_per_image / 1e9:>6.2f} GMACs {m.gflops:>7.1f} GFLOP/s")
+            f"{_macs(m.macs_per_image):>11} {m.gflops:>7.1f} GFLOP/s")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -80,16 +93,18 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from ..export import SUFFIXES, export, load_checkpoint_model, max_relative_error
+    from ..export import SUFFIXES, export, export_metadata, load_checkpoint_model, max_relative_error
 
     overrides = {"num_classes": args.num_classes}
     if args.img_size is not None:
         overrides["img_size"] = args.img_size
     model = load_checkpoint_model(args.checkpoint, args.model, **{k: v for k, v in overrides.items() if v is not None})
     output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(SUFFIXES[args.format])
-    export(model, output, args.format)
+    meta = export_metadata(model, args.checkpoint)
+    export(model, output, args.format, metadata=meta)
+    where = "metadata_props" if args.format == "onnx" else "extra file coatnet.json"
     print(f"wrote {output} ({args.format}, dynamic batch, input {model.in_chans}x"
-          f"{'x'.join(map(str, model.config.image_size))})")
+          f"{'x'.join(map(str, model.config.image_size))}; {where}: {', '.join(meta)})")
     if not args.no_check:
         err = max_relative_error(model, output, args.format)
         print(f"max relative difference to PyTorch at batch 1 and 3: {err:.2e}")

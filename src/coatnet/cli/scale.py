@@ -4,9 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 
+COMMANDS = {  # command: its line in `coatnet --help`
+    "shards": "write an image folder as WebDataset tar shards for --data",
+    "memory": "GPU memory per process to train a variant (computed on the meta device)",
+}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("shards", help="write an image folder as WebDataset tar shards for --data",
+    p = sub.add_parser("shards", help=COMMANDS["shards"],
                        description="Write the train and val images of an ImageFolder root as tar shards "
                                    "(train-*.tar, val-*.tar, shards.json). Train with --data OUT; under torchrun "
                                    "each process reads its own training shards, so write at least one per process.")
@@ -18,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="the split and the shuffle of the training samples")
     p.set_defaults(func=run_shards)
 
-    m = sub.add_parser("memory", help="GPU memory per process to train a variant (computed on the meta device)")
+    m = sub.add_parser("memory", help=COMMANDS["memory"])
     m.add_argument("model", help="registered variant, e.g. coatnet_5")
     m.add_argument("--img-size", type=int, default=224)
     m.add_argument("--batch-per-gpu", type=int, default=32, help="images per GPU per step")
@@ -37,7 +42,8 @@ def run_shards(args: argparse.Namespace) -> int:
     index = write_shards(args.source, args.out, args.shard_size, args.val_fraction, args.seed)
     print(f"{args.out}: {len(index['classes'])} classes; "
           + ", ".join(f"{split} {index['counts'][split]} images in {len(files)} shard(s)"
-                      for split, files in index["splits"].items()))
+                      for split, files in index["splits"].items())
+          + (f"; skipped {len(index['skipped'])} unreadable file(s), named above" if index["skipped"] else ""))
     return 0
 
 

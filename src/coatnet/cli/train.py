@@ -7,19 +7,41 @@ import json
 import time
 from pathlib import Path
 
-from . import CliError
+from . import CliError, state_defaults
 
 # Settings that may change when resuming a run (the rest would change what is being resumed).
 _RESUME_CHANGEABLE = {"epochs", "device", "threads", "workers", "progress", "quiet", "stop_at_step", "save_every",
                       "eval_batch_size", "strict", "skip_nonfinite", "fsdp", "log"}
+_TRAIN_FLAGS: dict[str, str] = {}  # TrainConfig field -> its flag(s) in `coatnet train`, filled by register()
+
+# What TrainConfig's None defaults mean, for --help.
+TRAIN_NONE_MEANS = {
+    "resume": "a new run", "data_dir": "/usr/share/datasets/fashion-mnist", "train_subset": "all",
+    "val_subset": "all", "img_size": "32 for Fashion-MNIST, 224 for folders",
+    "crop_fraction": "1.0 for Fashion-MNIST, 0.875 for folders", "workers": "min(4, CPUs)",
+    "layout": "the model's", "micro_batch_size": "--batch-size", "threads": "all CPUs",
+    "stop_at_step": "none", "log": "none", "out": "runs/<recipe>-<time>",
+}
+
+COMMANDS = {  # command: its line in `coatnet --help`
+    "train": "train a model (default: the small preset on Fashion-MNIST)",
+    "eval": "evaluate a checkpoint: JSON line with top1, top5, loss, n",
+    "predict": "top-k classes with probabilities for image files and folders",
+}
+
+
+def _flags(fields) -> str:
+    """The `coatnet train` flags of TrainConfig fields, as a user types them (fields without a flag left out)."""
+    return ", ".join(sorted({_TRAIN_FLAGS[f] for f in fields if f in _TRAIN_FLAGS}))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..train.config import TrainConfig
+    from ..train.recipes import get_recipe
 
     d = TrainConfig()
     S = argparse.SUPPRESS
-    p = sub.add_parser("train", help="train a model (default: the small preset on Fashion-MNIST)",
+    p = sub.add_parser("train", help=COMMANDS["train"],
                        description="Train a CoAtNet. With no arguments: coatnet_nano on Fashion-MNIST, evaluated on "
                                    "its 10,000 test images. Flags override the recipe's settings.")
     p.add_argument("--recipe", default=S, help="named settings (see --list-recipes); default: 'default'")
@@ -101,33 +123,43 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also evaluate the training set (eval mode, no augmentation) each epoch")
     g.add_argument("--skip-nonfinite", action="store_const", const=True, default=S,
                    help="skip steps with a NaN/inf loss instead of stopping")
-    g.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=S)
+    g.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=S,
+                   help="no progress bar (there is none when stderr is not a terminal)")
     g.add_argument("--quiet", action="store_const", const=True, default=S, help="no per-epoch lines")
     g.add_argument("--log", default=S, metavar="TRACKER",
                    help="also log to tensorboard (event files in DIR/tensorboard) or wandb (Weights & Biases; "
                         "WANDB_MODE=offline keeps it local), or 'tensorboard,wandb': loss, lr, img/s per step, "
                         "val metrics and a few predicted images per epoch")
     p.set_defaults(func=run_train)
+    state_defaults(p, {**d.to_dict(), **get_recipe("default")}, TRAIN_NONE_MEANS)
+    for action in p._actions:
+        if action.option_strings and action.dest not in ("help", "recipe", "list_recipes", "resume"):
+            for field in {"randaugment": ("randaugment_n", "randaugment_m")}.get(action.dest, (action.dest,)):
+                _TRAIN_FLAGS[field] = "/".join(filter(None, (_TRAIN_FLAGS.get(field), action.option_strings[0])))
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint: JSON line with top1, top5, loss, n")
+    e = sub.add_parser("eval", help=COMMANDS["eval"])
     e.add_argument("--checkpoint", required=True,
                    help="a checkpoint-*.safetensors file of ours; or published weights (a tag from `coatnet "
                         "weights`, or timm's file with --model) on --data, with their own eval transform")
-    e.add_argument("--model", help="the model of a timm file not named after a tag")
+    e.add_argument("--model", help="the model of a timm file not named after a tag (default: the one the "
+                                   "checkpoint records)")
     e.add_argument("--data", help="'fashion-mnist' or an image folder (default: the data it was trained on)")
-    e.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
+    e.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files (default: the run's, else "
+                                      "/usr/share/datasets/fashion-mnist)")
     e.add_argument("--split", choices=("val", "train", "both"), default="val",
                    help="which split; 'both' adds the train-val gap")
-    e.add_argument("--val-fraction", type=float, help="held-out share when the folder has no val/")
-    e.add_argument("--subset", type=int, help="evaluate a seeded subset of N images")
+    e.add_argument("--val-fraction", type=float, help="held-out share when the folder has no val/ (default: the "
+                                                      "run's)")
+    e.add_argument("--subset", type=int, metavar="N", help="evaluate a seeded subset of N images (default: all)")
     e.add_argument("--batch-size", type=int, help="default 500 (64 for published weights at full size)")
     e.add_argument("--device", default="auto")
     e.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    e.add_argument("--workers", type=int)
+    e.add_argument("--workers", type=int, help="image-decoding processes (default: min(4, CPUs))")
     e.add_argument("--threads", type=int, help="CPU threads (default: all)")
     e.add_argument("--strict", action="store_true", help="fail on an unreadable image")
     e.add_argument("--img-size", type=int, help="evaluate at this input side instead of the checkpoint's "
-                                                "(relative-position tables resized, no training)")
+                                                "(relative-position tables resized, no training; default: the "
+                                                "checkpoint's)")
     e.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
                    help="first re-estimate the BatchNorm statistics on N training images at the input size "
                         "(eval transform, no labels, no weight changes)")
@@ -136,7 +168,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "checkpoint's training run evaluated)")
     e.set_defaults(func=run_eval)
 
-    q = sub.add_parser("predict", help="top-k classes with probabilities for image files and folders",
+    q = sub.add_parser("predict", help=COMMANDS["predict"],
                        description="Predict image files and folders (searched recursively) in batches. Unreadable "
                                    "files inside folders are skipped with the reason on stderr; an unreadable file "
                                    "named on the command line is an error after the others are predicted.")
@@ -145,7 +177,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--top-k", type=int, default=5)
     q.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     q.add_argument("--output", metavar="FILE", help="write the predictions to FILE (.csv: path, label_1, prob_1, "
-                                                    "..., error; .jsonl: one JSON object per image) instead of stdout")
+                                                    "..., error; .jsonl: one JSON object per image) instead of stdout "
+                                                    "(default: stdout)")
     q.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
     q.add_argument("--workers", type=int, default=None, help="image-decoding processes (default min(4, CPUs))")
     q.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
@@ -219,8 +252,8 @@ def _resumed_config(run_dir: Path, flags: dict, recipe: str | None, how: str):
         raise CliError(f"{how}: {run_dir} holds a run of recipe {cfg.recipe!r}, not {recipe!r}")
     fixed = sorted(k for k, v in flags.items() if k not in _RESUME_CHANGEABLE and getattr(cfg, k) != v)
     if fixed:
-        raise CliError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in fixed)} when resuming "
-                       f"(only {', '.join(sorted('--' + k.replace('_', '-') for k in _RESUME_CHANGEABLE))})")
+        raise CliError(f"cannot change {_flags(fixed)} when resuming {run_dir} (these may change: "
+                       f"{_flags(_RESUME_CHANGEABLE)})")
     return cfg.replace(**flags, out=str(run_dir), resume=True)
 
 
@@ -228,6 +261,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ..train import train
     from ..train.distributed import broadcast_object, init_distributed, is_main
     from ..train.recipes import describe_recipe, list_recipes
+    from ..utils import plural, rounded
 
     if args.list_recipes:
         for name in list_recipes():
@@ -241,13 +275,13 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = build_config(args, existing).validate()
     cfg = cfg.replace(out=broadcast_object(cfg.out))
     if not cfg.quiet and is_main():
-        print(f"run folder: {cfg.out}  (model {cfg.model}, data {cfg.data}, {cfg.epochs} epochs, "
+        print(f"run folder: {cfg.out}  (model {cfg.model}, data {cfg.data}, {plural(cfg.epochs, 'epoch')}, "
               f"batch {cfg.batch_size}, recipe {cfg.recipe or '-'})", flush=True)
     result = train(cfg)
     if is_main():
         if result.get("train_gflops"):
             _hardware_use(result, quiet=cfg.quiet)
-        print(json.dumps(result))
+        print(json.dumps(rounded(result)))
     return 0
 
 
@@ -269,6 +303,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..models.pretrained import weights_of
     from ..train import evaluate_checkpoint
     from ..train.finetune import checkpoint_run
+    from ..utils import rounded
 
     if args.model and checkpoint_run(args.checkpoint):
         raise CliError(f"--model is for timm's files: {args.checkpoint} records its own model")
@@ -282,7 +317,7 @@ def run_eval(args: argparse.Namespace) -> int:
         result = evaluate_published(args.checkpoint, args.data, args.model, args.img_size, args.subset,
                                     64 if args.batch_size is None else args.batch_size, args.device,
                                     args.precision, args.workers, args.strict, args.threads)
-        print(json.dumps(result))
+        print(json.dumps(rounded(result)))
         return 0
     result = evaluate_checkpoint(args.checkpoint, data=args.data, data_dir=args.data_dir, split=args.split,
                                  val_fraction=args.val_fraction, subset=args.subset,
@@ -290,7 +325,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                  device=args.device, precision=args.precision, workers=args.workers,
                                  strict=args.strict, img_size=args.img_size, recalibrate_bn=args.recalibrate_bn,
                                  threads=args.threads, tta_flip=None if args.tta is None else args.tta == "flip")
-    print(json.dumps(result))
+    print(json.dumps(rounded(result)))
     return 0
 
 
@@ -317,6 +352,8 @@ def run_predict(args: argparse.Namespace) -> int:
     # Like cat(1): every readable image is predicted, then one error line names the named files that were not;
     # unreadable files found in folders are skipped with a warning, as training skips them.
     failed, skipped, predicted, t0 = [], [], 0, time.time()
+    # Columns aligned while streaming: the widths are known before the first line (every path, every class).
+    path_width, class_width = max(len(str(f)) for f in files), max(len(c) for c in spec.classes)
     with writer or contextlib.nullcontext():  # the output file appears only when complete
         for res in iter_predictions(model, spec, files, args.top_k, args.batch_size, workers,
                                     progress=args.progress and len(files) > args.batch_size):
@@ -333,7 +370,8 @@ def run_predict(args: argparse.Namespace) -> int:
             predicted += 1
             if writer is None:
                 print(json.dumps(res) if args.json else
-                      res["image"] + "  " + "  ".join(f"{t['class']} {t['prob']:.4f}" for t in res["top"]), flush=True)
+                      f"{res['image']:<{path_width}}  " + "  ".join(f"{t['class']:<{class_width}} {t['prob']:.4f}"
+                                                                   for t in res["top"]).rstrip(), flush=True)
     seconds = time.time() - t0
     if writer is not None:
         print(json.dumps({"output": str(args.output), "predicted": predicted, "unreadable": len(failed) + len(skipped),

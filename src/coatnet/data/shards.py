@@ -3,8 +3,8 @@ process draws from its own shards only (sequential reads, no shared random acces
 
 A shard folder holds:
 - shards.json: {"format", "classes", "splits": {"train": [{"file", "count"}, ...], "val": [...]}};
-- train-000000.tar, ..., val-000000.tar, ...: per sample "<key>.<ext>" (the image file's bytes as stored)
-  and "<key>.cls" (class index as text). The key is the sample's position in its split, "%09d": it keys
+- train-000000.tar, ..., val-000000.tar, ...: per sample "<key>.<ext>" (the image file's bytes as stored),
+  "<key>.cls" (class index as text) and "<key>.src" (the source file's path, for messages). The key is the sample's position in its split, "%09d": it keys
   the sample's augmentation randomness, so that stays fixed by the shards.
 
 Order. Evaluation reads a split in key order, exactly the samples asked for. Training: process r of W reads
@@ -16,9 +16,12 @@ every worker follows the same stream and decodes only its own batches.
 """
 from __future__ import annotations
 
+import bisect
 import io
 import json
+import logging
 import os
+import tarfile
 from pathlib import Path
 from typing import Iterator
 
@@ -28,9 +31,11 @@ from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ..process_group import rank_and_world
 from ..utils import atomic_write
 from .datasets import Batch, DataSpec, scan_image_folder, transform_image
-from .images import load_image
+from .images import UnreadableImageError, load_image
 from .random import mix_int, permutation
 from .transforms import AugmentConfig
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "shards.json"
 FORMAT = "coatnet-shards-v1"
@@ -53,7 +58,8 @@ def write_shards(image_folder: str | os.PathLike, out: str | os.PathLike, shard_
     """Write the train and val images of an ImageFolder root (train/ and val/, or class folders split by a
     seeded `val_fraction`, as `coatnet train --data` reads them) as tar shards of `shard_size` samples.
     Training samples are shuffled (seeded) before sharding so each shard mixes the classes. Returns the
-    index written to out/shards.json (written last: a folder with it is complete)."""
+    index written to out/shards.json (written last: a folder with it is complete). Files that do not decode
+    as images are left out, each named with the reason (a warning) and listed in the index ("skipped")."""
     wds = _webdataset()
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size} must be positive")
@@ -62,6 +68,16 @@ def write_shards(image_folder: str | os.PathLike, out: str | os.PathLike, shard_
         raise FileExistsError(f"{out} already holds shards ({INDEX_FILE}); choose another --out")
     train, val, classes = scan_image_folder(image_folder, val_fraction, seed)
     train = [train[i] for i in permutation(seed, 0x5EA7, len(train)).tolist()]
+    skipped = []
+    for path, _ in train + val:  # a first pass decodes every file: a shard holds only readable images
+        try:
+            load_image(path)
+        except UnreadableImageError as e:
+            log.warning(f"warning: skipping unreadable file {path}: {e.reason}")
+            skipped.append({"path": str(path), "reason": e.reason})
+    if skipped:
+        bad = {s["path"] for s in skipped}
+        train, val = [s for s in train if str(s[0]) not in bad], [s for s in val if str(s[0]) not in bad]
     out.mkdir(parents=True, exist_ok=True)
     splits: dict[str, list[dict]] = {}
     for split, samples in (("train", train), ("val", val)):
@@ -74,11 +90,11 @@ def write_shards(image_folder: str | os.PathLike, out: str | os.PathLike, shard_
                 for key, (path, label) in enumerate(chunk, start=first):
                     ext = Path(path).suffix.lower().lstrip(".") or "img"
                     writer.write({"__key__": f"{key:09d}", ext: Path(path).read_bytes(),
-                                  "cls": str(label).encode()})
+                                  "cls": str(label).encode(), "src": str(path).encode()})
                 writer.close()
             splits[split].append({"file": name, "count": len(chunk)})
     index = {"format": FORMAT, "classes": list(classes), "source": str(image_folder), "splits": splits,
-             "counts": {s: sum(e["count"] for e in v) for s, v in splits.items()}}
+             "counts": {s: sum(e["count"] for e in v) for s, v in splits.items()}, "skipped": skipped}
     with atomic_write(out / INDEX_FILE) as tmp:
         tmp.write_text(json.dumps(index, indent=1) + "\n")
     return index
@@ -102,7 +118,7 @@ def _read_shard(path: Path) -> list[tuple[int, bytes, int]]:
     stream = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=lambda urls: urls,
                             workersplitter=lambda urls: urls, empty_check=False)
     for record in stream:
-        images = [k for k in record if not k.startswith("__") and k != "cls"]
+        images = [k for k in record if not k.startswith("__") and k not in ("cls", "src")]
         if len(images) != 1 or "cls" not in record:
             raise ValueError(f"{path}: sample {record.get('__key__')!r} needs one image and a .cls entry")
         samples.append((int(record["__key__"]), record[images[0]], int(record["cls"])))
@@ -133,19 +149,20 @@ class _StreamBatches(torch.utils.data.IterableDataset):
                 yield self._decode(records)
 
     def _decode(self, records):
-        images, labels, indices, failed = [], [], [], []
+        images, labels, indices, failed, reasons = [], [], [], [], []
         for key, data, label in records:
             try:
                 img = load_image(io.BytesIO(data), self.spec.in_chans)
-            except Exception:  # unreadable or corrupt: reported by the engine
-                failed.append(f"{self.source.root}#{key:09d}")
+            except UnreadableImageError as e:  # unreadable or corrupt: reported by the engine
+                failed.append(self.source.describe(key))
+                reasons.append(e.reason)
                 continue
             images.append(transform_image(img, key, self.spec, self.train, self.aug, self.seed, self.epoch))
             labels.append(label)
             indices.append(key)
         shape = (0, self.spec.in_chans, self.spec.img_size, self.spec.img_size)
         return (torch.stack(images) if images else torch.zeros(shape, dtype=torch.uint8),
-                torch.tensor(labels, dtype=torch.int64), torch.tensor(indices, dtype=torch.int64), failed)
+                torch.tensor(labels, dtype=torch.int64), torch.tensor(indices, dtype=torch.int64), failed, reasons)
 
 
 class ShardSource:
@@ -169,6 +186,19 @@ class ShardSource:
 
     def __len__(self) -> int:
         return self.offsets[-1]
+
+    def describe(self, key: int) -> str:
+        """Where sample `key` is, for a message: "<tar>#<key>", and the file it was written from when the shard
+        records it (shards written before .src entries existed do not)."""
+        shard = bisect.bisect_right(self.offsets, key) - 1
+        path = self.shards[shard][0]
+        try:
+            with tarfile.open(path) as tar:
+                member = tar.extractfile(f"{key:09d}.src")
+                source = member.read().decode(errors="replace") if member is not None else None
+        except (KeyError, OSError, tarfile.TarError):
+            source = None
+        return f"{path}#{key:09d}" + (f" (from {source})" if source else "")
 
     def rank_shards(self, rank: int, world: int) -> list[int]:
         """Positions of the shards process `rank` of `world` reads for training (every world-th)."""
@@ -217,10 +247,11 @@ class ShardSource:
         dataset = _StreamBatches(self, plan, spec, train, aug, seed, epoch, skip, rank, world)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                              prefetch_factor=4 if workers else None)
-        for images, labels, indices, failed in loader:
+        for images, labels, indices, failed, reasons in loader:
             if failed and strict:
-                raise ValueError(f"cannot read image {failed[0]} (run without --strict to skip unreadable files)")
-            yield Batch(images.to(torch.float32).div_(255), labels, indices, failed)
+                raise ValueError(f"cannot read image {failed[0]}: {reasons[0]} (run without --strict to skip "
+                                 f"unreadable files)")
+            yield Batch(images.to(torch.float32).div_(255), labels, indices, failed, reasons)
 
 
 def build_shard_data(root: str | os.PathLike, img_size: int | None, crop_fraction: float | None):

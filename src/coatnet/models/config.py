@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from ..utils import did_you_mean
+
 Size = Union[int, tuple[int, int]]
 StageValue = Union[int, tuple[int, int]]
 
@@ -249,14 +251,15 @@ class CoAtNetConfig:
             group, _, name = key.rpartition(".")
             if group:
                 if group not in nested or name not in nested_fields[group]:
-                    raise ValueError(f"unknown config field {key!r}")
+                    raise ValueError(f"unknown config field {key!r}{did_you_mean(key, self._field_names())}")
                 nested[group][name] = value
             elif name in {f.name for f in dataclasses.fields(self)}:
                 top[name] = tuple(value) if isinstance(value, list) else value
             else:
                 owners = [g for g, names in nested_fields.items() if name in names]
                 if len(owners) != 1:
-                    raise ValueError(f"unknown config field {key!r}" if not owners else
+                    raise ValueError(f"unknown config field {key!r}{did_you_mean(key, self._field_names())}"
+                                     if not owners else
                                      f"ambiguous config field {key!r}: write one of "
                                      + ", ".join(f"{g}.{name}" for g in owners))
                 nested[owners[0]][name] = value
@@ -267,6 +270,13 @@ class CoAtNetConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def _field_names(self) -> list[str]:
+        """Every name `replace` takes: top-level fields, nested ones flat and dotted."""
+        names = [f.name for f in dataclasses.fields(self)]
+        for group, cls in (("mbconv", MBConvConfig), ("transformer", TransformerConfig)):
+            names += [n for f in dataclasses.fields(cls) for n in (f.name, f"{group}.{f.name}")]
+        return names
 
     @classmethod
     def from_dict(cls, d: dict) -> "CoAtNetConfig":

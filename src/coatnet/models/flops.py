@@ -1,12 +1,26 @@
 """Parameter and multiply-add counts (the paper's FLOPs are multiply-adds)."""
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
 import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..utils import atomic_write
 from .coatnet import CoAtNet
 from .config import CoAtNetConfig
+
+# Counts of the registered variants (3 channels, their own heads, at 224 and at their own size), so that
+# `coatnet models` lists 37 models in a second instead of running each on the meta device (~0.5 s each,
+# ~20 s on a busy 2-core machine). Keyed by a hash of the whole config: a changed variant misses the table
+# and is counted afresh. Rewritten by scripts/count_models.py; tests/test_cli_models.py checks it is current.
+COUNTS_FILE = Path(__file__).with_name("counts.json")
 
 
 # torch's fused CPU attention kernels have no FLOP formula, so a model on the CPU counted its attention as
@@ -50,3 +64,40 @@ def build_on_meta(config: CoAtNetConfig) -> CoAtNet:
     """Build a model without allocating weights (for counting the multi-billion-parameter variants)."""
     with torch.device("meta"):
         return CoAtNet(config)
+
+
+def config_key(config: CoAtNetConfig) -> str:
+    """A hash of everything in `config` (architecture, in_chans, num_classes, img_size)."""
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _counts_table() -> dict:
+    try:
+        return json.loads(COUNTS_FILE.read_text())
+    except (OSError, ValueError):  # no table (or a damaged one): everything is counted
+        return {}
+
+
+def model_counts(config: CoAtNetConfig) -> tuple[int, int]:
+    """(parameters, multiply-adds per image at config.img_size) of the network `config` describes: from
+    counts.json when it holds this exact config, else counted on the meta device."""
+    hit = _counts_table().get(config_key(config))
+    if hit is not None:
+        return hit["params"], hit["macs"]
+    model = build_on_meta(config)
+    return count_params(model), count_macs(model)
+
+
+def write_counts_table(configs: Iterable[tuple[str, CoAtNetConfig]], path: str | os.PathLike = COUNTS_FILE) -> int:
+    """Count every (name, config) on the meta device and write the table `model_counts` reads; returns its size."""
+    table = {}
+    for name, config in configs:
+        model = build_on_meta(config)
+        table[config_key(config)] = {"model": name, "img_size": config.img_size, "in_chans": config.in_chans,
+                                     "num_classes": config.num_classes, "params": count_params(model),
+                                     "macs": count_macs(model)}
+    with atomic_write(Path(path)) as tmp:
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    _counts_table.cache_clear()
+    return len(table)

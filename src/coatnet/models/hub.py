@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 
 from ..utils import read_json_object
 from .coatnet import CoAtNet
@@ -112,24 +111,5 @@ def load_hub_model(folder: Path, config: dict, name: str | None, overrides: dict
         raise ValueError(f"{folder}/config.json: its model_config is invalid ({e})") from None
     model = CoAtNet(base.replace(**overrides).validate())
     path = hub_weights_file(folder)
-    state = read_weights(path)
-    if model.in_chans != base.in_chans:
-        state = adapt_input_channels(state, model)
-    load_state(model, state, path)
+    load_state(model, read_weights(path), path)  # the stem is adapted to other input channels
     return model
-
-
-def adapt_input_channels(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-    """The state with the stem's first convolution changed to the model's input channels, as timm adapts
-    it: to 1 channel by summing over the old ones; from 1 by repeating it, scaled by 1/n; otherwise by
-    repeating the old channels cyclically, scaled by old/new. A grey image repeated into every channel then
-    gives the same first-layer output as before."""
-    first = next(k for k, v in model.state_dict().items() if v.ndim == 4)
-    w = state[first]
-    old, new = w.shape[1], model.in_chans
-    if new == 1:
-        adapted = w.sum(1, keepdim=True)
-    else:
-        repeats = -(-new // old)
-        adapted = w.repeat(1, repeats, 1, 1)[:, :new] * (old / new)
-    return {**state, first: adapted}

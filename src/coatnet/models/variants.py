@@ -10,13 +10,14 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+from ..utils import did_you_mean
 from .coatnet import CoAtNet
 from .config import CoAtNetConfig, TransformerConfig
 from .features import CoAtNetFeatures
 from .hub import (hub_weights_file, is_hub_id, is_ours, load_hub_model, read_hub_config, resolve_hub_folder,
                   timm_folder_model)
 from .pretrained import default_tag, get_weights, resolve_pretrained, split_model_name
-from .weights import checkpoint_num_classes, load_state, read_weights
+from .weights import checkpoint_in_chans, checkpoint_num_classes, load_state, read_weights
 
 _REGISTRY: dict[str, Callable[[], CoAtNetConfig]] = {}
 _DOCS: dict[str, str] = {}
@@ -53,14 +54,16 @@ for _name, (_d, _w, _h, _l) in PAPER_VARIANTS.items():
     register(_name, f"paper Table 3: depths {_d}, widths {_w}, head_dim {_h}")(_paper(_d, _w, _h, _l))
 
 
-@register("coatnet_pico", "small preset for 32-64 px images and CPUs (5.3M parameters, 0.83 GMACs at 224)")
+@register("coatnet_pico", "small preset for 32-64 px images and CPUs (5.3M parameters and 0.83 GMACs at 224 "
+                          "with 3 channels and 1,000 classes; 4.9M with 1 and 10)")
 def coatnet_pico() -> CoAtNetConfig:
     # Half of CoAtNet-0's widths and fewer blocks; NOTE: not a paper variant.
     return CoAtNetConfig(depths=(2, 2, 2, 3, 2), widths=(32, 48, 96, 192, 384), layout="C-C-T-T",
                          transformer=TransformerConfig(head_dim=32), img_size=64)
 
 
-@register("coatnet_nano", "tiny preset for 32 px images on CPUs, the Fashion-MNIST default (0.96M parameters)")
+@register("coatnet_nano", "tiny preset for 32 px images on CPUs, the Fashion-MNIST default (0.96M parameters "
+                          "with 1 channel and 10 classes; 1.2M with 3 and 1,000)")
 def coatnet_nano() -> CoAtNetConfig:
     # One block per stage at a third of CoAtNet-0's widths: the full C-C-T-T layout, trainable on 2 CPU
     # cores in minutes. NOTE: not a paper variant; its Transformer blocks use BatchNorm (the paper's
@@ -100,7 +103,8 @@ def get_config(name: str, **overrides: Any) -> CoAtNetConfig:
     "<model>.<tag>" names are accepted: the tag sets the class count of its head unless overridden."""
     name, tag = split_model_name(name)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        hint = did_you_mean(name, list_models())  # "; did you mean 'x'?" or ""
+        raise ValueError(f"unknown model {name!r}{hint or ';'} available: {', '.join(list_models())}")
     if tag is not None and overrides.get("num_classes") is None:
         overrides["num_classes"] = get_weights(tag).num_classes
     return _REGISTRY[name]().replace(**overrides).validate()
@@ -113,7 +117,8 @@ def create_model(name: str | None = None, pretrained: str | os.PathLike | bool |
     `coatnet weights` (found in our weights folder after `coatnet download TAG`, or in the Hugging Face
     cache where timm keeps what it downloads; never fetched here); or True for the tag in `name`
     ("coatnet_0_rw_224.sw_in1k") or else the model's default tag, as in timm. Without a num_classes
-    override the model takes the checkpoint's class count; with another one the checkpoint's classifier
+    (in_chans) override the model takes the checkpoint's class count (input channels); another in_chans
+    adapts the stem's first convolution as timm does; with another one the checkpoint's classifier
     is dropped with a message. Relative-position tables are resized to img_size.
 
     `pretrained` may also be a Hub-format folder (`coatnet save-pretrained`) or "hf-hub:user/name" (the
@@ -157,6 +162,8 @@ def create_model(name: str | None = None, pretrained: str | os.PathLike | bool |
     state = read_weights(path)
     if overrides.get("num_classes") is None and checkpoint_num_classes(state) is not None:
         overrides["num_classes"] = checkpoint_num_classes(state)
+    if overrides.get("in_chans") is None and checkpoint_in_chans(state) is not None:
+        overrides["in_chans"] = checkpoint_in_chans(state)  # another in_chans adapts the stem (load_state)
     model = CoAtNet(get_config(model_name, **overrides))
     load_state(model, state, path)
     return model

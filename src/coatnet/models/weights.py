@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -25,6 +26,25 @@ def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
         save_file(state, str(tmp), metadata=metadata)
 
 
+def exported_kind(path: str | os.PathLike) -> str | None:
+    """"TorchScript" or "ONNX" for a file written by `coatnet export` (a program, not weights), else None."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return "ONNX"
+    try:
+        with zipfile.ZipFile(path) as z:  # TorchScript: PyTorch's zip format with the program's code/ inside
+            return "TorchScript" if any("/code/" in n for n in z.namelist()) else None
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+def not_weights_error(path: str | os.PathLike, kind: str) -> ValueError:
+    """The error for an exported file passed where weights or a checkpoint are read."""
+    run, article = ("torch.jit.load", "a") if kind == "TorchScript" else ("onnxruntime", "an")
+    return ValueError(f"{path} is {article} {kind} export (`coatnet export`), a program for {run}, not weights: pass the "
+                      f".safetensors checkpoint it was exported from (its metadata names it: source_checkpoint)")
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file, or from a .pth/.bin read with torch.load(weights_only=True)."""
     path = Path(path)
@@ -37,6 +57,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path} is not a valid safetensors file ({e})") from None
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty, not a weights file")
+    kind = exported_kind(path)
+    if kind is not None:
+        raise not_weights_error(path, kind)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says enough
             warnings.simplefilter("ignore")
@@ -85,6 +108,30 @@ def checkpoint_num_classes(state: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
+def checkpoint_in_chans(state: dict[str, torch.Tensor]) -> int | None:
+    """The input channels of the stem's first convolution in a state dict (ours or timm's); None if unknown."""
+    for key in ("stem.layers.0.weight", "stem.conv1.weight"):
+        if key in state and state[key].ndim == 4:
+            return int(state[key].shape[1])
+    return None
+
+
+def adapt_input_channels(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """The state with the stem's first convolution changed to the model's input channels, as timm adapts
+    it: to 1 channel by summing over the old ones; from 1 by repeating it, scaled by 1/n; otherwise by
+    repeating the old channels cyclically, scaled by old/new. A grey image repeated into every channel then
+    gives the same first-layer output as before."""
+    first = next(k for k, v in model.state_dict().items() if v.ndim == 4)
+    w = state[first]
+    old, new = w.shape[1], model.in_chans
+    if new == 1:
+        adapted = w.sum(1, keepdim=True)
+    else:
+        repeats = -(-new // old)
+        adapted = w.repeat(1, repeats, 1, 1)[:, :new] * (old / new)
+    return {**state, first: adapted}
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike, strict_head: bool = False) -> None:
     """Load the weights file at `path` into `model` (see load_state)."""
     load_state(model, read_weights(path), path, strict_head)
@@ -94,12 +141,17 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.
                strict_head: bool = False) -> None:
     """Load a state dict read from `path` (ours or timm's) into `model`. Relative-position tables of
     another size are resized. A classifier whose class count differs is dropped with a message (unless
-    strict_head). Any other missing or unexpected key is an error: a load never silently leaves weights
+    strict_head). A stem for another number of input channels is adapted (adapt_input_channels). Any other missing or unexpected key is an error: a load never silently leaves weights
     at their initial values."""
     notes = []  # logged once the load has succeeded: a failed load reports only its error
     if is_timm_state_dict(state):
         state = convert_timm_state_dict(state, model)
     own = model.state_dict()
+    stem = next(k for k, v in own.items() if v.ndim == 4)  # the stem's first convolution
+    if stem in state and state[stem].ndim == 4 and state[stem].shape[1] != own[stem].shape[1]:
+        notes.append(f"note: {path}: its stem takes {state[stem].shape[1]}-channel images; adapted to "
+                     f"{own[stem].shape[1]} channels (summed or repeated, as timm does)")
+        state = adapt_input_channels(state, model)
     head_keys = [k for k in own if k.startswith("head.")]
     mismatched_head = [k for k in head_keys if k in state and state[k].shape != own[k].shape]
     if mismatched_head:

@@ -5,7 +5,7 @@ speed: side-by-side timings; report: the markdown table, plot and reading.
 """
 from .definitions import LAYOUT_MODELS, STUDIES, Recipe, Study, Variant, get_study
 from .report import write_report
-from .runner import plan, read_rows, results_path, run_study
+from .runner import plan, read_rows, results_path, run_study, study_of_rows
 
 __all__ = ["LAYOUT_MODELS", "STUDIES", "Recipe", "Study", "Variant", "get_study", "plan", "read_rows",
-           "results_path", "run_study", "write_report"]
+           "results_path", "run_study", "study_of_rows", "write_report"]

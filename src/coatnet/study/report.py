@@ -286,6 +286,20 @@ def reading(study: Study, rows: list[dict]) -> list[str]:
     return out
 
 
+def _sharing(rows: list[dict]) -> str:
+    """What the rows recorded about other jobs on the machine (runner.machine_load), as a list item."""
+    known = [r for r in rows if "nice" in r and "load_avg" in r]
+    if not known:
+        return "- whether the machine was shared is not recorded in these rows"
+    nice = max(r["nice"] for r in known)
+    busy = max(r["load_avg"] / max(r.get("cpus") or 1, 1) for r in known)
+    parts = ([f"niced (nice {nice})"] if nice > 0 else []) + (
+        [f"1-minute load up to {busy:.1f}x the CPU count when a row started"] if busy > 0.5 else [])
+    if parts:
+        return "- shared with other jobs: " + ", ".join(parts)
+    return f"- not niced, load at most {busy:.1f}x the CPU count when a row started (an idle machine)"
+
+
 def write_report(study: Study, rows: list[dict], out_dir: str | os.PathLike, command: str,
                  planned: Optional[list] = None) -> Path:
     """Write <study>.md and <study>.png into out_dir; returns the markdown path."""
@@ -309,7 +323,7 @@ def write_report(study: Study, rows: list[dict], out_dir: str | os.PathLike, com
     lines += ["## Command", "", "```", command, "```", "",
               "Resumable: rerunning the command skips the rows already in the JSON file.", "",
               "## Machine", ""] + [f"- {m}" for m in machines] + [
-              "- shared with other jobs (niced); seconds are wall-clock and noisy: compare them only within a "
+              _sharing(rows) + "; seconds are wall-clock and noisy: compare them only within a "
               "study, and use the side-by-side timings for speed claims.", "",
               "## Setup", "",
               "- Data: Fashion-MNIST, training subsets drawn (seeded) from the 60,000 training images; val = the "

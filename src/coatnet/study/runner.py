@@ -30,7 +30,7 @@ from ..train.checkpoint import load_model, weights_path
 from ..train.evaluate import evaluate, subset_indices
 from ..train.runtime import setup_runtime
 from ..utils import atomic_write
-from .definitions import BASE_MODEL, Recipe, Study, Variant, recipe_id, run_key
+from .definitions import BASE_MODEL, Recipe, Study, Variant, get_study, recipe_id, run_key
 from .speed import time_variants
 
 # Test images the engine evaluates after each epoch (only for its log: the row's val_* are measured on the
@@ -81,6 +81,29 @@ def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     return (f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"python {platform.python_version()}")
+
+
+def machine_load() -> dict:
+    """How shared the machine was when a row ran: the process's niceness, the 1-minute load average and the CPU
+    count (the report says "shared" only when these say so)."""
+    return {"nice": os.nice(0), "load_avg": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+
+
+def study_of_rows(name: str, rows: list[dict]) -> tuple[Study, bool]:
+    """(study, quick): the definition of study `name` (full or --quick, with the --steps the rows were trained
+    with) whose recipe produced `rows`, as `--report-only` needs to report them against their own plan."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.get("recipe_id")] = counts.get(r.get("recipe_id"), 0) + 1
+    steps = {r["recipe"]["steps"] for r in rows if isinstance(r.get("recipe"), dict) and "steps" in r["recipe"]}
+    for rid in sorted(counts, key=lambda k: -counts[k]):
+        for quick in (False, True):
+            base = get_study(name, quick=quick)
+            for study in (base, *(base.replace(recipe=dataclasses.replace(base.recipe, steps=n)) for n in sorted(steps))):
+                if recipe_id(study.recipe) == rid:
+                    return study, quick
+    raise ValueError(f"the {name} rows were trained with a recipe this version does not define "
+                     f"(recipe_id {', '.join(map(str, counts))}); rerun the study")
 
 
 # -- the results file ----------------------------------------------------------------------------------
@@ -181,7 +204,7 @@ def run_row(study: Study, spec: RowSpec, train_fn: Optional[TrainFn] = None) -> 
         "epochs_seen": int(res.get("steps") or 0) * recipe.batch_size / spec.train_size,
         "model": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.variant.overrides.items()},
         "base_model": BASE_MODEL, "recipe": dataclasses.asdict(recipe), "recipe_id": recipe_id(recipe),
-        "run_key": spec.key, "machine": machine_description(),
+        "run_key": spec.key, "machine": machine_description(), **machine_load(),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return row

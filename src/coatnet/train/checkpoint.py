@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ..data import DataSpec
 from ..models import CoAtNet, CoAtNetConfig
+from ..models.weights import exported_kind, not_weights_error
 from ..utils import atomic_write
 
 FORMAT = "coatnet-checkpoint-v1"
@@ -51,6 +52,9 @@ def _not_safetensors(path: Path, error: Exception) -> ValueError:
         head = f.read(8)
     if not head:
         return ValueError(f"{path} is empty, not a checkpoint")
+    kind = exported_kind(path)
+    if kind is not None:
+        return not_weights_error(path, kind)
     if head[:1] == b"\x80" or head[:2] == b"PK":  # a pickle, or PyTorch's zip of pickles
         return ValueError(f"{path} is a pickle (PyTorch .pth/.pt/.bin), not a safetensors checkpoint; refusing to "
                           f"unpickle it (that can run code). Plain weights of that kind load with "

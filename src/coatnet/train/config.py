@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..models import get_config
+from ..utils import did_you_mean
 from .tracking import parse_log
 
 
@@ -114,7 +115,8 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
-            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}"
+                             f"{did_you_mean(unknown[0], sorted(known)) if len(unknown) == 1 else ''}")
         changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **changes)
 
@@ -133,6 +135,9 @@ class TrainConfig:
                      "randaugment_n", "randaugment_m", "drop_path", "label_smoothing", "workers", "recalibrate_bn",
                      "precise_bn", "min_epoch_images"):
             positive(name, allow_zero=True)
+        if not 0 < self.val_fraction < 1:  # checked before the run folder is written, as every other setting
+            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1): training needs validation images "
+                             f"(a folder with train/ and val/ ignores it)")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay={self.layer_decay} must be in (0, 1]")
         for name in ("freeze_stages", "recalibrate_bn", "precise_bn", "min_epoch_images"):

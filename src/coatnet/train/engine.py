@@ -38,7 +38,7 @@ from ..layers import drop_path_noise
 from ..models import CoAtNet, build_on_meta, count_macs, count_params, create_model, inference_model
 from ..models.pretrained import weights_of
 from ..models.transfer import freeze_stages
-from ..utils import atomic_write
+from ..utils import atomic_write, plural
 from .checkpoint import read_progress, state_path
 from .checkpointer import Checkpointer
 from .config import TrainConfig
@@ -181,7 +181,7 @@ def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Opt
     model.train()
     n_batches = len(data.batch_sizes)
     bar = tqdm(total=n_batches, initial=data.start, desc=f"epoch {data.epoch + 1}/{settings.epochs}",
-               disable=not (settings.progress_bar and is_main()), leave=False, file=sys.stderr, dynamic_ncols=True)
+               disable=not (settings.progress_bar and is_main() and sys.stderr.isatty()), leave=False, file=sys.stderr, dynamic_ncols=True)
     images_seen, t_train, lr = 0, time.time(), settings.lr_at(state.global_step)
     with contextlib.closing(data.batches), bar:  # a folder's DataLoader workers end with the epoch
         for step_in_epoch in range(data.start, n_batches):
@@ -327,7 +327,7 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
                 "model": cfg.model, "layout": cfg.layout, "tta_flip": cfg.eval_flip}
     checkpointer = Checkpointer(cfg.out, model, optimizer, ema, cfg.fsdp,
                                 {"model_config": model.config.to_dict(), "data": data.spec.to_dict(), "run": run_info})
-    state = _initial_state(cfg, checkpointer, runtime, resuming)
+    state = _initial_state(cfg, checkpointer, runtime, resuming, settings)
     if checkpointer.out is not None and is_main():
         _write_config(checkpointer.out, {
             **cfg.replace(resume=False).to_dict(), "classes": list(data.spec.classes),
@@ -399,6 +399,10 @@ def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
     workers = min(4, os.cpu_count() or 1) if cfg.workers is None else cfg.workers
     train_idx = subset_indices(len(train_src), cfg.train_subset, cfg.seed, stream=1)
     val_idx = subset_indices(len(val_src), cfg.val_subset, cfg.seed, stream=2)
+    for flag, asked, have, split in (("--train-subset", cfg.train_subset, len(train_src), "training"),
+                                     ("--val-subset", cfg.val_subset, len(val_src), "validation")):
+        if asked is not None and asked > have:
+            _warn(f"warning: {flag} {asked} is more than the {have} {split} images of {cfg.data}: using all {have}")
     if len(val_idx) == 0:
         raise ValueError(f"{cfg.data}: no validation images (raise --val-fraction or add a val/ folder)")
     repeats = 1
@@ -453,9 +457,12 @@ def _build_model(cfg: TrainConfig, data: _Data, runtime: Runtime, resuming: bool
     return model, n_params
 
 
-def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtime, resuming: bool) -> TrainState:
+def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtime, resuming: bool,
+                   settings: StepSettings) -> TrainState:
     """A new TrainState; when `resuming`, the run folder's checkpoint's (its weights loaded), and
-    metrics.jsonl rewritten to the epoch records it holds."""
+    metrics.jsonl rewritten to the epoch records it holds. A run is never shortened below the epochs it has
+    trained; extending it recomputes the schedule over the new epochs (the lr is a function of the step and
+    the total), which is said with the learning rates before and after."""
     out = checkpointer.out
     if out is None or not cfg.resume:
         return TrainState()
@@ -463,15 +470,24 @@ def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtim
         _warn(f"no checkpoint in {out} yet: starting from the beginning")
         return TrainState()
     state = checkpointer.resume(runtime.device)
+    if state.epoch > cfg.epochs:
+        raise ValueError(f"--epochs {cfg.epochs}: {out} has trained {state.epoch} epochs already and cannot be "
+                         f"shortened (resume with --epochs {state.epoch} or more)")
     # The epoch records travel in the checkpoint: metrics.jsonl is rewritten to match it, so a kill
     # between writing the checkpoint and the metrics neither loses nor repeats an epoch.
     if is_main() and state.records != read_metrics(out / "metrics.jsonl"):
         with writing(out / "metrics.jsonl", f"the checkpoint ({checkpointer.saved_at}) is kept"):
             write_metrics(out / "metrics.jsonl", state.records)
     if state.epoch >= cfg.epochs:
-        _warn(f"{out} is complete ({state.epoch} of {cfg.epochs} epochs): nothing to do (--epochs N extends it)")
+        _warn(f"{out} is complete ({state.epoch} of {plural(cfg.epochs, 'epoch')}): nothing to do (--epochs N "
+              f"extends it)")
     else:
         _note(f"resuming {out} at epoch {state.epoch + 1}, step {state.global_step}")
+        last_lr, new_lr = (state.records[-1].get("lr") if state.records else None), settings.lr_at(state.global_step)
+        if last_lr and abs(new_lr - last_lr) > 0.01 * last_lr:
+            _warn(f"warning: the learning-rate schedule now spans {cfg.epochs} epochs ({settings.total_steps} steps): the lr "
+                  f"goes from {last_lr:.2e} (the last step trained) to {new_lr:.2e} at step {state.global_step}, "
+                  f"then decays to {cfg.min_lr:.0e}")
     return state
 
 
@@ -561,7 +577,7 @@ def _end_epoch(cfg: TrainConfig, state: TrainState, rec: dict, checkpointer: Che
         with writing(out / "metrics.jsonl", f"the checkpoint ({checkpointer.saved_at}) was saved"):
             write_metrics(out / "metrics.jsonl", state.records)
         with writing(out / "curves.png", f"the checkpoint ({checkpointer.saved_at}) was saved"):
-            plot_curves(state.records, out / "curves.png")
+            plot_curves(state.records, out / "curves.png", title=f"{out.name}: {cfg.model} on {cfg.data}")
     barrier()
     _log(_summary_line(rec, cfg.epochs), cfg.quiet)
 

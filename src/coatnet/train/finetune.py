@@ -36,7 +36,9 @@ def finetune_config(checkpoint: str, model: str | None = None, num_classes: int 
                     **settings: Any) -> TrainConfig:
     """TrainConfig that fine-tunes `checkpoint` (ours, timm's, or a tag from `coatnet weights`):
     FINETUNE_RECIPE, then `settings` (TrainConfig fields; None ignored). The model is the one recorded
-    in the checkpoint, or `model` (needed for files without our metadata). `num_classes`, when given,
+    in the checkpoint, or `model` (needed for files without our metadata). Without `data`, one of our
+    checkpoints continues on the data it was trained on (its data, data_dir and val_fraction) and, without
+    `img_size`, at its size. `num_classes`, when given,
     must be the data's class count (a new head is made whenever it differs from the checkpoint's)."""
     run = checkpoint_run(checkpoint)
     published = weights_of(checkpoint)  # a tag, or a file named after one: its model is known
@@ -45,6 +47,12 @@ def finetune_config(checkpoint: str, model: str | None = None, num_classes: int 
         raise ValueError(f"{checkpoint}: no model name recorded in it; pass the model (--model NAME)")
     if model is None and run.get("layout") and settings.get("layout") is None:
         settings["layout"] = run["layout"]  # the architecture it was trained with
+    if settings.get("data") is None:  # one of our checkpoints: by default its own data, split and size
+        for key in ("data", "data_dir", "val_fraction"):
+            if settings.get(key) is None and run.get(key) is not None:
+                settings[key] = run[key]
+        if settings.get("img_size") is None and run.get("data") is not None:
+            settings["img_size"] = checkpoint_info(checkpoint).get("data", {}).get("img_size")
     cfg = TrainConfig().replace(**FINETUNE_RECIPE, model=name, pretrained=str(checkpoint), eval_before=True,
                                 recipe="finetune").replace(**settings)
     if num_classes is not None:

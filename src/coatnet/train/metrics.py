@@ -8,6 +8,10 @@ from pathlib import Path
 from ..utils import atomic_write
 
 
+CURVES_NOTE = ("train: running mean over each epoch's steps, in training mode with augmentation; "
+               "val: after each epoch, eval mode, no augmentation (flip TTA when on)")
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
@@ -18,15 +22,17 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 def write_metrics(path: str | os.PathLike, records: list[dict]) -> None:
     """Rewrite the whole file atomically (a few hundred lines at most): never a torn line."""
     with atomic_write(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))  # full precision: the tracker's values
 
 
-def plot_curves(records: list[dict], path: str | os.PathLike) -> None:
-    """Loss and top-1 per epoch, train and val, side by side, as a PNG."""
+def plot_curves(records: list[dict], path: str | os.PathLike, title: str | None = None) -> None:
+    """Loss and top-1 per epoch, train and val, side by side, as a PNG, under `title` (the run and model), with
+    a note on what the two curves measure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -41,9 +47,13 @@ def plot_curves(records: list[dict], path: str | os.PathLike) -> None:
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
+    if title:
+        fig.suptitle(title)
+    fig.text(0.5, 0.01, CURVES_NOTE, ha="center", va="bottom", fontsize=8, color="0.3")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
