@@ -310,8 +310,9 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
     the main process logs steps and epochs besides metrics.jsonl)."""
     t_start = time.time()
     _, world = rank_and_world()
-    runtime = setup_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.compile, cfg.threads or local_threads(),
-                            cfg.deterministic)
+    # FSDP2 shards contiguous parameters only: a sharded model keeps the default memory format.
+    runtime = setup_runtime(cfg.device, cfg.precision, cfg.channels_last and not cfg.fsdp, cfg.compile,
+                            cfg.threads or local_threads(), cfg.deterministic)
     _log(f"device {runtime.device}, precision {runtime.precision} ({runtime.precision_reason})", cfg.quiet)
     cfg, data = _load_data(cfg)
     resuming = bool(cfg.resume and cfg.out) and state_path(cfg.out).is_file()
@@ -365,10 +366,9 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
             tracker.log_predictions(state.global_step, *sample_predictions(eval_model, data.val_src, data.val_idx[:8],
                                                                            data.spec, runtime.device))
         _end_epoch(cfg, state, rec, checkpointer)
-        if epoch == 0:
-            _few_steps_note(cfg, data, steps_per_epoch)
         if settings.stops_at(state.global_step) and epoch + 1 < cfg.epochs:
             return result(stopped=True)
+    _few_steps_note(cfg, data, steps_per_epoch)
     return result()
 
 
@@ -412,8 +412,9 @@ def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
 
 
 def _few_steps_note(cfg: TrainConfig, data: _Data, steps: int) -> None:
-    """After the first epoch of a run on a small set from scratch: say how to give it more steps."""
-    if steps < 50 and not cfg.min_epoch_images and not cfg.pretrained:
+    """At the end of a run on a small set from scratch, for a person at a terminal: how to give the next run
+    more steps."""
+    if steps < 50 and not cfg.min_epoch_images and not cfg.pretrained and sys.stderr.isatty():
         _note(f"{len(data.train_idx)} training images make {steps} optimizer steps per epoch: a short run learns "
               f"little; --recipe small-data (or --min-epoch-images 8000) repeats them within each epoch", cfg.quiet)
 
