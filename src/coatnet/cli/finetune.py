@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ..train.finetune import FINETUNE_RECIPE as R
     from .train import TRAIN_NONE_MEANS
 
+    defaults = {**TrainConfig().to_dict(), **R}  # what a flag left out becomes
     p = sub.add_parser("finetune", help=COMMANDS["finetune"])
     p.add_argument("--checkpoint", required=True, help="weights to start from: a checkpoint of ours, timm's "
                                                        "(.safetensors/.pth/.bin), or a tag from `coatnet weights`")
@@ -49,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=S)
     p.add_argument("--device", default=S)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=S,
-                   help="NHWC memory format for the convolutions (default on)")
+                   help="NHWC memory format for the convolutions "
+                        f"(default {'on' if defaults['channels_last'] else 'off'})")
     p.add_argument("--threads", type=int, default=S)
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--out", default=S, help="run folder (default: none, nothing written)")
@@ -59,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log", default=S, metavar="TRACKER", help="also log to tensorboard, wandb or both (see "
                                                                "`coatnet train --help`)")
     p.set_defaults(func=run)
-    state_defaults(p, {**TrainConfig().to_dict(), **R}, TRAIN_NONE_MEANS)
+    state_defaults(p, defaults, TRAIN_NONE_MEANS)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +43,6 @@ def bf16_matmul_speedup(repeats: int = 5) -> float:
     """How many times faster this CPU multiplies bf16 matrices than fp32 ones (fp32 time / bf16 time, median
     of `repeats`), on a (4096 x 256) @ (256 x 512) product, the size of a small model's linears and 1x1
     convolutions at a batch of a few hundred images. Measured once per process (~50 ms)."""
-    import time
-
     a, b = torch.randn(4096, 256), torch.randn(256, 512)
     times = {}
     for dtype in (torch.float32, BF16):

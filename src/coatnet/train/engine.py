@@ -181,7 +181,8 @@ def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Opt
     model.train()
     n_batches = len(data.batch_sizes)
     bar = tqdm(total=n_batches, initial=data.start, desc=f"epoch {data.epoch + 1}/{settings.epochs}",
-               disable=not (settings.progress_bar and is_main() and sys.stderr.isatty()), leave=False, file=sys.stderr, dynamic_ncols=True)
+               disable=not (settings.progress_bar and is_main() and sys.stderr.isatty()), leave=False, file=sys.stderr,
+               dynamic_ncols=True)
     images_seen, t_train, lr = 0, time.time(), settings.lr_at(state.global_step)
     with contextlib.closing(data.batches), bar:  # a folder's DataLoader workers end with the epoch
         for step_in_epoch in range(data.start, n_batches):
@@ -271,7 +272,8 @@ def train(cfg: TrainConfig) -> dict:
     """Train (or resume) as `cfg` says; returns the final metrics: train_loss, train_top1 (running, with
     augmentation), val_loss, val_top1, val_top5 (%), train_eval_* when cfg.eval_train, seconds, params,
     epochs, steps, best_val_top1, skipped_images (unreadable files, counted once each), device, precision
-    (as resolved), macs_per_image and train_gflops (multiply-adds x 2 x 3 per image x the epochs' mean training images/s).
+    (as resolved), macs_per_image and train_gflops (multiply-adds x 2 x 3 per image x the epochs' mean training
+    images/s).
 
     With a run folder (cfg.out), before any work: the folder is created and proved writable, locked against
     a second training process, cleared of temporaries a killed write left, and a folder that already holds
@@ -486,9 +488,9 @@ def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtim
         _note(f"resuming {out} at epoch {state.epoch + 1}, step {state.global_step}")
         last_lr, new_lr = (state.records[-1].get("lr") if state.records else None), settings.lr_at(state.global_step)
         if last_lr and abs(new_lr - last_lr) > 0.01 * last_lr:
-            _warn(f"warning: the learning-rate schedule now spans {cfg.epochs} epochs ({settings.total_steps} steps): the lr "
-                  f"goes from {last_lr:.2e} (the last step trained) to {new_lr:.2e} at step {state.global_step}, "
-                  f"then decays to {cfg.min_lr:.0e}")
+            _warn(f"warning: the learning-rate schedule now spans {cfg.epochs} epochs ({settings.total_steps} steps): "
+                  f"the lr goes from {last_lr:.2e} (the last step trained) to {new_lr:.2e} at step "
+                  f"{state.global_step}, then decays to {cfg.min_lr:.0e}")
     return state
 
 

@@ -12,8 +12,8 @@ from torch import nn
 
 from ..device_plan import DevicePlan, device_plan
 from ..layers import bf16_cpu
-from ..process_group import broadcast_object
 from ..models.inference import onednn_fusion_available
+from ..process_group import broadcast_object
 
 PRECISIONS = ("auto", "fp32", "bf16")
 MIN_BF16_SPEEDUP = 1.1  # "auto" takes bf16 on a CPU whose bf16 matrix products are at least this much faster
