@@ -1,16 +1,17 @@
 """The three studies as data: which models, which training-set sizes, which seeds, which recipe.
 
-Scale (chosen for a shared 2-core CPU, documented in docs/results/*.md):
-- Fashion-MNIST, 28x28 grey images resized (bilinear) by the data pipeline to 32x32, 10 classes.
-- Tiny models of about 0.6M parameters. The CoAtNet layouts use a stride-1 stem (`stem_stride=1`), so the
-  stages S1..S4 see 16x16, 8x8, 4x4 and 2x2 maps: with the paper's stride-2 stem a 32x32 image would leave
-  S3 at 2x2 and S4 at 1x1, where attention is degenerate. ViT-Rel takes 8x8 patches, i.e. a 4x4 token grid,
-  the resolution of S3 here, as the paper's 16x16 patches give ViT-Rel the resolution of its S3 (1/16).
-- One recipe per study (no augmentation, no label smoothing, no stochastic depth, so that the gap between
-  train and val accuracy measures the architecture, not the regulariser), and the same number of
-  optimizer steps per row: the smallest training set is seen for many epochs (the over-fitting,
-  "generalization" regime), the full set for a fraction of one (every image new: the "capacity" regime,
-  where only how fast and how well a model fits matters).
+Scale (chosen so the whole campaign fits 5 hours of a 2-core CPU, or one call of a GPU; docs/results/*.md):
+- Fashion-MNIST, 28x28 grey images resized (bilinear) to 32x32, 10 classes; the 10,000 test images are the
+  test set of every row.
+- Models at coatnet_micro's scale (0.48M parameters with 1 channel and 10 classes): C-C-T-T *is*
+  coatnet_micro, the main job's model (stride-2 stem, S1 16x16, S2 8x8, S3 and S4 both 4x4: at 32 px the
+  paper's strides would leave S4 a single token). The other layouts swap block types and widen one stage so
+  that every model lies within 10% of C-C-T-T's parameters. ViT-Rel takes 8x8 patches: its 4x4 token grid is
+  the resolution of C-C-T-T's Transformer stages, as the paper's 16x16 patches give ViT-Rel its S3's.
+- One recipe for every row, the main job's (`coatnet train`: AdamW 3e-3, cosine, label smoothing 0.1, flip)
+  with the convergence rule of `Recipe`: `epochs` epochs of max(n, 8,000) images, so the smallest sets get
+  enough optimizer steps to fit (the "generalization" regime) and the full set gets the main job's schedule
+  and accuracy (the "capacity" regime).
 """
 from __future__ import annotations
 
@@ -21,20 +22,18 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 # The registered variant every study model starts from; the overrides below replace its shape.
-BASE_MODEL = "coatnet_0"
+BASE_MODEL = "coatnet_micro"
 
-# Shared by all CoAtNet-layout study models: stride-1 stem (see the module docstring), 16-channel heads.
-_TINY = {"stem_stride": 1, "head_dim": 16, "depths": (1, 1, 2, 2, 1)}
-
-# The five layouts of the paper's Sec. 3.2 / Fig. 2 at about 0.6M parameters each (within 10% of each
-# other; tests/test_study.py holds them to that). Widths differ only in S4, widened where the stage
-# types are cheaper in parameters (MBConv), so that parameter counts match.
+# The five layouts of the paper's Sec. 3.2 / Fig. 2 at coatnet_micro's size (parameters with 1 channel and
+# 10 classes: C-C-C-C 489,722; C-C-C-T 482,718; C-C-T-T 484,114; C-T-T-T 500,926; ViT-Rel 455,350; all within
+# 10% of C-C-T-T, tests/test_study.py holds them to it). The ConvNet-heavier layouts widen the stage that
+# turned from Transformer to MBConv (MBConv blocks of equal width have fewer parameters).
 LAYOUT_MODELS: dict[str, dict[str, Any]] = {
-    "C-C-C-C": {**_TINY, "layout": "C-C-C-C", "widths": (16, 24, 48, 96, 240)},
-    "C-C-C-T": {**_TINY, "layout": "C-C-C-T", "widths": (16, 24, 48, 96, 192)},
-    "C-C-T-T": {**_TINY, "layout": "C-C-T-T", "widths": (16, 24, 48, 96, 176)},
-    "C-T-T-T": {**_TINY, "layout": "C-T-T-T", "widths": (16, 24, 48, 96, 176)},
-    "ViT-Rel": {"layout": "ViT-Rel", "depths": (6,), "widths": (96,), "patch_size": 8, "head_dim": 16},
+    "C-C-C-C": {"layout": "C-C-C-C", "widths": (32, 32, 64, 128, 160)},
+    "C-C-C-T": {"layout": "C-C-C-T", "widths": (32, 32, 64, 144, 128)},
+    "C-C-T-T": {"layout": "C-C-T-T"},
+    "C-T-T-T": {"layout": "C-T-T-T"},
+    "ViT-Rel": {"layout": "ViT-Rel", "depths": (4,), "widths": (96,), "patch_size": 8},
 }
 
 
@@ -42,38 +41,40 @@ LAYOUT_MODELS: dict[str, dict[str, Any]] = {
 class Recipe:
     """Training settings shared by every row of a study (mapped onto coatnet.train.TrainConfig).
 
-    Every row takes the same number of optimizer steps whatever its training-set size, so every row costs
-    the same: a small set is seen for many epochs, a large one for a fraction of one. The learning rate is
-    constant after a short warmup, so that stopping a run inside its first epoch (the engine's schedules
-    span whole epochs) changes nothing about the schedule."""
+    The convergence rule: every row trains `epochs` epochs of max(n, min_epoch_images) images (a smaller
+    set is repeated within each epoch, reshuffled and augmented anew), with warmup then cosine decay to
+    min_lr. Every epoch has the same number of steps, so the last two of ten epochs are the last 20% of
+    the steps: the change of the training loss between them is each row's evidence of convergence."""
 
     data: str = "fashion-mnist"  # dataset name understood by the training engine
     img_size: int = 32  # input side; Fashion-MNIST's 28x28 is resized to it
-    steps: int = 96  # optimizer steps per row (96 x 64 = 6,144 training images)
-    batch_size: int = 64  # images per optimizer step
-    lr: float = 1e-3  # AdamW learning rate, constant after warmup
-    warmup_steps: int = 10  # linear warmup from 0
+    epochs: int = 10  # epochs of max(n, min_epoch_images) images each
+    min_epoch_images: int = 8_000  # a smaller training set is repeated within an epoch up to this many images
+    batch_size: int = 256  # images per optimizer step
+    lr: float = 3e-3  # AdamW peak learning rate
+    min_lr: float = 1e-5  # cosine decay floor
+    warmup_epochs: float = 0.3  # linear warmup from 0
     weight_decay: float = 0.05  # AdamW decoupled weight decay
     clip_grad: float = 1.0  # global gradient-norm clip
-    label_smoothing: float = 0.0  # none: train loss is then the plain cross-entropy
-    augment: bool = False  # no random augmentation: the generalization gap is the architecture's
-    val_subset: Optional[int] = 5_000  # evaluate on a seeded subset of this many test images (None: all 10,000)
-    train_eval_images: int = 1_000  # train loss / top-1 on a seeded sample of this many of the row's images
-    threads: int = 1  # torch CPU threads (1: the machine is shared; one thread scales best under load)
+    label_smoothing: float = 0.1
+    hflip: float = 0.5  # the main job's only augmentation
+    precision: str = "fp32"  # the same arithmetic on every machine (auto would pick bf16 on some CPUs only)
+    engine_val_images: int = 1_000  # test images the engine scores after each epoch (its log only)
+    val_subset: Optional[int] = None  # test images a row is scored on after training (None: all 10,000)
+    train_eval_images: int = 2_000  # eval-mode train loss / top-1 on a seeded sample of the row's images
 
-    @property
-    def images(self) -> int:
-        return self.steps * self.batch_size
+    def epoch_images(self, train_size: int) -> int:
+        return max(train_size, self.min_epoch_images) if self.min_epoch_images else train_size
 
     def steps_per_epoch(self, train_size: int) -> int:
-        return -(-train_size // self.batch_size)
+        return -(-self.epoch_images(train_size) // self.batch_size)
 
-    def epochs_for(self, train_size: int) -> int:
-        """Whole epochs the engine is asked for: enough to hold `steps` (it stops there)."""
-        return -(-self.steps // self.steps_per_epoch(train_size))
+    def steps(self, train_size: int) -> int:
+        return self.epochs * self.steps_per_epoch(train_size)
 
-    def epochs_seen(self, train_size: int) -> float:
-        return self.images / train_size
+    def images(self, train_size: int) -> int:
+        """Training images a row of this size sees (augmented repeats counted)."""
+        return self.epochs * self.epoch_images(train_size)
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,13 @@ class Variant:
 
     @property
     def layout(self) -> str:
-        return self.overrides["layout"]
+        return self.overrides.get("layout", "C-C-T-T")
 
 
 @dataclass(frozen=True)
 class Study:
-    """A grid of rows: every variant x every train size x the first seed, plus the further seeds at
-    `repeat_sizes` (the budget allows repeats only where rows are cheap)."""
+    """A grid of rows: every variant x every train size x the seeds (`seeds_at` lowers the seed count at a
+    size where the budget demands it)."""
 
     name: str  # command name and file stem: docs/results/<name>.json / .md
     title: str
@@ -100,7 +101,7 @@ class Study:
     variants: tuple[Variant, ...]
     train_sizes: tuple[int, ...]
     seeds: tuple[int, ...]
-    repeat_sizes: tuple[int, ...]  # sizes run with every seed; the others with seeds[0] only
+    seeds_at: tuple[tuple[int, int], ...] = ()  # (train size, number of seeds) where fewer than all seeds run
     recipe: Recipe = Recipe()
     speed_benchmark: bool = False  # also time training and inference steps of each variant side by side
     speed_rounds: int = 5  # alternating timing rounds of the speed benchmark
@@ -117,6 +118,9 @@ class Study:
     @property
     def variant_names(self) -> list[str]:
         return [v.name for v in self.variants]
+
+    def seeds_for(self, train_size: int) -> tuple[int, ...]:
+        return self.seeds[:dict(self.seeds_at).get(train_size, len(self.seeds))]
 
 
 def run_key(overrides: dict, recipe: Recipe, train_size: int, seed: int) -> str:
@@ -154,9 +158,8 @@ STUDIES: dict[str, Study] = {
         question="Which stage layout generalizes best from little data, and which fits large data best?",
         paper_claims=(PAPER_FINDINGS["generalization"], PAPER_FINDINGS["capacity"]),
         variants=tuple(Variant(name, overrides) for name, overrides in LAYOUT_MODELS.items()),
-        train_sizes=(1_000, 4_000, 60_000),
-        seeds=(0, 1),
-        repeat_sizes=(1_000, 4_000, 60_000),
+        train_sizes=(1_000, 4_000, 15_000, 60_000),
+        seeds=(0, 1, 2),
     ),
     "attention": Study(
         name="attention",
@@ -166,27 +169,26 @@ STUDIES: dict[str, Study] = {
         variants=(Variant("relative", {**_CCTT, "attention_bias": "relative"}),
                   Variant("relative_post", {**_CCTT, "attention_bias": "relative_post"}),
                   Variant("none", {**_CCTT, "attention_bias": "none"})),
-        train_sizes=(1_000, 60_000),
+        train_sizes=(4_000, 60_000),
         seeds=(0, 1),
-        repeat_sizes=(1_000, 60_000),
     ),
     "norms": Study(
         name="norms",
-        title="Norms: LayerNorm against BatchNorm in the Transformer blocks of C-C-T-T",
+        title="Norms: BatchNorm against LayerNorm in the Transformer blocks of C-C-T-T",
         question="Does BatchNorm in the Transformer blocks match LayerNorm's accuracy, and is it faster?",
         paper_claims=(PAPER_FINDINGS["norms"],),
-        variants=(Variant("layernorm", {**_CCTT, "norm": "layernorm"}),
-                  Variant("batchnorm", {**_CCTT, "norm": "batchnorm"})),
-        train_sizes=(1_000, 60_000),
+        variants=(Variant("batchnorm", {**_CCTT, "norm": "batchnorm"}),
+                  Variant("layernorm", {**_CCTT, "norm": "layernorm"})),
+        train_sizes=(4_000, 60_000),
         seeds=(0, 1),
-        repeat_sizes=(1_000, 60_000),
         speed_benchmark=True,
     ),
 }
 
 # --quick: the same models and recipe shape at a size that runs in about a minute per study (for tests
 # and smoke checks); its rows are not results.
-QUICK_RECIPE = Recipe(steps=4, batch_size=32, warmup_steps=1, val_subset=200, train_eval_images=100)
+QUICK_RECIPE = Recipe(epochs=2, min_epoch_images=128, batch_size=32, warmup_epochs=0.5, engine_val_images=100,
+                      val_subset=200, train_eval_images=100)
 QUICK_SIZES = (64, 256)
 
 
@@ -195,6 +197,6 @@ def get_study(name: str, quick: bool = False) -> Study:
         raise ValueError(f"unknown study {name!r}; available: {', '.join(STUDIES)}")
     study = STUDIES[name]
     if quick:
-        study = study.replace(train_sizes=QUICK_SIZES, seeds=(0,), repeat_sizes=(), recipe=QUICK_RECIPE,
+        study = study.replace(train_sizes=QUICK_SIZES, seeds=(0,), seeds_at=(), recipe=QUICK_RECIPE,
                               speed_rounds=1)
     return study
