@@ -19,8 +19,12 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 # coatnet_nano: with the default coatnet_micro, Adam turns roundoff in near-zero gradients into full-size steps
 # of opposite sign, so runs that differ only in summation order (or memory format) end ~2% apart in a few weights
 # after 8 steps, above these tests' 1e-3 (measured: one process NCHW vs channels_last, 0.022 in a conv weight).
+# fp32 on every kind of CPU: these tests compare weights of computations that differ only in summation order, to
+# 1e-3; under bf16 autocast (what `auto` picks on a CPU with fast bf16) the same runs end 0.1-0.8 apart in a few
+# BatchNorm biases (measured on an AVX512-BF16 EPYC), so processes are compared in bf16 by their scores instead
+# (test_bf16_processes_agree_in_their_scores).
 ARGS = ["train", "--model", "coatnet_nano", "--train-subset", "48", "--val-subset", "40", "--batch-size", "12", "--epochs", "2",
-        "--no-augment", "--drop-path", "0", "--deterministic", "--no-progress", "--lr", "3e-3"]
+        "--no-augment", "--drop-path", "0", "--deterministic", "--no-progress", "--lr", "3e-3", "--precision", "fp32"]
 # With stochastic depth, on the LayerNorm preset: the masks are keyed by sample and step, so they do not
 # depend on the number of processes either. (With BatchNorm, the biases whose only effect is a per-sample
 # constant that the next BatchNorm nearly removes get weak gradients, and those drift ~1e-2 apart with
@@ -106,3 +110,22 @@ def test_fsdp_trains_the_same_weights_and_its_checkpoint_resumes_unsharded(runs)
     err, key = worst_rel_err(fsdp, one)
     assert err < 1e-3, f"relative difference {err:.2e} in {key}"
     assert json.loads((root / "fsdp" / "config.json").read_text())["fsdp"] is False  # as resumed
+
+
+def test_bf16_processes_agree_in_their_scores(tmp_path):
+    """The same runs in bf16 (what `auto` takes on a CPU with fast bf16, forced here on every CPU; emulated where
+    the CPU lacks bf16 instructions): one process against two. bf16 rounds every product to 8 significant bits,
+    so weights that the summation order alone moves are not comparable (0.8 relative in a BatchNorm bias,
+    measured on an AVX512-BF16 EPYC), but the losses are: measured within 0.6% of each other per epoch, held to
+    2%. Top-1 on 40 images moves in steps of 2.5 points and is not compared."""
+    bf16 = [*ARGS, "--precision", "bf16"]  # the last value wins
+    coatnet(*bf16, "--out", str(tmp_path / "one"), "--threads", "1")
+    coatnet(*bf16, "--out", str(tmp_path / "two"), nproc=2)
+    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for k in ("train_loss", "val_loss"):
+            assert b[k] == pytest.approx(a[k], rel=0.02), k
+    for run in ("one", "two"):
+        assert json.loads((tmp_path / run / "config.json").read_text())["precision"] == "bf16"

@@ -112,7 +112,7 @@ def test_finetune_recalibrates_batchnorm_at_the_new_size_before_freezing(checkpo
     code = main(["finetune", "--checkpoint", str(checkpoint), "--img-size", "64", "--epochs", "1",
                  "--train-subset", "64", "--val-subset", "32", "--batch-size", "32", "--freeze-stages", "4",
                  "--recalibrate-bn", "40", "--ema-decay", "0", "--threads", "1", "--no-progress", "--no-channels-last",
-                 "--out", str(tmp_path / "ft")])
+                 "--precision", "fp32", "--out", str(tmp_path / "ft")])  # compared below with an fp32 recalibration
     err = capsys.readouterr().err  # a note of the library's, through logging
     assert code == 0 and "re-estimated on 40 training images at 64x64" in err
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["recalibrate_bn"] == 40

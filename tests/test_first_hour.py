@@ -201,8 +201,10 @@ def _quick_rows(nice: int = 0, load: float = 0.1) -> list[dict]:
 
     study = get_study("norms", quick=True)
     return [{"study": "norms", "variant": p.variant.name, "layout": p.variant.layout, "train_size": p.train_size,
-             "seed": p.seed, "params": 600_000, "train_loss": 0.5, "train_top1": 80.0, "val_loss": 0.6,
-             "val_top1": 75.0 + i, "val_top5": 99.0, "gap_top1": 5.0 - i, "seconds": 10.0, "val_images": 1000,
+             "seed": p.seed, "params": 600_000, "train_loss": 0.5, "train_top1": 80.0, "test_loss": 0.6,
+             "test_top1": 75.0 + i, "test_top5": 99.0, "gap_top1": 5.0 - i, "seconds": 10.0, "test_images": 1000,
+             "loss_change_last20": -0.01, "device": "cpu", "device_name": "test CPU", "precision": "fp32",
+             "parallel": 1,
              "run_key": p.key, "recipe": dataclasses.asdict(study.recipe), "recipe_id": recipe_id(study.recipe),
              "machine": "test machine", "nice": nice, "load_avg": load, "cpus": 2}
             for i, p in enumerate(plan(study))]

@@ -1,5 +1,7 @@
 """Runtime decisions (train/runtime.py): the precision `auto` picks per device and hardware, and the
 evaluation's test-time flip."""
+import math
+
 import pytest
 import torch
 
@@ -19,6 +21,52 @@ def test_auto_precision_on_cpu_takes_bf16_where_native_and_faster(monkeypatch, n
     precision, why = resolve_precision("auto", CPU)
     assert precision == expected and why.startswith("auto:")
     assert (f"{speedup:.2f}x" in why) == native  # the measurement is named when it decided
+
+
+@pytest.mark.parametrize("forced", ["fp32", "bf16"])
+@pytest.mark.parametrize("native, speedup", [(True, 4.5), (True, 0.8), (False, 1.0)])
+def test_auto_precision_can_be_forced_on_any_cpu(monkeypatch, forced, native, speedup):
+    """COATNET_AUTO_PRECISION makes `auto` take bf16 where the CPU would give fp32 and fp32 where it would give
+    bf16 (the suite runs as each kind of CPU would with it); the reason names it; explicit precisions and CUDA's
+    auto are untouched."""
+    monkeypatch.setattr(bf16_cpu, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(bf16_cpu, "bf16_matmul_speedup", lambda: speedup)
+    monkeypatch.setenv("COATNET_AUTO_PRECISION", forced)
+    precision, why = resolve_precision("auto", CPU)
+    assert precision == forced and "COATNET_AUTO_PRECISION" in why
+    assert resolve_precision("fp32" if forced == "bf16" else "bf16", CPU)[1] == "asked for"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", CUDA)[0] == "bf16"
+
+
+def test_a_bad_forced_precision_is_named(monkeypatch):
+    monkeypatch.setenv("COATNET_AUTO_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="COATNET_AUTO_PRECISION='fp16'"):
+        resolve_precision("auto", CPU)
+
+
+@pytest.mark.parametrize("forced", ["fp32", "bf16"])
+def test_training_takes_the_forced_precision_path(monkeypatch, tmp_path, colour_images, forced):
+    """Both training paths run on every CPU: a short run with precision auto under each forced value records
+    it, and its bf16 run computes in bf16 (the logits' dtype inside the step), its fp32 run in fp32."""
+    from coatnet.train import TrainConfig, train
+    from coatnet.train import engine
+
+    monkeypatch.setenv("COATNET_AUTO_PRECISION", forced)
+    seen = []
+    real = engine.create_model
+
+    def create(*args, **kwargs):  # the run's model, its forward outputs' dtypes recorded
+        model = real(*args, **kwargs)
+        model.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(engine, "create_model", create)
+    res = train(TrainConfig(model="coatnet_nano", data=str(colour_images), img_size=32, epochs=1, batch_size=24,
+                            val_fraction=0.25, workers=0, threads=1, progress=False, quiet=True, precise_bn=0))
+    assert res["precision"] == forced and math.isfinite(res["train_loss"])
+    steps = seen[:res["steps"]]  # the training forwards come first (evaluation then runs the fp32 inference model)
+    assert len(steps) == 3 and set(steps) == {torch.bfloat16 if forced == "bf16" else torch.float32}
 
 
 def test_bf16_matmul_speedup_is_a_positive_ratio():

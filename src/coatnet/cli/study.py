@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: coatnet's default)")
     p.add_argument("--plan", action="store_true",
                    help="print every row with its estimated cost here (measured img/s x images) and the total")
+    p.add_argument("--speed-only", action="store_true",
+                   help="time the studies' variants side by side on --device and record it in <out>/<study>.speed.json "
+                        "(the studies that compare speed: norms); trains nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the JSON, train nothing")
     p.add_argument("--no-report", action="store_true", help="record rows only (no .md and .png)")
     p.set_defaults(func=run)
@@ -73,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
                          time_limit=args.time_limit, out=args.out)
     if args.plan:
         return _print_plan(studies, specs, out, options)
+    if args.speed_only:
+        return _time_only(studies, out, options)
     if args.report_only:  # the rows decide the recipe (full or --quick) and so the plan they report on
         for name in _names(args):
             path = results_path(out, name)
@@ -99,6 +104,23 @@ def _report(study, rows: list[dict], out: str, quick: bool, args: argparse.Names
     md = write_report(study, reported, out, command, planned)
     print(f"wrote {md} and {Path(md).with_suffix('.png')} ({len(reported)} rows of "
           f"{results_path(out, study.name)})" if reported else f"wrote {md} (no rows yet)")
+
+
+def _time_only(studies, out: str, options) -> int:
+    from ..study.runner import device_name, speed_path, write_speed
+    from ..study.speed import time_variants
+
+    timed = [s for s in studies if s.speed_benchmark]
+    if not timed:
+        raise CliError(f"no speed comparison in {', '.join(s.name for s in studies)} (norms has one)")
+    for study in timed:
+        print(f"timing {', '.join(study.variant_names)} side by side on {device_name(options.device)} ...", flush=True)
+        speed = time_variants(study.variants, study.recipe, rounds=study.speed_rounds, device=options.device,
+                              threads=options.threads)
+        write_speed(out, study.name, speed, options)
+        print("  " + "; ".join(f"{k}: train {v['train_img_s']:.0f} img/s, inference {v['infer_img_s']:.0f} img/s"
+                               for k, v in speed.items()) + f" -> {speed_path(out, study.name)}")
+    return 0
 
 
 def _print_plan(studies, specs, out: str, options) -> int:

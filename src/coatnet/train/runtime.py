@@ -17,6 +17,11 @@ from ..process_group import broadcast_object
 
 PRECISIONS = ("auto", "fp32", "bf16")
 MIN_BF16_SPEEDUP = 1.1  # "auto" takes bf16 on a CPU whose bf16 matrix products are at least this much faster
+# What "auto" takes on a CPU, instead of deciding from the hardware: "fp32" or "bf16". The test suite runs as
+# each kind of CPU would with it (docs/architecture.md, "Testing as every kind of CPU"): bf16 where auto would
+# pick fp32 (on a CPU without bf16 instructions bf16 is emulated: slower, the same numbers) and fp32 where it
+# would pick bf16.
+AUTO_PRECISION_ENV = "COATNET_AUTO_PRECISION"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -109,11 +114,17 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     hardware computes bf16 natively and faster: CUDA GPUs with bf16 support; CPUs with AVX512-BF16 or AMX
     (as torch detects them) whose bf16 matrix products, timed here, beat fp32 by 10% or more (AMX: several
     times; some AVX512-BF16 CPUs run oneDNN's bf16 kernels slower than its fp32 ones, and bf16 would only
-    cost accuracy there). fp32 elsewhere: without bf16 instructions bf16 is emulated."""
+    cost accuracy there). fp32 elsewhere: without bf16 instructions bf16 is emulated. On a CPU, the environment
+    variable COATNET_AUTO_PRECISION (fp32 or bf16) overrides the decision."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision, "asked for"
+    forced = os.environ.get(AUTO_PRECISION_ENV, "")
+    if forced and device.type == "cpu":
+        if forced not in ("fp32", "bf16"):
+            raise ValueError(f"{AUTO_PRECISION_ENV}={forced!r} must be 'fp32' or 'bf16' (or unset: decided by the CPU)")
+        return forced, f"auto: {AUTO_PRECISION_ENV}={forced} in the environment"
     if device.type == "cuda":
         plan = device_plan("cuda", cuda_bf16=torch.cuda.is_bf16_supported())
         if plan.auto_precision == "bf16":
