@@ -230,10 +230,11 @@ def test_parallel_rows_in_their_own_processes_equal_rows_run_here(tmp_path, caps
 def test_time_limit_and_plan(tmp_path, capsys):
     assert main(["study", "attention", "--quick", "--time-limit", "0", "--out", str(tmp_path), "--no-report"]) == 0
     assert "row(s) not run (time limit)" in capsys.readouterr().out
-    assert json.loads((tmp_path / "attention.json").read_text()) == []
+    assert not (tmp_path / "attention.json").exists()  # nothing trained, nothing written
     assert main(["study", "norms", "--quick", "--plan", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("to run") == 4 and "total" in out and "training img/s measured here" in out
+    assert sum(line.endswith("  to run") for line in out.splitlines()) == 4
+    assert "total" in out and "training img/s measured here" in out
 
 
 def test_cli_rejects_bad_arguments(capsys):

@@ -35,10 +35,16 @@ from typing import Callable, Optional
 
 import torch
 
-from ..models import count_params, create_model, get_config
+from ..data import build_data
+from ..models import build_on_meta, count_params, get_config
 from ..models import variants as registry
+from ..train import TrainConfig, train
+from ..train.checkpoint import load_model, weights_path
+from ..train.evaluate import evaluate, subset_indices
+from ..train.runtime import setup_runtime
 from ..utils import atomic_write
 from .definitions import BASE_MODEL, Recipe, Study, Variant, get_study, recipe_id, run_key
+from .speed import time_variants
 
 ROW_FIELDS = ("study", "variant", "layout", "train_size", "seed", "params", "train_loss", "train_top1", "test_loss",
               "test_top1", "test_top5", "gap_top1", "loss_change_last20", "train_loss_epochs", "seconds", "epochs",
@@ -79,7 +85,6 @@ def model_config_dict(overrides: dict, recipe: Recipe) -> dict:
 def study_params(variant: Variant, recipe: Recipe) -> int:
     """Parameters of a study model as trained (1 input channel, 10 classes)."""
     cfg = get_config(BASE_MODEL, **variant.overrides, img_size=recipe.img_size, in_chans=1, num_classes=10)
-    from ..models import build_on_meta
     return count_params(build_on_meta(cfg))
 
 
@@ -193,8 +198,6 @@ def _engine_model(variant: Variant) -> dict:
 
 def train_config(spec: RowSpec, recipe: Recipe, run_dir: str | os.PathLike, options: RunOptions = RunOptions()):
     """The coatnet.train.TrainConfig of one row."""
-    from ..train import TrainConfig
-
     size = spec.train_size
     engine_val = recipe.engine_val_images if recipe.val_subset is None else min(recipe.engine_val_images,
                                                                                   recipe.val_subset)
@@ -213,11 +216,6 @@ def evaluate_run(run_dir: str | os.PathLike, recipe: Recipe, train_size: int, se
     """Eval-mode loss / top-1 / top-5 of the run's last checkpoint on a sample of its own training images
     (prefix train_, one view) and on the test images (prefix test_, averaged with the mirror image as the
     main job scores)."""
-    from ..data import build_data
-    from ..train.checkpoint import load_model, weights_path
-    from ..train.evaluate import evaluate, subset_indices
-    from ..train.runtime import setup_runtime
-
     runtime = setup_runtime(options.device, recipe.precision, threads=options.row_threads())
     model, spec, _ = load_model(weights_path(run_dir, "last"), runtime.device)
     runtime.prepare(model)
@@ -247,8 +245,7 @@ def loss_change_last20(losses: list[float]) -> Optional[float]:
 def run_row(study: Study, spec: RowSpec, options: RunOptions = RunOptions(), train_fn: Optional[TrainFn] = None
             ) -> dict:
     """Train and measure one row; returns the result row (ROW_FIELDS and a few more)."""
-    if train_fn is None:
-        from ..train import train as train_fn
+    train_fn = train if train_fn is None else train_fn
     recipe = study.recipe
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=f"coatnet-study-{study.name}-") as run_dir:
@@ -438,7 +435,6 @@ def run_studies(studies: list[Study], out_dir: str | os.PathLike, seeds: Optiona
     for study in studies:  # the norms study's speed comparison, once, before its rows share the machine
         if study.speed_benchmark and any(j.study.name == study.name or (study.name, v) in j.wanted_by
                                          for j in todo for v in study.variant_names):
-            from .speed import time_variants
             log(f"study {study.name}: timing the variants side by side ...")
             speed = time_variants(study.variants, study.recipe, rounds=study.speed_rounds, device=options.device,
                                   threads=options.threads)
@@ -492,8 +488,6 @@ def estimate_costs(studies: list[Study], specs: dict[str, list[RowSpec]], option
     """{variant name: seconds per training image} of every variant in `specs`, measured here: training steps
     of the recipe's batch (time_variants), plus the per-epoch precise BatchNorm pass and test scoring and
     the final scoring, spread over the images of a row."""
-    from .speed import time_variants
-
     per_image: dict[str, float] = {}
     for study in studies:
         names = {s.variant.name for s in specs.get(study.name, [])}

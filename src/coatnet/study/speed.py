@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..models import create_model
+from ..train.runtime import setup_runtime
 from .definitions import BASE_MODEL, Recipe, Variant
 
 
@@ -21,8 +22,6 @@ def time_variants(variants: tuple[Variant, ...], recipe: Recipe, rounds: int = 5
     """{variant name: {"train_img_s", "infer_img_s"}}: medians over `rounds` alternating rounds of
     `steps` AdamW training steps (batch (batch_size, 1, S, S), the recipe's by default) and `steps` eval
     forwards, in the recipe's precision and channels-last as the engine trains, on `device`."""
-    from ..train.runtime import setup_runtime
-
     runtime = setup_runtime(device, recipe.precision, channels_last=True, threads=threads)
     dev = runtime.device
     batch_size = batch_size or recipe.batch_size

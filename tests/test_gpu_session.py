@@ -1,0 +1,32 @@
+"""scripts/gpu_session.sh, the prepared call for a session lent a GPU, rehearsed on the CPU with --tiny: the check's
+parts and the study campaign run, and every file the device call brings back is written under $OUT."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="no Fashion-MNIST")]
+
+
+def test_the_session_script_runs_the_check_and_the_campaign_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "TOTAL_TINY": "150"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), "--tiny"], env=env, capture_output=True,
+                          text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = {p.name for p in out.iterdir()}
+    assert {"gpu_check.json", "gpu_check.md", "session.log", "layouts.json", "norms.json"} <= files
+    assert len(files) <= 8  # what one device call can bring back
+    check = json.loads((out / "gpu_check.json").read_text())
+    assert {p: v["status"] for p, v in check["parts"].items()} == {"env": "ok", "parity": "ok", "speed_eager": "ok"}
+    rows = json.loads((out / "layouts.json").read_text())
+    assert rows and all(r["device"] == "cpu" and r["recipe"]["epochs"] == 2 for r in rows)  # the --quick recipe
+    log = (out / "session.log").read_text()
+    assert "campaign exit 0" in log and "from this device" in log
