@@ -22,7 +22,7 @@ from .models.flops import build_on_meta
 from .models.hub import HUB_FILES, HUB_FORMAT, is_ours, read_hub_config
 from .train.checkpoint import load_model, read_checkpoint, save_weights_checkpoint
 from .train.config import TrainConfig
-from .train.finetune import FINETUNE_RECIPE
+from .train.recipes import FINETUNE_RECIPE
 from .train.metrics import read_metrics
 from .train.recipes import RECIPES
 from .utils import atomic_write, read_json_object

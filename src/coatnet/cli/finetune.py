@@ -15,7 +15,7 @@ COMMANDS = {  # command: its line in `coatnet --help`
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..train.config import TrainConfig
-    from ..train.finetune import FINETUNE_RECIPE as R
+    from ..train.recipes import FINETUNE_RECIPE as R
     from .train import TRAIN_NONE_MEANS
 
     defaults = {**TrainConfig().to_dict(), **R}  # what a flag left out becomes

@@ -258,6 +258,7 @@ def _resumed_config(run_dir: Path, flags: dict, recipe: str | None, how: str):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ..models import get_config
     from ..train import train
     from ..train.distributed import broadcast_object, init_distributed, is_main
     from ..train.recipes import describe_recipe, list_recipes
@@ -273,6 +274,7 @@ def run_train(args: argparse.Namespace) -> int:
     # --auto-resume: rank 0 decides whether the folder holds a run, so every process takes the same branch.
     existing = broadcast_object(Path(out, "config.json").is_file()) if args.auto_resume and out else None
     cfg = build_config(args, existing).validate()
+    get_config(cfg.model, layout=cfg.layout)  # an unknown model: named before the run folder line
     cfg = cfg.replace(out=broadcast_object(cfg.out))
     if not cfg.quiet and is_main():
         print(f"run folder: {cfg.out}  (model {cfg.model}, data {cfg.data}, {plural(cfg.epochs, 'epoch')}, "

@@ -1,14 +1,32 @@
-"""TrainConfig: every setting of a training run, as one frozen dataclass (saved as config.json)."""
+"""TrainConfig: every setting of a training run, as one frozen dataclass (saved as config.json).
+
+This module loads no torch (nor anything of ours that does): `coatnet train --help` builds its flags from these
+fields and defaults in a fraction of a second. Whether `model` names a registered variant is checked where the
+registry is loaded: `train()`, `finetune_config` and the CLI, before anything is written."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..models import get_config
 from ..utils import did_you_mean
-from .tracking import parse_log
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def parse_log(log: str | None) -> tuple[str, ...]:
+    """"tensorboard", "wandb", "tensorboard,wandb" (or None) -> the trackers named; ValueError for unknown
+    ones and for those whose package is not installed (before anything is written)."""
+    kinds = tuple(k.strip() for k in (log or "").split(",") if k.strip())
+    for kind in kinds:
+        if kind not in TRACKERS:
+            raise ValueError(f"log={log!r}: unknown tracker {kind!r}; use {' or '.join(TRACKERS)} (comma-separated "
+                             f"for both)")
+        if importlib.util.find_spec(kind) is None:
+            raise ValueError(f"--log {kind} needs the {kind} package: pip install 'coatnet[{kind}]'")
+    return kinds
 
 
 def _is_a(value: Any, hint: Any) -> bool:
@@ -164,7 +182,6 @@ class TrainConfig:
             raise ValueError("resume needs the run folder (out)")
         if parse_log(self.log) and not self.out:
             raise ValueError(f"log={self.log!r} writes into the run folder: give one (out)")
-        get_config(self.model, layout=self.layout)  # an unknown model or a bad layout: named now, not after loading
         return self
 
     def _check_types(self) -> None:

@@ -35,7 +35,8 @@ from ..data.datasets import Batch, DataSpec
 from ..data.random import mix_int, permutation, uniform
 from ..data.transforms import AugmentConfig, mix_batch, normalize, rand_augment
 from ..layers import drop_path_noise
-from ..models import CoAtNet, build_on_meta, count_macs, count_params, create_model, inference_model
+from ..models import (CoAtNet, build_on_meta, count_macs, count_params, create_model, get_config,
+                      inference_model)
 from ..models.pretrained import weights_of
 from ..models.transfer import freeze_stages
 from ..utils import atomic_write, plural
@@ -279,6 +280,7 @@ def train(cfg: TrainConfig) -> dict:
     a second training process, cleared of temporaries a killed write left, and a folder that already holds
     a checkpoint is only continued with cfg.resume (never overwritten)."""
     cfg = cfg.validate()
+    get_config(cfg.model, layout=cfg.layout)  # an unknown model or a bad layout: named before anything is written
     if not cfg.out or not is_main():
         return _train(cfg)
     out = Path(cfg.out)

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from ..data import build_data
+from ..models import get_config
 from ..models.pretrained import weights_of
 from .checkpoint import checkpoint_info
 from .config import TrainConfig
-
-# The paper's fine-tuning settings (Sec. 4.1 / Table 9): a constant lr is a cosine whose floor is its peak.
-FINETUNE_RECIPE = dict(epochs=30, lr=5e-5, min_lr=5e-5, warmup_epochs=0.0, weight_decay=1e-8, ema_decay=0.9999)
+from .recipes import FINETUNE_RECIPE
 
 
 def checkpoint_run(checkpoint: str) -> dict:
@@ -60,4 +59,6 @@ def finetune_config(checkpoint: str, model: str | None = None, num_classes: int 
                                  cfg.seed)[2].classes)
         if classes != num_classes:
             raise ValueError(f"--num-classes {num_classes}: the data {cfg.data!r} has {classes} classes")
-    return cfg.validate()
+    cfg = cfg.validate()
+    get_config(cfg.model, layout=cfg.layout)  # an unknown model or a bad layout: named before any data is read
+    return cfg

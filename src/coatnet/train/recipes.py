@@ -56,6 +56,11 @@ def paper() -> dict:
                 randaugment_m=15.0, mixup=0.8, label_smoothing=0.1, img_size=224)
 
 
+# The paper's fine-tuning settings (Sec. 4.1 / Table 9), the defaults of `coatnet finetune` (train/finetune.py):
+# a constant lr is a cosine whose floor is its peak.
+FINETUNE_RECIPE = dict(epochs=30, lr=5e-5, min_lr=5e-5, warmup_epochs=0.0, weight_decay=1e-8, ema_decay=0.9999)
+
+
 def list_recipes() -> list[str]:
     return sorted(RECIPES)
 
