@@ -6,8 +6,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
+from coatnet.cli import main
+from coatnet.models import get_config
 from coatnet.train.config import TrainConfig
 from coatnet.train.recipes import describe_recipe
+from coatnet.utils import did_you_mean
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,3 +31,16 @@ def test_the_results_page_states_the_epochs_of_the_table_below_it():
     stated = re.findall(r"\n(\d+) epochs, batch 256", section)
     rows = re.findall(r"\n\| (\d+) \| [\d.]+ \| \**[\d.]+\** \| [\d.]+ \|", section)
     assert stated == [str(TrainConfig().epochs)] and len(rows) == TrainConfig().epochs  # said 8 above 7 rows
+
+
+# -- 6: the command line's small mistakes -----------------------------------------------------------------------
+def test_an_abbreviated_flag_is_an_error_not_another_flag(capsys):
+    assert main(["train", "--epoch", "1"]) == 2  # was silently --epochs 1 (argparse's prefix matching)
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --epoch" in err and "did you mean '--epochs'?" in err
+
+
+def test_a_model_name_typed_with_the_letter_o_suggests_the_digit():
+    with pytest.raises(ValueError, match=r"did you mean 'coatnet_0'\?"):  # suggested coatnet_7
+        get_config("coatnet_O")
+    assert did_you_mean("COATNET_NANO", ["coatnet_nano", "coatnet_pico"]) == "; did you mean 'coatnet_nano'?"

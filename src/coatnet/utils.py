@@ -67,9 +67,17 @@ def rounded(value, digits: int = 6):
     return value
 
 
+_LOOKALIKES = str.maketrans("oil", "011")  # after lower(): O and 0, I, l and 1 look alike in most fonts
+
+
 def did_you_mean(word: str, options) -> str:
-    """"; did you mean 'x'?" for the closest of `options` to a mistyped `word` (difflib), or ""."""
-    close = difflib.get_close_matches(word, list(options), n=1)
+    """"; did you mean 'x'?" for the option that `word` spells but for case and look-alike characters
+    ("coatnet_O" -> 'coatnet_0', not 'coatnet_7'), else the closest by difflib on lower case, or ""."""
+    options = list(options)
+    by_shape = {o.lower().translate(_LOOKALIKES): o for o in options}
+    same = by_shape.get(word.lower().translate(_LOOKALIKES))
+    by_lower = {o.lower(): o for o in options}
+    close = [same] if same is not None else [by_lower[c] for c in difflib.get_close_matches(word.lower(), by_lower, n=1)]
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
