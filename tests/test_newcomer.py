@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import coatnet
 from coatnet.cli import main
 from coatnet.models import get_config
 from coatnet.train.config import TrainConfig
@@ -44,3 +45,35 @@ def test_a_model_name_typed_with_the_letter_o_suggests_the_digit():
     with pytest.raises(ValueError, match=r"did you mean 'coatnet_0'\?"):  # suggested coatnet_7
         get_config("coatnet_O")
     assert did_you_mean("COATNET_NANO", ["coatnet_nano", "coatnet_pico"]) == "; did you mean 'coatnet_nano'?"
+
+
+# -- 3: errors that name the real cause -------------------------------------------------------------------------
+def test_a_mistyped_checkpoint_path_is_named_with_the_file_meant(tiny_run, capsys):
+    typo = tiny_run / "checkpoint-bset.safetensors"
+    assert main(["finetune", "--checkpoint", str(typo), "--data", "fashion-mnist"]) == 1
+    err = capsys.readouterr().err  # said "no model name recorded in it; pass the model (--model NAME)"
+    assert err.strip() == (f"error: --checkpoint {typo}: no such file or folder; did you mean "
+                           f"'{tiny_run / 'checkpoint-best.safetensors'}'?")
+
+
+def test_create_model_from_a_missing_folder_says_it_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"weights hub/nonexist: no such file or folder .*'hf-hub:hub/nonexist'"):
+        coatnet.create_model(pretrained="hub/nonexist")  # said it needs a model name
+    with pytest.raises(FileNotFoundError, match=r"no such file or folder; did you mean '.*model'\?"):
+        (tmp_path / "model").mkdir()
+        coatnet.create_model(pretrained=str(tmp_path / "modle"))
+
+
+def test_an_image_given_as_data_is_named_as_a_file_not_a_missing_folder(colour_images, capsys):
+    image = colour_images / "red" / "00.png"
+    assert main(["train", "--data", str(image), "--out", str(colour_images.parent / "never")]) == 1
+    err = capsys.readouterr().err  # said "data folder not found" for a file that exists
+    assert f"--data {image} is a file, not a folder" in err and f"perhaps {colour_images})" in err
+    assert not (colour_images.parent / "never").exists()
+
+
+def test_finetune_fails_on_missing_data_before_printing_anything(tiny_run, tmp_path, capsys):
+    assert main(["finetune", "--checkpoint", str(tiny_run / "checkpoint-best.safetensors"),
+                 "--data", str(tmp_path / "nothing")]) == 1
+    out, err = capsys.readouterr()  # printed "fine-tuning ..." on stdout first
+    assert out == "" and f"--data {tmp_path / 'nothing'}: no such file or folder" in err

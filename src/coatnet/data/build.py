@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ..utils import data_folder_error
 from .datasets import DataSpec, FolderSource, TensorSource, scan_image_folder
 from .idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, load_fashion_mnist
 from .shards import build_shard_data, is_shard_folder
@@ -29,8 +30,9 @@ def build_data(data: str, data_dir: str | None = None, val_fraction: float = 0.1
                         1.0 if crop_fraction is None else crop_fraction, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
         return sources[0], sources[1], spec
     path = Path(data)
-    if not path.exists():
-        raise FileNotFoundError(f"--data {data!r}: no such folder (use 'fashion-mnist' or an image folder)")
+    error = data_folder_error(path)
+    if error is not None:
+        raise error
     if is_shard_folder(path):  # written by `coatnet shards`
         return build_shard_data(path, img_size, crop_fraction)
     train, val, classes = scan_image_folder(path, val_fraction, seed)

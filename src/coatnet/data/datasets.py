@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported: image folders' normalisation)
 from ..preprocess import resize_crop
+from ..utils import data_folder_error
 from .images import IMAGE_EXTENSIONS, UnreadableImageError, images_under, load_image
 from .random import permutation
 from .transforms import AugmentConfig, center_crop_box, crop_params, resized_crop
@@ -186,8 +187,9 @@ def scan_image_folder(root: str | os.PathLike, val_fraction: float, seed: int
     """(train samples, val samples, class names) of an ImageFolder root: root/train/<class>/* and
     root/val/<class>/*, or root/<class>/* split per class by a seeded `val_fraction`."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
+    error = data_folder_error(root)  # missing, or a file (an image of the folder rather than the folder)
+    if error is not None:
+        raise error
     if (root / "train").is_dir():
         classes = _class_dirs(root / "train")
         if not classes:

@@ -16,7 +16,7 @@ from .config import CoAtNetConfig, TransformerConfig
 from .features import CoAtNetFeatures
 from .hub import (hub_weights_file, is_hub_id, is_ours, load_hub_model, read_hub_config, resolve_hub_folder,
                   timm_folder_model)
-from .pretrained import default_tag, get_weights, resolve_pretrained, split_model_name
+from .pretrained import default_tag, get_weights, missing_weights, resolve_pretrained, split_model_name, weights_of
 from .weights import checkpoint_in_chans, checkpoint_num_classes, load_state, read_weights
 
 _REGISTRY: dict[str, Callable[[], CoAtNetConfig]] = {}
@@ -149,6 +149,8 @@ def create_model(name: str | None = None, pretrained: str | os.PathLike | bool |
             get_config(config["architecture"])  # an architecture this version does not know: named now
         return load_hub_model(folder, config, name, overrides)
     if name is None:
+        if isinstance(pretrained, (str, os.PathLike)) and not os.path.exists(pretrained) and not weights_of(pretrained):
+            raise missing_weights(pretrained)  # a mistyped folder or file, not a missing model name
         raise ValueError("create_model needs a model name, or pretrained= a Hub-format folder or 'hf-hub:user/name'")
     model_name, tag = split_model_name(name)
     if pretrained is True:

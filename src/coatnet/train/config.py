@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..utils import did_you_mean
+from ..utils import data_folder_error, did_you_mean
 
 TRACKERS = ("tensorboard", "wandb")
 
@@ -178,6 +178,8 @@ class TrainConfig:
             raise ValueError(f"img_size={self.img_size} must be a positive multiple of 32")
         if self.fsdp and self.ema_decay > 0:
             raise ValueError("fsdp does not keep an EMA of sharded weights: drop ema_decay (--ema-decay) or fsdp")
+        if self.data != "fashion-mnist" and data_folder_error(self.data) is not None:
+            raise data_folder_error(self.data)  # before a run folder is made or a line printed
         if self.resume and not self.out:
             raise ValueError("resume needs the run folder (out)")
         if parse_log(self.log) and not self.out:
