@@ -4,12 +4,14 @@ per test; each failed before its fix."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 import coatnet
 from coatnet.cli import main
+from coatnet.data import build_data
 from coatnet.models import get_config
 from coatnet.train.config import TrainConfig
 from coatnet.train.recipes import describe_recipe
@@ -77,3 +79,12 @@ def test_finetune_fails_on_missing_data_before_printing_anything(tiny_run, tmp_p
                  "--data", str(tmp_path / "nothing")]) == 1
     out, err = capsys.readouterr()  # printed "fine-tuning ..." on stdout first
     assert out == "" and f"--data {tmp_path / 'nothing'}: no such file or folder" in err
+
+
+# -- 4: an empty class folder ----------------------------------------------------------------------------------
+def test_an_empty_class_folder_is_an_error_that_names_it(colour_images, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(colour_images, root)
+    (root / "zebra").mkdir()  # trained to exit 0 with a 5-way head, one output never seen
+    with pytest.raises(ValueError, match=r"class folder zebra holds no training images"):
+        build_data(str(root))

@@ -218,4 +218,11 @@ def scan_image_folder(root: str | os.PathLike, val_fraction: float, seed: int
             train += [(files[i], k) for i in sorted(order[n_val:])]
     if not train:
         raise ValueError(f"no images found under {root} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    seen = {k for _, k in train}
+    empty = [c for k, c in enumerate(classes) if k not in seen]
+    if empty:  # a head with an output that no image ever trains
+        where = root / "train" if (root / "train").is_dir() else root
+        raise ValueError(f"{where}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty[:5])} "
+                         f"{'hold' if len(empty) > 1 else 'holds'} no training images (extensions: "
+                         f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
     return train, val, classes
