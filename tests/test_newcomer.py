@@ -14,6 +14,7 @@ from coatnet.cli import main
 from coatnet.data import build_data
 from coatnet.models import get_config
 from coatnet.train.config import TrainConfig
+from coatnet.train.engine import check_model
 from coatnet.train.recipes import describe_recipe
 from coatnet.utils import did_you_mean
 
@@ -88,3 +89,11 @@ def test_an_empty_class_folder_is_an_error_that_names_it(colour_images, tmp_path
     (root / "zebra").mkdir()  # trained to exit 0 with a 5-way head, one output never seen
     with pytest.raises(ValueError, match=r"class folder zebra holds no training images"):
         build_data(str(root))
+
+
+# -- 7: the sizes a model takes ---------------------------------------------------------------------------------
+def test_training_takes_every_size_the_model_takes():
+    check_model(TrainConfig(model="coatnet_micro", img_size=48))  # was "must be a positive multiple of 32"
+    with pytest.raises(ValueError, match=r"img_size=48: coatnet_nano takes sides that are multiples of 32 \(its "
+                                         r"total stride\); nearest: 32 or 64"):
+        check_model(TrainConfig(model="coatnet_nano", img_size=48))

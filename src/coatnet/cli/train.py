@@ -17,7 +17,8 @@ _TRAIN_FLAGS: dict[str, str] = {}  # TrainConfig field -> its flag(s) in `coatne
 # What TrainConfig's None defaults mean, for --help.
 TRAIN_NONE_MEANS = {
     "resume": "a new run", "data_dir": "/usr/share/datasets/fashion-mnist", "train_subset": "all",
-    "val_subset": "all", "img_size": "32 for Fashion-MNIST, 224 for folders",
+    "val_subset": "all",
+    "img_size": "32 for Fashion-MNIST; for a folder the images' median side, rounded to one the model takes",
     "crop_fraction": "1.0 for Fashion-MNIST, 0.875 for folders", "workers": "min(4, CPUs)",
     "layout": "the model's", "micro_batch_size": "--batch-size", "threads": "all CPUs",
     "stop_at_step": "none", "log": "none", "out": "runs/<recipe>-<time>",
@@ -56,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--val-fraction", type=float, default=S, help=f"held-out share of a folder without val/ ({d.val_fraction})")
     g.add_argument("--train-subset", type=int, default=S, metavar="N", help="train on a seeded subset of N images")
     g.add_argument("--val-subset", type=int, default=S, metavar="N", help="evaluate on a seeded subset of N images")
-    g.add_argument("--img-size", type=int, default=S, help="input side, multiple of 32 (32 Fashion-MNIST, 224 folders)")
+    g.add_argument("--img-size", type=int, default=S, help="input side, a multiple of the model's total stride (32; 8 for coatnet_micro)")
     g.add_argument("--crop-fraction", type=float, default=S, help="eval centre-crop fraction (1.0 / 0.875)")
     g.add_argument("--workers", type=int, default=S, help="DataLoader workers for image folders")
     g.add_argument("--strict", action="store_const", const=True, default=S, help="fail on an unreadable image")
@@ -258,9 +259,9 @@ def _resumed_config(run_dir: Path, flags: dict, recipe: str | None, how: str):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..models import get_config
     from ..train import train
     from ..train.distributed import broadcast_object, init_distributed, is_main
+    from ..train.engine import check_model
     from ..train.recipes import describe_recipe, list_recipes
     from ..utils import plural, rounded
 
@@ -274,7 +275,7 @@ def run_train(args: argparse.Namespace) -> int:
     # --auto-resume: rank 0 decides whether the folder holds a run, so every process takes the same branch.
     existing = broadcast_object(Path(out, "config.json").is_file()) if args.auto_resume and out else None
     cfg = build_config(args, existing).validate()
-    get_config(cfg.model, layout=cfg.layout)  # an unknown model: named before the run folder line
+    check_model(cfg)  # an unknown model or a size it does not take: named before the run folder line
     cfg = cfg.replace(out=broadcast_object(cfg.out))
     if not cfg.quiet and is_main():
         print(f"run folder: {cfg.out}  (model {cfg.model}, data {cfg.data}, {plural(cfg.epochs, 'epoch')}, "

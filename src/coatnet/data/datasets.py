@@ -36,7 +36,7 @@ class DataSpec:
     name: str  # "fashion-mnist" or the image folder's path
     classes: tuple[str, ...]  # class names, index = label
     in_chans: int  # 1 (grayscale) or 3 (RGB)
-    img_size: int  # square input side, a multiple of 32
+    img_size: int  # square input side, a multiple of the model's total stride
     crop_fraction: float  # eval: centre crop of this fraction of the shorter side, resized to img_size
     mean: tuple[float, ...]  # per-channel normalisation of [0, 1] pixels
     std: tuple[float, ...]

@@ -54,7 +54,8 @@ class TrainConfig:
     val_fraction: float = 0.1  # share of each class held out when a folder has no train/ and val/
     train_subset: Optional[int] = None  # train on a seeded subset of this many images (None: all)
     val_subset: Optional[int] = None  # evaluate on a seeded subset of this many val images (None: all)
-    img_size: Optional[int] = None  # input side, a multiple of 32 (None: 32 for Fashion-MNIST, 224 for folders)
+    img_size: Optional[int] = None  # input side, a multiple of the model's total stride (32; 8 for coatnet_micro)
+    #                                 (None: 32 for Fashion-MNIST; for folders the images' median side, rounded)
     crop_fraction: Optional[float] = None  # eval centre crop (None: 1.0 for Fashion-MNIST, 0.875 for folders)
     workers: Optional[int] = None  # DataLoader worker processes for folders (None: min(4, CPUs))
     strict: bool = False  # fail on an unreadable image instead of skipping it (and naming it in the log)
@@ -174,8 +175,7 @@ class TrainConfig:
             raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale={self.crop_scale} must satisfy 0 < low <= high <= 1")
-        if self.img_size is not None and (self.img_size < 32 or self.img_size % 32):
-            raise ValueError(f"img_size={self.img_size} must be a positive multiple of 32")
+        positive("img_size")  # and a multiple of the model's total stride: engine.check_model, with the registry
         if self.fsdp and self.ema_decay > 0:
             raise ValueError("fsdp does not keep an EMA of sharded weights: drop ema_decay (--ema-decay) or fsdp")
         if self.data != "fashion-mnist" and data_folder_error(self.data) is not None:

@@ -37,6 +37,7 @@ from ..data.transforms import AugmentConfig, mix_batch, normalize, rand_augment
 from ..layers import drop_path_noise
 from ..models import (CoAtNet, build_on_meta, count_macs, count_params, create_model, get_config,
                       inference_model)
+from ..models.config import nearest_valid
 from ..models.pretrained import weights_of
 from ..models.transfer import freeze_stages
 from ..utils import atomic_write, plural
@@ -269,6 +270,17 @@ def _finite_everywhere(loss_sum: float, world: int) -> bool:
 
 
 # -- the run -------------------------------------------------------------------------------------------------
+def check_model(cfg: TrainConfig) -> None:
+    """ValueError unless cfg.model is registered, cfg.layout fits it, and cfg.img_size (when given) is a side it
+    takes: a multiple of its total stride (32 with the paper's strides; 8 for coatnet_micro, whose S3 and S4 keep
+    S2's map)."""
+    stride = get_config(cfg.model, layout=cfg.layout).reduction
+    if cfg.img_size is not None and cfg.img_size % stride:
+        nearest = " or ".join(map(str, nearest_valid(cfg.img_size, stride)))
+        raise ValueError(f"img_size={cfg.img_size}: {cfg.model} takes sides that are multiples of {stride} (its total "
+                         f"stride); nearest: {nearest}")
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) as `cfg` says; returns the final metrics: train_loss, train_top1 (running, with
     augmentation), val_loss, val_top1, val_top5 (%), train_eval_* when cfg.eval_train, seconds, params,
@@ -280,7 +292,7 @@ def train(cfg: TrainConfig) -> dict:
     a second training process, cleared of temporaries a killed write left, and a folder that already holds
     a checkpoint is only continued with cfg.resume (never overwritten)."""
     cfg = cfg.validate()
-    get_config(cfg.model, layout=cfg.layout)  # an unknown model or a bad layout: named before anything is written
+    check_model(cfg)  # an unknown model, a bad layout or size: named before anything is written
     if not cfg.out or not is_main():
         return _train(cfg)
     out = Path(cfg.out)

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from ..data import build_data
-from ..models import get_config
 from ..models.hub import is_hub_id
 from ..models.pretrained import weights_of
 from ..utils import no_such_path
 from .checkpoint import checkpoint_info
 from .config import TrainConfig
+from .engine import check_model
 from .recipes import FINETUNE_RECIPE
 
 
@@ -65,5 +65,5 @@ def finetune_config(checkpoint: str, model: str | None = None, num_classes: int 
         if classes != num_classes:
             raise ValueError(f"--num-classes {num_classes}: the data {cfg.data!r} has {classes} classes")
     cfg = cfg.validate()
-    get_config(cfg.model, layout=cfg.layout)  # an unknown model or a bad layout: named before any data is read
+    check_model(cfg)  # an unknown model, a bad layout or size: named before any data is read
     return cfg
