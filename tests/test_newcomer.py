@@ -3,18 +3,21 @@ the real cause, metadata that travels with exports, documentation that matches w
 per test; each failed before its fix."""
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import coatnet
 from coatnet.cli import main
 from coatnet.data import build_data
 from coatnet.models import get_config
 from coatnet.train.config import TrainConfig
-from coatnet.train.engine import check_model
+from coatnet.train.engine import check_model, train
 from coatnet.train.recipes import describe_recipe
 from coatnet.utils import did_you_mean
 
@@ -97,3 +100,33 @@ def test_training_takes_every_size_the_model_takes():
     with pytest.raises(ValueError, match=r"img_size=48: coatnet_nano takes sides that are multiples of 32 \(its "
                                          r"total stride\); nearest: 32 or 64"):
         check_model(TrainConfig(model="coatnet_nano", img_size=48))
+
+
+# -- 2: a folder's input size follows its images ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def grey28(tmp_path_factory):
+    """An ImageFolder of 3 classes x 6 grey 28x28 PNGs, like a user's own Fashion-MNIST export."""
+    root = tmp_path_factory.mktemp("grey28")
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        (root / f"c{k}").mkdir()
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), "L").save(root / f"c{k}" / f"{i}.png")
+    return root
+
+
+def test_a_folders_input_size_is_its_images_side_rounded_to_one_the_model_takes(grey28):
+    assert build_data(str(grey28), size_multiple=8)[2].img_size == 32  # was 224: 819M multiply-adds per image
+    assert build_data(str(grey28), size_multiple=32)[2].img_size == 32
+    assert build_data(str(grey28), img_size=64, size_multiple=8)[2].img_size == 64  # a given size wins
+
+
+def test_training_says_where_the_size_came_from_and_what_upscaling_costs(grey28, caplog):
+    settings = dict(data=str(grey28), val_fraction=0.34, epochs=1, batch_size=6, workers=0, threads=1, precise_bn=0,
+                    progress=False, quiet=False, stop_at_step=1)
+    with caplog.at_level(logging.INFO, logger="coatnet"):
+        train(TrainConfig(**settings))
+        train(TrainConfig(**settings, img_size=64))
+    text = caplog.text
+    assert "img_size 32: the training images' median side (28 px) rounded to a multiple of 8" in text
+    assert "img_size 64 upscales the images 2.3x (median side 28 px)" in text

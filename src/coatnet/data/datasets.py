@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from PIL import Image
@@ -40,6 +40,7 @@ class DataSpec:
     crop_fraction: float  # eval: centre crop of this fraction of the shorter side, resized to img_size
     mean: tuple[float, ...]  # per-channel normalisation of [0, 1] pixels
     std: tuple[float, ...]
+    image_side: Optional[int] = None  # median shorter side of the training images in pixels (None: not known)
 
     def to_dict(self) -> dict:
         return asdict(self)

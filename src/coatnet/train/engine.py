@@ -408,8 +408,10 @@ class _Data:
 
 def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
     """The run's data, and `cfg` with img_size and crop_fraction resolved from it."""
+    stride = get_config(cfg.model, layout=cfg.layout).reduction
     train_src, val_src, spec = build_data(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.img_size,
-                                          cfg.crop_fraction, cfg.seed)
+                                          cfg.crop_fraction, cfg.seed, size_multiple=stride)
+    _note_size(cfg, spec, stride)
     spec = _published_preprocessing(cfg, spec)
     cfg = cfg.replace(img_size=spec.img_size, crop_fraction=spec.crop_fraction)
     workers = min(4, os.cpu_count() or 1) if cfg.workers is None else cfg.workers
@@ -425,6 +427,17 @@ def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
     if cfg.min_epoch_images and len(train_idx) and not getattr(train_src, "streams", False):
         repeats = math.ceil(cfg.min_epoch_images / len(train_idx))  # a stream is read as it comes: never repeated
     return cfg, _Data(train_src, val_src, spec, train_idx, val_idx, workers, repeats)
+
+
+def _note_size(cfg: TrainConfig, spec: DataSpec, stride: int) -> None:
+    """Say where a folder's input size came from, and what an upscaling of more than 2x costs."""
+    side, size = spec.image_side, spec.img_size
+    if cfg.img_size is None and spec.name != "fashion-mnist" and side:
+        _note(f"img_size {size}: the training images' median side ({side} px) rounded to a multiple of {stride}, "
+              f"the sides {cfg.model} takes (--img-size sets another)", cfg.quiet)
+    if side and size > 2 * side:
+        _note(f"note: img_size {size} upscales the images {size / side:.1f}x (median side {side} px): about "
+              f"{(size / side) ** 2:.0f}x the multiply-adds per image of a size near theirs", cfg.quiet)
 
 
 def _few_steps_note(cfg: TrainConfig, data: _Data, steps: int) -> None:
