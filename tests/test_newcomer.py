@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import coatnet
@@ -17,7 +18,10 @@ from coatnet.cli import main
 from coatnet.data import build_data
 from coatnet.models import get_config
 from coatnet.train.config import TrainConfig
-from coatnet.train.engine import check_model, train
+from coatnet.train.checkpoint import load_train_state, read_checkpoint, state_path
+from coatnet.train.engine import StepSettings, check_model, idle_settings, train
+from coatnet.train.finetune import finetune_config
+from coatnet.train.optim import WeightEMA
 from coatnet.train.recipes import describe_recipe
 from coatnet.utils import did_you_mean
 
@@ -130,3 +134,42 @@ def test_training_says_where_the_size_came_from_and_what_upscaling_costs(grey28,
     text = caplog.text
     assert "img_size 32: the training images' median side (28 px) rounded to a multiple of 8" in text
     assert "img_size 64 upscales the images 2.3x (median side 28 px)" in text
+
+
+# -- 1: fine-tuning that moves within a short run ---------------------------------------------------------------
+def test_finetunes_lr_is_constant_as_its_help_says_whatever_lr_is_given(tiny_run, colour_images):
+    cfg = finetune_config(str(tiny_run / "checkpoint-best.safetensors"), data=str(colour_images), lr=1e-3)
+    settings = StepSettings.from_config(cfg, steps_per_epoch=5)
+    assert [settings.lr_at(s) for s in (0, 75, settings.total_steps - 1)] == [1e-3] * 3  # decayed to 5e-5
+
+
+def test_the_ema_warms_up_so_a_short_runs_average_is_of_its_later_weights():
+    model = torch.nn.Linear(2, 2, bias=False)
+    ema = WeightEMA(model, 0.9999, warmup=True)
+    assert [round(ema.decay_at(t), 4) for t in (0, 8, 80, 10 ** 6)] == [0.1, 0.5, 0.9, 0.9999]
+    with torch.no_grad():
+        for step in range(10):
+            model.weight.fill_(float(step + 1))  # the weights walk from 1 to 10
+            ema.update(model, step)
+    assert 8.0 < ema.state["weight"][0, 0] < 10.0  # without warm-up: 1.0 (the first weights, 99.9%)
+
+
+def test_a_short_finetune_saves_weights_that_moved(tiny_run, colour_images, tmp_path):
+    start = tiny_run / "checkpoint-last.safetensors"
+    cfg = finetune_config(str(start), data=str(colour_images), val_fraction=0.25, img_size=32, epochs=2, lr=1e-3,
+                          batch_size=16, workers=0, threads=1, precise_bn=0, progress=False, quiet=True,
+                          out=str(tmp_path / "ft"), precision="fp32")
+    train(cfg)  # 10 steps
+    before, saved = read_checkpoint(start)[0], read_checkpoint(tmp_path / "ft" / "checkpoint-last.safetensors")[0]
+    raw = load_train_state(state_path(tmp_path / "ft"))["model"]
+    moved = [(saved[k] - before[k]).norm() / (raw[k] - before[k]).norm() for k in before
+             if before[k].is_floating_point() and "running" not in k and (raw[k] - before[k]).norm() > 0]
+    assert min(moved) > 0.5  # the EMA's share of the raw weights' move; 0.9999 without warm-up: ~0.001
+
+
+def test_settings_that_cannot_act_within_the_runs_steps_are_named():
+    settings = StepSettings.from_config(TrainConfig(epochs=2, warmup_epochs=3.0), steps_per_epoch=3)
+    found = idle_settings(TrainConfig(ema_decay=0.9999, warmup_epochs=3.0, save_every=50), settings)
+    assert [m.split(" (")[0] for m in found] == ["ema_decay 0.9999", "warmup_epochs 3.0", "save_every 50"]
+    assert "averages over about 10,000 steps and this run has 6: 100% of the weights evaluated" in found[0]
+    assert idle_settings(TrainConfig(ema_decay=0.9999, ema_warmup=True), StepSettings.from_config(TrainConfig(epochs=2), 3)) == []

@@ -34,7 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=S, help=f"default {R['epochs']} (paper)")
     p.add_argument("--lr", type=float, default=S, help=f"constant learning rate (default {R['lr']}, paper)")
     p.add_argument("--weight-decay", type=float, default=S, help=f"default {R['weight_decay']} (paper)")
-    p.add_argument("--ema-decay", type=float, default=S, help=f"default {R['ema_decay']} (paper); 0: off")
+    p.add_argument("--ema-decay", type=float, default=S, help=f"EMA of the weights, evaluated and saved (default "
+                                                               f"{R['ema_decay']}, paper; 0: off)")
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=S,
+                   help="EMA decay min(--ema-decay, (1+t)/(10+t)) at step t, so that a short run's average moves "
+                        f"(default {'on' if R['ema_warmup'] else 'off'})")
     p.add_argument("--layer-decay", type=float, default=S, help="layer-wise lr decay per block (default 1: off)")
     p.add_argument("--freeze-stages", type=int, default=S, help="keep the stem and the first N stages fixed")
     p.add_argument("--recalibrate-bn", type=int, default=S, metavar="N",

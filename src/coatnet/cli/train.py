@@ -77,10 +77,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=float, default=S, help=f"peak learning rate (default {d.lr})")
     g.add_argument("--min-lr", type=float, default=S, help=f"floor of the decay (default {d.min_lr})")
     g.add_argument("--warmup-epochs", type=float, default=S, help=f"linear warmup (default {d.warmup_epochs})")
-    g.add_argument("--schedule", choices=("cosine", "linear"), default=S, help="decay after warmup")
+    g.add_argument("--schedule", choices=("cosine", "linear", "constant"), default=S,
+                   help="after warmup: decay to --min-lr, or constant")
     g.add_argument("--weight-decay", type=float, default=S, help=f"AdamW decay (default {d.weight_decay})")
     g.add_argument("--clip-grad", type=float, default=S, help="max gradient norm (0: off)")
     g.add_argument("--ema-decay", type=float, default=S, help="EMA of weights per step (0: off)")
+    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=S,
+                   help="EMA decay min(--ema-decay, (1+t)/(10+t)) at step t, so that a short run's average moves "
+                        f"(default {'on' if d.ema_warmup else 'off'})")
     g = p.add_argument_group("augmentation")
     g.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=S,
                    help="no random augmentation at all")

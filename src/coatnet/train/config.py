@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..utils import data_folder_error, did_you_mean
+from .schedule import SCHEDULES
 
 TRACKERS = ("tensorboard", "wandb")
 
@@ -81,11 +82,13 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate (AdamW)
     min_lr: float = 1e-5  # floor the schedule decays to
     warmup_epochs: float = 0.3  # linear warmup from 0 (fractions of an epoch allowed)
-    schedule: str = "cosine"  # decay after warmup: "cosine" or "linear"
+    schedule: str = "cosine"  # after warmup: "cosine" or "linear" decay to min_lr, or "constant" (fine-tuning)
     weight_decay: float = 0.05  # AdamW decoupled decay; never on norms, biases, bias tables
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     clip_grad: Optional[float] = 1.0  # clip the global gradient norm to this (None: off)
     ema_decay: float = 0.0  # exponential moving average of weights per step (0: off); evaluation uses it
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + t) / (10 + t)) at step t (TensorFlow's num_updates rule):
+    #                           the average follows the weights within a short run instead of holding the first ones
     # -- augmentation --
     augment: bool = True  # False: no random augmentation at all (train images get the eval transform)
     crop_scale: tuple[float, float] = (1.0, 1.0)  # random resized crop area range (paper/ImageNet: 0.08..1)
@@ -165,8 +168,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={v!r} must be a non-negative integer")
         if self.micro_batch_size and self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} exceeds batch_size={self.batch_size}")
-        if self.schedule not in ("cosine", "linear"):
-            raise ValueError(f"schedule={self.schedule!r} must be 'cosine' or 'linear'")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} must be one of {', '.join(map(repr, SCHEDULES))}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={self.precision!r} must be 'auto', 'fp32' or 'bf16'")
         if not 0 <= self.ema_decay < 1:

@@ -201,7 +201,7 @@ def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Opt
                     torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
                 optimizer.step()
                 if ema is not None:
-                    ema.update(model)
+                    ema.update(model, step)
                 state.add_to_sums(loss_sum, correct, n)
             else:
                 where = f"step {step} (epoch {data.epoch + 1}, batch {step_in_epoch + 1}/{n_batches})"
@@ -334,7 +334,7 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
     resuming = bool(cfg.resume and cfg.out) and state_path(cfg.out).is_file()
     model, n_params = _build_model(cfg, data, runtime, resuming)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.layer_decay)
-    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = WeightEMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
     eval_model = copy.deepcopy(model) if ema is not None else model
     net = runtime.compiled(model if cfg.fsdp else wrap_model(model, cfg.sync_bn))
     eval_net = runtime.compiled(eval_model) if ema is not None else net
@@ -345,6 +345,9 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
     checkpointer = Checkpointer(cfg.out, model, optimizer, ema, cfg.fsdp,
                                 {"model_config": model.config.to_dict(), "data": data.spec.to_dict(), "run": run_info})
     state = _initial_state(cfg, checkpointer, runtime, resuming, settings)
+    if state.global_step == 0:
+        for message in idle_settings(cfg, settings):
+            _warn(f"warning: {message}")
     if checkpointer.out is not None and is_main():
         _write_config(checkpointer.out, {
             **cfg.replace(resume=False).to_dict(), "classes": list(data.spec.classes),
@@ -427,6 +430,25 @@ def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
     if cfg.min_epoch_images and len(train_idx) and not getattr(train_src, "streams", False):
         repeats = math.ceil(cfg.min_epoch_images / len(train_idx))  # a stream is read as it comes: never repeated
     return cfg, _Data(train_src, val_src, spec, train_idx, val_idx, workers, repeats)
+
+
+def idle_settings(cfg: TrainConfig, settings: StepSettings) -> list[str]:
+    """What in `cfg` cannot act within the run's settings.total_steps optimizer steps, one sentence each."""
+    steps, found = settings.total_steps, []
+    if cfg.ema_decay and not cfg.ema_warmup and cfg.ema_decay ** steps > 0.1:
+        found.append(f"ema_decay {cfg.ema_decay} (--ema-decay) averages over about {1 / (1 - cfg.ema_decay):,.0f} "
+                     f"steps and this run has {steps}: {100 * cfg.ema_decay ** steps:.0f}% of the weights evaluated "
+                     f"and saved (the average's) would be the starting ones; pass --ema-warmup, or --ema-decay 0")
+    if settings.warmup_steps >= steps:
+        found.append(f"warmup_epochs {cfg.warmup_epochs} (--warmup-epochs) is {settings.warmup_steps} steps, not "
+                     f"fewer than the run's {steps}: the lr never reaches {cfg.lr:g}")
+    if cfg.save_every > steps:
+        found.append(f"save_every {cfg.save_every} (--save-every) is more than the run's {steps} steps: only epoch "
+                     f"ends are checkpointed")
+    if cfg.stop_at_step is not None and cfg.stop_at_step > steps:
+        found.append(f"stop_at_step {cfg.stop_at_step} (--stop-at-step) is past the run's {steps} steps: the run "
+                     f"ends first")
+    return found
 
 
 def _note_size(cfg: TrainConfig, spec: DataSpec, stride: int) -> None:
