@@ -3,6 +3,7 @@ the real cause, metadata that travels with exports, documentation that matches w
 per test; each failed before its fix."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -173,3 +174,15 @@ def test_settings_that_cannot_act_within_the_runs_steps_are_named():
     assert [m.split(" (")[0] for m in found] == ["ema_decay 0.9999", "warmup_epochs 3.0", "save_every 50"]
     assert "averages over about 10,000 steps and this run has 6: 100% of the weights evaluated" in found[0]
     assert idle_settings(TrainConfig(ema_decay=0.9999, ema_warmup=True), StepSettings.from_config(TrainConfig(epochs=2), 3)) == []
+
+
+# -- 5: resuming a run that was stopped, not extended ---------------------------------------------------------
+def test_resuming_a_run_stopped_mid_epoch_does_not_say_its_schedule_changed(colour_images, tmp_path, caplog):
+    cfg = TrainConfig(model="coatnet_nano", data=str(colour_images), val_fraction=0.25, img_size=32, epochs=2,
+                      batch_size=16, workers=0, threads=1, precise_bn=0, progress=False, quiet=True,
+                      out=str(tmp_path / "run"), stop_at_step=7)  # 5 steps per epoch: killed inside epoch 2
+    train(cfg)
+    with caplog.at_level(logging.INFO, logger="coatnet"):
+        result = train(dataclasses.replace(cfg, resume=True, stop_at_step=None))
+    assert result["steps"] == 10 and "resuming" in caplog.text
+    assert "schedule now spans" not in caplog.text  # said so: the lr at step 7 is not epoch 1's last

@@ -40,7 +40,7 @@ from ..models import (CoAtNet, build_on_meta, count_macs, count_params, create_m
 from ..models.config import nearest_valid
 from ..models.pretrained import weights_of
 from ..models.transfer import freeze_stages
-from ..utils import atomic_write, plural
+from ..utils import atomic_write, plural, read_json_object
 from .checkpoint import read_progress, state_path
 from .checkpointer import Checkpointer
 from .config import TrainConfig
@@ -535,12 +535,25 @@ def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtim
               f"extends it)")
     else:
         _note(f"resuming {out} at epoch {state.epoch + 1}, step {state.global_step}")
-        last_lr, new_lr = (state.records[-1].get("lr") if state.records else None), settings.lr_at(state.global_step)
-        if last_lr and abs(new_lr - last_lr) > 0.01 * last_lr:
-            _warn(f"warning: the learning-rate schedule now spans {cfg.epochs} epochs ({settings.total_steps} steps): "
-                  f"the lr goes from {last_lr:.2e} (the last step trained) to {new_lr:.2e} at step "
-                  f"{state.global_step}, then decays to {cfg.min_lr:.0e}")
+        # The schedule changes only when the run's length does (--epochs): compare the step counts, not learning
+        # rates (a run killed mid-epoch has an lr at its step unlike its last epoch record's, and is not extended).
+        before = _recorded_total_steps(out)
+        if before is not None and before != settings.total_steps and state.global_step > 0:
+            last_lr = lr_at(state.global_step - 1, cfg.lr, before, settings.warmup_steps, cfg.min_lr, cfg.schedule)
+            new_lr = settings.lr_at(state.global_step)
+            if new_lr != last_lr:  # a constant schedule, past its warmup, does not change
+                _warn(f"warning: the learning-rate schedule now spans {cfg.epochs} epochs ({settings.total_steps} "
+                      f"steps): the lr goes from {last_lr:.2e} (the last step trained) to {new_lr:.2e} at step "
+                      f"{state.global_step}, then decays to {cfg.min_lr:.0e}")
     return state
+
+
+def _recorded_total_steps(out: Path) -> int | None:
+    """The optimizer steps of the run in `out` as its config.json recorded them when it last started."""
+    with contextlib.suppress(OSError, ValueError):
+        total = read_json_object(out / "config.json").get("total_steps")
+        return total if isinstance(total, int) else None
+    return None
 
 
 # -- per epoch -----------------------------------------------------------------------------------------------
