@@ -186,3 +186,37 @@ def test_resuming_a_run_stopped_mid_epoch_does_not_say_its_schedule_changed(colo
         result = train(dataclasses.replace(cfg, resume=True, stop_at_step=None))
     assert result["steps"] == 10 and "resuming" in caplog.text
     assert "schedule now spans" not in caplog.text  # said so: the lr at step 7 is not epoch 1's last
+
+
+def test_predict_names_a_missing_output_folder_before_reading_anything(tiny_run, colour_images, capsys, monkeypatch):
+    import coatnet.train.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert main(["predict", "--checkpoint", str(tiny_run / "checkpoint-best.safetensors"), str(colour_images),
+                 "--output", str(colour_images.parent / "nodir" / "p.csv")]) == 1
+    err = capsys.readouterr().err  # said "nodir/.p.csv.tmp: No such file or directory"
+    nodir = colour_images.parent / "nodir"
+    assert err.strip() == f"error: --output {nodir / 'p.csv'}: there is no folder {nodir} (create it first)"
+
+
+def test_ctrl_c_names_the_checkpoint_kept_and_the_command_that_continues(tiny_run, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(coatnet.train, "train", interrupted)
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 130
+    assert capsys.readouterr().err.strip() == (  # said only "error: interrupted"
+        f"error: interrupted; {run} keeps the checkpoint at the end of epoch 2; continue with "
+        f"`coatnet train --resume {run}`")
+
+
+def test_resuming_a_finished_run_prints_no_summary_again(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{run} is complete (2 of 2 epochs): nothing to do" in err
+    assert "val_top1" not in out and "hardware use" not in out  # printed the final JSON and a benchmark again

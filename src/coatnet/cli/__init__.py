@@ -172,8 +172,8 @@ def _main(argv: list[str]) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say what was kept and how to continue
+        print(f"error: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         raise

@@ -70,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..train import train
+    from ..train.engine import interrupted_note
     from ..train.finetune import finetune_config
     from ..utils import plural, rounded
 
@@ -79,5 +80,9 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.quiet:
         print(f"fine-tuning {cfg.pretrained} ({cfg.model}) on {cfg.data}: {plural(cfg.epochs, 'epoch')}, lr {cfg.lr}, "
               f"img_size {cfg.img_size or 'default'}, run folder {cfg.out or '-'}", flush=True)
-    print(json.dumps(rounded(train(cfg))))
+    try:
+        result = train(cfg)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_note(cfg.out)) from None
+    print(json.dumps(rounded(result)))
     return 0

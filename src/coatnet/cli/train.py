@@ -265,7 +265,7 @@ def _resumed_config(run_dir: Path, flags: dict, recipe: str | None, how: str):
 def run_train(args: argparse.Namespace) -> int:
     from ..train import train
     from ..train.distributed import broadcast_object, init_distributed, is_main
-    from ..train.engine import check_model
+    from ..train.engine import check_model, interrupted_note
     from ..train.recipes import describe_recipe, list_recipes
     from ..utils import plural, rounded
 
@@ -284,7 +284,12 @@ def run_train(args: argparse.Namespace) -> int:
     if not cfg.quiet and is_main():
         print(f"run folder: {cfg.out}  (model {cfg.model}, data {cfg.data}, {plural(cfg.epochs, 'epoch')}, "
               f"batch {cfg.batch_size}, recipe {cfg.recipe or '-'})", flush=True)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_note(cfg.out)) from None
+    if result.get("complete_before"):  # nothing trained (the warning says so): its summary was printed when it ended
+        return 0
     if is_main():
         if result.get("train_gflops"):
             _hardware_use(result, quiet=cfg.quiet)
@@ -351,6 +356,8 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CliError("--batch-size must be at least 1")
     files = list_image_files(args.images)  # before loading the model: the cheap mistakes first
+    if args.output:
+        PredictionWriter.check(args.output)
     named = {p for p in args.images if not os.path.isdir(p)}
     runtime = setup_runtime(args.device, "fp32", threads=args.threads)
     model, spec, _ = load_model(args.checkpoint, runtime.device)

@@ -315,6 +315,19 @@ def train(cfg: TrainConfig) -> dict:
             return _train(cfg, tracker)
 
 
+def interrupted_note(out: str | os.PathLike | None) -> str:
+    """For a run stopped by the user (Ctrl-C): what its folder keeps and the command that continues it."""
+    if out is None:
+        return "nothing was saved (no run folder)"
+    out = Path(out)
+    if not (out / "config.json").is_file():
+        return f"nothing was saved in {out}"
+    with contextlib.suppress(ValueError, OSError):
+        position = TrainState.from_dict(read_progress(state_path(out))).position
+        return f"{out} keeps the checkpoint at the {position}; continue with `coatnet train --resume {out}`"
+    return f"{out} has no checkpoint yet; `coatnet train --resume {out}` starts the run over"
+
+
 def _write_config(out: Path, settings: dict) -> None:
     """out/config.json, atomically."""
     with writing(out / "config.json", "nothing was trained yet"), atomic_write(out / "config.json") as tmp:
@@ -366,6 +379,8 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
     macs = count_macs(build_on_meta(model.config)) if hasattr(model, "config") else None
     initial.update(device=str(runtime.device), precision=runtime.precision)
     result = partial(_result, state, n_params, initial, t_start, checkpointer.out, macs)
+    if state.epoch >= cfg.epochs:  # a finished run resumed: nothing to train (the warning said so)
+        return {**result(), "complete_before": True}
 
     for epoch in range(state.epoch, cfg.epochs):
         t_epoch = time.time()

@@ -80,11 +80,8 @@ class PredictionWriter:
     not at all (written beside it, renamed on close)."""
 
     def __init__(self, path: str | os.PathLike, top_k: int):
-        self.path = Path(path)
-        suffix = self.path.suffix.lower()
-        if suffix not in (".csv", ".jsonl", ".json"):
-            raise ValueError(f"--output {self.path}: name a .csv or .jsonl file")
-        self.kind, self.top_k = suffix.lstrip("."), top_k
+        self.path = self.check(path)
+        self.kind, self.top_k = self.path.suffix.lower().lstrip("."), top_k
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.file = open(self.tmp, "w", newline="")
         self.rows = 0
@@ -92,6 +89,17 @@ class PredictionWriter:
             self.csv = csv.writer(self.file)
             self.csv.writerow(["path"] + [f"{w}_{n}" for n in range(1, top_k + 1) for w in ("label", "prob")]
                               + ["error"])
+
+    @staticmethod
+    def check(path: str | os.PathLike) -> Path:
+        """`path` as a Path when predictions can be written there (a .csv or .jsonl name in an existing folder);
+        else the error, before any image is read."""
+        path = Path(path)
+        if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
+            raise ValueError(f"--output {path}: name a .csv or .jsonl file")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"--output {path}: there is no folder {path.parent} (create it first)")
+        return path
 
     def write(self, result: dict) -> None:
         self.rows += 1
