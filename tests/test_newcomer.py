@@ -4,6 +4,7 @@ per test; each failed before its fix."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import shutil
@@ -16,13 +17,17 @@ from PIL import Image
 
 import coatnet
 from coatnet.cli import main
-from coatnet.data import build_data
+from coatnet.data import DataSpec, build_data, eval_transform
+from coatnet.data.transforms import normalize
+from coatnet.export import export_metadata
 from coatnet.models import get_config
 from coatnet.train.config import TrainConfig
-from coatnet.train.checkpoint import load_train_state, read_checkpoint, state_path
+from coatnet.publish import save_pretrained
+from coatnet.train.checkpoint import load_model, load_train_state, read_checkpoint, state_path
 from coatnet.train.engine import StepSettings, check_model, idle_settings, train
 from coatnet.train.finetune import finetune_config
 from coatnet.train.optim import WeightEMA
+from coatnet.train.predict import predict_files, preprocess
 from coatnet.train.recipes import describe_recipe
 from coatnet.utils import did_you_mean
 
@@ -220,3 +225,57 @@ def test_resuming_a_finished_run_prints_no_summary_again(tiny_run, tmp_path, cap
     out, err = capsys.readouterr()
     assert f"{run} is complete (2 of 2 epochs): nothing to do" in err
     assert "val_top1" not in out and "hardware use" not in out  # printed the final JSON and a benchmark again
+
+
+# -- 8: what predicting needs travels with the weights ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def hub_folder(tiny_run, tmp_path_factory):
+    return save_pretrained(tiny_run / "checkpoint-best.safetensors", tmp_path_factory.mktemp("hub") / "colours")
+
+
+def _by_hand(image: Image.Image, pre: dict) -> torch.Tensor:
+    """docs/interop.md's preprocessing rule written out with Pillow alone."""
+    _, size, _ = pre["input_size"]
+    image = image.convert(pre["image_mode"])
+    side = min(image.size) * pre["crop_fraction"]
+    x0, y0 = (image.size[0] - side) / 2, (image.size[1] - side) / 2
+    image = image.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
+    x = torch.from_numpy(np.array(image, dtype=np.float32)).reshape(size, size, -1).permute(2, 0, 1) / 255
+    return (x - torch.tensor(pre["mean"])[:, None, None]) / torch.tensor(pre["std"])[:, None, None]
+
+
+def test_a_model_from_a_hub_folder_carries_its_class_names_and_exact_preprocessing(hub_folder, colour_images):
+    model = coatnet.create_model(pretrained=str(hub_folder))  # had neither
+    assert model.pretrained_cfg["label_names"] == ["blue", "green", "red", "white"]
+    pre = model.pretrained_cfg["preprocessing"]
+    assert pre["class_names"] == model.pretrained_cfg["label_names"] and pre["tta_flip"] is True
+    image = Image.open(colour_images / "red" / "00.png").resize((45, 37))  # not square, not the model's size
+    torch.testing.assert_close(eval_transform(pre)(image), _by_hand(image, pre), atol=0, rtol=0)
+
+
+def test_exports_carry_the_same_preprocessing_as_the_hub_folder(hub_folder):
+    model = coatnet.create_model(pretrained=str(hub_folder))
+    meta = export_metadata(model, hub_folder)  # a Hub folder gave no classes at all
+    config = json.loads((hub_folder / "config.json").read_text())
+    assert json.loads(meta["preprocessing"]) == config["preprocessing"] == model.pretrained_cfg["preprocessing"]
+    assert json.loads(meta["classes"]) == config["label_names"]
+
+
+def test_the_preprocessing_metadata_is_documented_key_by_key():
+    text = (ROOT / "docs" / "interop.md").read_text().split("## Preprocessing metadata")[1].split("\n## ")[0]
+    keys = DataSpec("x", ("a",), 3, 32, 0.875, (0.5,) * 3, (0.5,) * 3).preprocessing()
+    assert [k for k in keys if f"`{k}`" not in text] == [] and f"`{keys['rule']}`" in text
+
+
+def test_predict_averages_with_the_mirror_image_when_eval_does(tiny_run, colour_images):
+    checkpoint = tiny_run / "checkpoint-best.safetensors"
+    files = [str(colour_images / "red" / "00.png"), str(colour_images / "blue" / "03.png")]
+    model, spec, info = load_model(checkpoint)
+    assert info["run"]["tta_flip"]  # the run trained with flips, so eval averages each image with its mirror
+    x = torch.stack([normalize(preprocess(f, spec)[None], spec.mean, spec.std)[0] for f in files])
+    with torch.no_grad():
+        expected = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+    got = predict_files(str(checkpoint), files, top_k=1)  # took one view
+    assert [r["top"][0]["prob"] for r in got] == pytest.approx(expected.max(-1).values.tolist(), abs=1e-5)
+    plain = predict_files(str(checkpoint), files, top_k=1, flip=False)
+    assert [r["top"][0]["prob"] for r in plain] != pytest.approx(expected.max(-1).values.tolist(), abs=1e-5)

@@ -189,6 +189,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     q.add_argument("--device", default="cpu")
     q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    q.add_argument("--tta", choices=("flip", "none"),
+                   help="average with the mirror image ('flip') or not (default: as the checkpoint's training run "
+                        "evaluated, so that predict agrees with eval)")
     q.set_defaults(func=run_predict)
 
 
@@ -348,7 +351,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from ..data.images import list_image_files
     from ..train.checkpoint import load_model
-    from ..train.predict import PredictionWriter, iter_predictions
+    from ..train.predict import PredictionWriter, checkpoint_flip, iter_predictions
     from ..train.runtime import setup_runtime
 
     if args.top_k < 1:
@@ -360,7 +363,8 @@ def run_predict(args: argparse.Namespace) -> int:
         PredictionWriter.check(args.output)
     named = {p for p in args.images if not os.path.isdir(p)}
     runtime = setup_runtime(args.device, "fp32", threads=args.threads)
-    model, spec, _ = load_model(args.checkpoint, runtime.device)
+    model, spec, info = load_model(args.checkpoint, runtime.device)
+    flip = checkpoint_flip(info) if args.tta is None else args.tta == "flip"
     workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
     writer = PredictionWriter(args.output, min(args.top_k, len(spec.classes))) if args.output else None
     # Like cat(1): every readable image is predicted, then one error line names the named files that were not;
@@ -370,7 +374,7 @@ def run_predict(args: argparse.Namespace) -> int:
     path_width, class_width = max(len(str(f)) for f in files), max(len(c) for c in spec.classes)
     with writer or contextlib.nullcontext():  # the output file appears only when complete
         for res in iter_predictions(model, spec, files, args.top_k, args.batch_size, workers,
-                                    progress=args.progress and len(files) > args.batch_size):
+                                    progress=args.progress and len(files) > args.batch_size, flip=flip):
             if writer is not None:
                 writer.write(res)
             if "error" in res:

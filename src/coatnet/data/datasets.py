@@ -27,6 +27,8 @@ from .random import permutation
 from .transforms import AugmentConfig, center_crop_box, crop_params, resized_crop
 
 NO_AUGMENT = AugmentConfig(enabled=False)  # what evaluation passes as `aug`: the eval transform
+# The eval resize rule of `eval_image`, by the name the preprocessing metadata gives it (docs/interop.md).
+EVAL_RULE = "coatnet-centre-box-bilinear"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,14 @@ class DataSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def preprocessing(self, tta_flip: bool = False) -> dict:
+        """The exact eval preprocessing, as exported files and Hub folders carry it (docs/interop.md,
+        "Preprocessing metadata", states the rule `rule` names); `eval_transform` applies it to a PIL image."""
+        return {"rule": EVAL_RULE, "image_mode": "L" if self.in_chans == 1 else "RGB",
+                "input_size": [self.in_chans, self.img_size, self.img_size], "crop_fraction": self.crop_fraction,
+                "interpolation": "bilinear", "scale": "1/255", "mean": list(self.mean), "std": list(self.std),
+                "tta_flip": tta_flip, "class_names": list(self.classes)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataSpec":
@@ -133,6 +143,23 @@ def eval_image(img: Image.Image, spec: DataSpec) -> torch.Tensor:
     s = spec.img_size
     width, height = img.size
     return resize_crop(img, center_crop_box(height, width, spec.crop_fraction, s, s), s)
+
+
+def eval_transform(preprocessing: dict):
+    """PIL image -> normalised float (C, S, S): the eval transform that `preprocessing` (DataSpec.preprocessing,
+    the "preprocessing" of a Hub folder's config.json or of an exported file's metadata) describes."""
+    if preprocessing.get("rule") != EVAL_RULE:
+        raise ValueError(f"preprocessing rule {preprocessing.get('rule')!r} is not {EVAL_RULE!r}")
+    channels, size, _ = preprocessing["input_size"]
+    spec = DataSpec("", tuple(preprocessing["class_names"]), channels, size, preprocessing["crop_fraction"],
+                    tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
+    mean, std = torch.tensor(spec.mean)[:, None, None], torch.tensor(spec.std)[:, None, None]
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        x = eval_image(image.convert(preprocessing["image_mode"]), spec).to(torch.float32) / 255
+        return (x - mean) / std
+
+    return transform
 
 
 def _collate(items) -> tuple:
