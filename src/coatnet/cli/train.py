@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--val-fraction", type=float, default=S, help=f"held-out share of a folder without val/ ({d.val_fraction})")
     g.add_argument("--train-subset", type=int, default=S, metavar="N", help="train on a seeded subset of N images")
     g.add_argument("--val-subset", type=int, default=S, metavar="N", help="evaluate on a seeded subset of N images")
-    g.add_argument("--img-size", type=int, default=S, help="input side, a multiple of the model's total stride (32; 8 for coatnet_micro)")
+    g.add_argument("--img-size", type=int, default=S,
+                   help="input side, a multiple of the model's total stride (32; 8 for coatnet_micro)")
     g.add_argument("--crop-fraction", type=float, default=S, help="eval centre-crop fraction (1.0 / 0.875)")
     g.add_argument("--workers", type=int, default=S, help="DataLoader workers for image folders")
     g.add_argument("--strict", action="store_const", const=True, default=S, help="fail on an unreadable image")
