@@ -155,7 +155,8 @@ def test_evaluating_on_data_of_other_classes_is_one_error_line(files, capsys):
     (["train", "--lr", "-1"], "error: lr=-1.0 must be positive"),
     (["train", "--lr", "fast"], "error: argument --lr: invalid float value: 'fast' (see `coatnet train --help`)"),
     (["train", "--layout", "C-C-X-T"], "error: layout='C-C-X-T' must be four stages of 'C' (MBConv) or 'T'"),
-    (["train", "--img-size", "100"], "error: img_size=100 must be a positive multiple of 32"),
+    (["train", "--img-size", "100"], "error: img_size=100: coatnet_micro takes sides that are multiples of 8 (its "
+                                     "total stride); nearest: 96 or 104"),
     (["train", "--epochs", "0"], "error: epochs=0 must be positive"),
     (["train", "--model", "coatnet_99"], "error: unknown model 'coatnet_99'"),
     (["train", "--device", "warp-drive"], "error: device='warp-drive' is not a device name"),

@@ -20,9 +20,9 @@ def checkpoint(tmp_path_factory):
     return out / "checkpoint-last.safetensors"
 
 
-def test_the_recipe_is_the_papers():
-    assert FINETUNE_RECIPE == dict(epochs=30, lr=5e-5, min_lr=5e-5, warmup_epochs=0.0, weight_decay=1e-8,
-                                   ema_decay=0.9999)
+def test_the_recipe_is_the_papers_with_an_ema_that_warms_up():
+    assert FINETUNE_RECIPE == dict(epochs=30, lr=5e-5, schedule="constant", warmup_epochs=0.0, weight_decay=1e-8,
+                                   ema_decay=0.9999, ema_warmup=True)
 
 
 def test_a_file_without_our_metadata_needs_the_model_named(tmp_path):
@@ -31,8 +31,8 @@ def test_a_file_without_our_metadata_needs_the_model_named(tmp_path):
     with pytest.raises(ValueError, match="pass the model"):
         finetune_config(str(tmp_path / "w.safetensors"))
     cfg = finetune_config(str(tmp_path / "w.safetensors"), model="coatnet_0_rw_224", img_size=384, lr=None)
-    assert (cfg.model, cfg.img_size, cfg.lr, cfg.min_lr, cfg.pretrained) == (
-        "coatnet_0_rw_224", 384, 5e-5, 5e-5, str(tmp_path / "w.safetensors"))
+    assert (cfg.model, cfg.img_size, cfg.lr, cfg.schedule, cfg.pretrained) == (
+        "coatnet_0_rw_224", 384, 5e-5, "constant", str(tmp_path / "w.safetensors"))
 
 
 @needs_fmnist

@@ -88,8 +88,8 @@ def test_commands_of_recipes_and_finetuning_name_only_what_differs():
     assert "--no-augment" in words and words[words.index("--clip-grad") + 1] == "0"
     assert "--model" not in words  # the recipe's own model
     ft = TrainConfig(recipe="finetune", pretrained="runs/a/checkpoint-best.safetensors", model="coatnet_nano",
-                     epochs=30, lr=5e-5, min_lr=5e-5, warmup_epochs=0.0, weight_decay=1e-8, ema_decay=0.9999,
-                     eval_before=True, img_size=64).to_dict()
+                     epochs=30, lr=5e-5, schedule="constant", warmup_epochs=0.0, weight_decay=1e-8,
+                     ema_decay=0.9999, ema_warmup=True, eval_before=True, img_size=64).to_dict()
     assert train_command(ft) == "coatnet finetune --checkpoint runs/a/checkpoint-best.safetensors --img-size 64"
 
 

@@ -71,7 +71,7 @@ def test_recipes_are_named_documented_and_valid():
 
 def test_config_rejects_bad_settings():
     with pytest.raises(ValueError, match="img_size"):
-        TrainConfig(img_size=30).validate()
+        TrainConfig(img_size=0).validate()
     with pytest.raises(ValueError, match="unknown training setting"):
         TrainConfig().replace(learning_rate=1)
     with pytest.raises(ValueError, match="micro_batch_size"):

@@ -7,6 +7,7 @@ legacy one handles scaled_dot_product_attention with an additive mask.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import DataSpec
 from .models import CoAtNet, CoAtNetConfig, create_model, inference_model
 from .models.weights import load_pretrained
-from .train.checkpoint import checkpoint_info
+from .train.checkpoint import checkpoint_file, checkpoint_info
 from .utils import atomic_write
 
 FORMATS = ("onnx", "torchscript")
@@ -30,18 +32,24 @@ METADATA_FILE = "coatnet.json"  # the TorchScript extra file that holds export_m
 
 def export_metadata(model: CoAtNet, checkpoint: str | os.PathLike | None = None) -> dict[str, str]:
     """What a user of an exported file needs to preprocess and read its outputs, as string values (ONNX's
-    metadata_props are strings): model, in_chans, img_size, num_classes and, from one of our checkpoints,
-    classes (a JSON list, the order of the logits), mean, std (JSON lists, applied to [0, 1] pixels) and
-    crop_fraction (the eval centre crop)."""
+    metadata_props are strings): model, in_chans, img_size, num_classes and, from one of our checkpoints (or a
+    Hub folder), classes (a JSON list, the order of the logits), mean, std (JSON lists, applied to [0, 1]
+    pixels), crop_fraction (the eval centre crop) and preprocessing (JSON: the exact eval transform, whether to
+    average with the mirror image, the class names; docs/interop.md). The graph computes one view: with
+    "tta_flip" true, average its softmax with that of the mirrored input, as `coatnet predict` does."""
     meta = {"model_config": json.dumps(model.config.to_dict()), "in_chans": str(model.in_chans),
             "img_size": json.dumps(list(model.config.image_size)), "num_classes": str(model.num_classes)}
-    info = checkpoint_info(checkpoint) if checkpoint is not None and Path(checkpoint).suffix == ".safetensors" else None
+    path = checkpoint_file(checkpoint) if checkpoint is not None else None
+    info = checkpoint_info(path) if path is not None and path.suffix == ".safetensors" else None
     if info is not None:
         data = info.get("data", {})
         for key in ("classes", "mean", "std", "crop_fraction"):
             if data.get(key) is not None:
                 meta[key] = json.dumps(data[key])
-        meta["source_checkpoint"] = Path(checkpoint).name
+        with contextlib.suppress(KeyError, TypeError, ValueError):  # a checkpoint without a whole data spec
+            spec = DataSpec.from_dict(data)
+            meta["preprocessing"] = json.dumps(spec.preprocessing(bool((info.get("run") or {}).get("tta_flip"))))
+        meta["source_checkpoint"] = path.name
     return meta
 
 
@@ -60,8 +68,8 @@ def read_export_metadata(path: str | os.PathLike, fmt: str) -> dict[str, str]:
 def load_checkpoint_model(path: str | os.PathLike, model_name: str | None = None, **overrides) -> CoAtNet:
     """The model of a checkpoint, in eval mode. A training checkpoint names its config in its safetensors
     metadata (train/checkpoint.py); plain weights need `model_name` (and overrides such as num_classes)
-    to say what they are."""
-    path = Path(path)
+    to say what they are. A Hub-format folder gives its model.safetensors."""
+    path = checkpoint_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     config = None

@@ -22,7 +22,7 @@ from .models.flops import build_on_meta
 from .models.hub import HUB_FILES, HUB_FORMAT, is_ours, read_hub_config
 from .train.checkpoint import load_model, read_checkpoint, save_weights_checkpoint
 from .train.config import TrainConfig
-from .train.finetune import FINETUNE_RECIPE
+from .train.recipes import FINETUNE_RECIPE
 from .train.metrics import read_metrics
 from .train.recipes import RECIPES
 from .utils import atomic_write, read_json_object
@@ -55,6 +55,8 @@ def save_pretrained(checkpoint: str | os.PathLike, folder: str | os.PathLike, li
     config = {"library_name": "coatnet", "format": HUB_FORMAT, "coatnet_version": __version__, "architecture": arch,
               "num_classes": model.num_classes, "in_chans": model.in_chans, "img_size": list(model.config.image_size),
               "label_names": list(spec.classes), "model_config": model.config.to_dict(), "data": spec.to_dict(),
+              # the exact eval transform (docs/interop.md; coatnet.data.eval_transform applies it)
+              "preprocessing": spec.preprocessing(tta_flip=bool((info.get("run") or {}).get("tta_flip"))),
               # timm's names for the preprocessing, for tools that read timm's config.json
               "pretrained_cfg": {"input_size": [spec.in_chans, spec.img_size, spec.img_size], "mean": list(spec.mean),
                                  "std": list(spec.std), "crop_pct": spec.crop_fraction, "interpolation": "bilinear"},

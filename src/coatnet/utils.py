@@ -67,10 +67,49 @@ def rounded(value, digits: int = 6):
     return value
 
 
+_LOOKALIKES = str.maketrans("oil", "011")  # after lower(): O and 0, I, l and 1 look alike in most fonts
+
+
+def closest(word: str, options) -> str | None:
+    """The option that `word` spells but for case and look-alike characters ("coatnet_O" -> 'coatnet_0', not
+    'coatnet_7'), else the closest by difflib on lower case, or None."""
+    options = list(options)
+    same = {o.lower().translate(_LOOKALIKES): o for o in options}.get(word.lower().translate(_LOOKALIKES))
+    if same is not None:
+        return same
+    by_lower = {o.lower(): o for o in options}
+    close = difflib.get_close_matches(word.lower(), by_lower, n=1)
+    return by_lower[close[0]] if close else None
+
+
 def did_you_mean(word: str, options) -> str:
-    """"; did you mean 'x'?" for the closest of `options` to a mistyped `word` (difflib), or ""."""
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    """"; did you mean 'x'?" for the closest of `options` to a mistyped `word` (see `closest`), or ""."""
+    close = closest(word, options)
+    return f"; did you mean {close!r}?" if close is not None else ""
+
+
+def no_such_path(path: str | os.PathLike, what: str) -> FileNotFoundError:
+    """FileNotFoundError for a `what` ("checkpoint", "--data") at a path that does not exist, with the nearest
+    name in its folder ("did you mean 'runs/fm/checkpoint-best.safetensors'?") or the missing folder named."""
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        return FileNotFoundError(f"{what} {path}: no such file or folder (there is no folder {parent})")
+    near = closest(path.name, sorted(p.name for p in parent.iterdir()))
+    return FileNotFoundError(f"{what} {path}: no such file or folder"
+                             f"{f'; did you mean {str(parent / near)!r}?' if near is not None else ''}")
+
+
+def data_folder_error(data: str | os.PathLike) -> Exception | None:
+    """Why `data` (--data) cannot be an image folder or a shard folder, or None when it can: a missing path (with
+    the nearest name), or a file, such as one image of the folder."""
+    path = Path(data)
+    if path.is_file():
+        return ValueError(f"--data {path} is a file, not a folder: give the ImageFolder root, whose subfolders are "
+                          f"the classes (here perhaps {path.parent.parent})")
+    if not path.exists():
+        return FileNotFoundError(f"{no_such_path(path, '--data')} (use 'fashion-mnist' or an image folder)")
+    return None
 
 
 def plural(count: int, noun: str) -> str:

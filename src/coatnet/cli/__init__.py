@@ -44,11 +44,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: "error: <what>; see `<prog> --help`" and exit code 2, a "did you mean"
-    for a mistyped choice or flag, and help that shows every default (subcommands' parsers are of this class
-    too)."""
+    for a mistyped choice or flag, no abbreviated flags, and help that shows every default (subcommands' parsers
+    are of this class too)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # `--epoch 1` is an error, not silently --epochs 1
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
@@ -171,8 +172,8 @@ def _main(argv: list[str]) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say what was kept and how to continue
+        print(f"error: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         raise

@@ -15,7 +15,7 @@ COMMANDS = {  # command: its line in `coatnet --help`
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..train.config import TrainConfig
-    from ..train.finetune import FINETUNE_RECIPE as R
+    from ..train.recipes import FINETUNE_RECIPE as R
     from .train import TRAIN_NONE_MEANS
 
     defaults = {**TrainConfig().to_dict(), **R}  # what a flag left out becomes
@@ -34,7 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=S, help=f"default {R['epochs']} (paper)")
     p.add_argument("--lr", type=float, default=S, help=f"constant learning rate (default {R['lr']}, paper)")
     p.add_argument("--weight-decay", type=float, default=S, help=f"default {R['weight_decay']} (paper)")
-    p.add_argument("--ema-decay", type=float, default=S, help=f"default {R['ema_decay']} (paper); 0: off")
+    p.add_argument("--ema-decay", type=float, default=S, help=f"EMA of the weights, evaluated and saved (default "
+                                                               f"{R['ema_decay']}, paper; 0: off)")
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=S,
+                   help="EMA decay min(--ema-decay, (1+t)/(10+t)) at step t, so that a short run's average moves "
+                        f"(default {'on' if R['ema_warmup'] else 'off'})")
     p.add_argument("--layer-decay", type=float, default=S, help="layer-wise lr decay per block (default 1: off)")
     p.add_argument("--freeze-stages", type=int, default=S, help="keep the stem and the first N stages fixed")
     p.add_argument("--recalibrate-bn", type=int, default=S, metavar="N",
@@ -66,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..train import train
+    from ..train.engine import interrupted_note
     from ..train.finetune import finetune_config
     from ..utils import plural, rounded
 
@@ -75,5 +80,9 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.quiet:
         print(f"fine-tuning {cfg.pretrained} ({cfg.model}) on {cfg.data}: {plural(cfg.epochs, 'epoch')}, lr {cfg.lr}, "
               f"img_size {cfg.img_size or 'default'}, run folder {cfg.out or '-'}", flush=True)
-    print(json.dumps(rounded(train(cfg))))
+    try:
+        result = train(cfg)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_note(cfg.out)) from None
+    print(json.dumps(rounded(result)))
     return 0

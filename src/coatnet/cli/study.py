@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per row (default: the CPUs divided among the parallel rows)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                   help="start no row that would end later; stop the running ones then (not recorded)")
+                   help="start no row that would end later; stop the running ones then (not recorded; "
+                        "default: no limit)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: coatnet's default)")
     p.add_argument("--plan", action="store_true",
                    help="print every row with its estimated cost here (measured img/s x images) and the total")

@@ -17,7 +17,8 @@ _TRAIN_FLAGS: dict[str, str] = {}  # TrainConfig field -> its flag(s) in `coatne
 # What TrainConfig's None defaults mean, for --help.
 TRAIN_NONE_MEANS = {
     "resume": "a new run", "data_dir": "/usr/share/datasets/fashion-mnist", "train_subset": "all",
-    "val_subset": "all", "img_size": "32 for Fashion-MNIST, 224 for folders",
+    "val_subset": "all",
+    "img_size": "32 for Fashion-MNIST; for a folder the images' median side, rounded to one the model takes",
     "crop_fraction": "1.0 for Fashion-MNIST, 0.875 for folders", "workers": "min(4, CPUs)",
     "layout": "the model's", "micro_batch_size": "--batch-size", "threads": "all CPUs",
     "stop_at_step": "none", "log": "none", "out": "runs/<recipe>-<time>",
@@ -56,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--val-fraction", type=float, default=S, help=f"held-out share of a folder without val/ ({d.val_fraction})")
     g.add_argument("--train-subset", type=int, default=S, metavar="N", help="train on a seeded subset of N images")
     g.add_argument("--val-subset", type=int, default=S, metavar="N", help="evaluate on a seeded subset of N images")
-    g.add_argument("--img-size", type=int, default=S, help="input side, multiple of 32 (32 Fashion-MNIST, 224 folders)")
+    g.add_argument("--img-size", type=int, default=S,
+                   help="input side, a multiple of the model's total stride (32; 8 for coatnet_micro)")
     g.add_argument("--crop-fraction", type=float, default=S, help="eval centre-crop fraction (1.0 / 0.875)")
     g.add_argument("--workers", type=int, default=S, help="DataLoader workers for image folders")
     g.add_argument("--strict", action="store_const", const=True, default=S, help="fail on an unreadable image")
@@ -76,10 +78,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=float, default=S, help=f"peak learning rate (default {d.lr})")
     g.add_argument("--min-lr", type=float, default=S, help=f"floor of the decay (default {d.min_lr})")
     g.add_argument("--warmup-epochs", type=float, default=S, help=f"linear warmup (default {d.warmup_epochs})")
-    g.add_argument("--schedule", choices=("cosine", "linear"), default=S, help="decay after warmup")
+    g.add_argument("--schedule", choices=("cosine", "linear", "constant"), default=S,
+                   help="after warmup: decay to --min-lr, or constant")
     g.add_argument("--weight-decay", type=float, default=S, help=f"AdamW decay (default {d.weight_decay})")
     g.add_argument("--clip-grad", type=float, default=S, help="max gradient norm (0: off)")
     g.add_argument("--ema-decay", type=float, default=S, help="EMA of weights per step (0: off)")
+    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=S,
+                   help="EMA decay min(--ema-decay, (1+t)/(10+t)) at step t, so that a short run's average moves "
+                        f"(default {'on' if d.ema_warmup else 'off'})")
     g = p.add_argument_group("augmentation")
     g.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=S,
                    help="no random augmentation at all")
@@ -184,6 +190,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     q.add_argument("--device", default="cpu")
     q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    q.add_argument("--tta", choices=("flip", "none"),
+                   help="average with the mirror image ('flip') or not (default: as the checkpoint's training run "
+                        "evaluated, so that predict agrees with eval)")
     q.set_defaults(func=run_predict)
 
 
@@ -260,6 +269,7 @@ def _resumed_config(run_dir: Path, flags: dict, recipe: str | None, how: str):
 def run_train(args: argparse.Namespace) -> int:
     from ..train import train
     from ..train.distributed import broadcast_object, init_distributed, is_main
+    from ..train.engine import check_model, interrupted_note
     from ..train.recipes import describe_recipe, list_recipes
     from ..utils import plural, rounded
 
@@ -273,11 +283,17 @@ def run_train(args: argparse.Namespace) -> int:
     # --auto-resume: rank 0 decides whether the folder holds a run, so every process takes the same branch.
     existing = broadcast_object(Path(out, "config.json").is_file()) if args.auto_resume and out else None
     cfg = build_config(args, existing).validate()
+    check_model(cfg)  # an unknown model or a size it does not take: named before the run folder line
     cfg = cfg.replace(out=broadcast_object(cfg.out))
     if not cfg.quiet and is_main():
         print(f"run folder: {cfg.out}  (model {cfg.model}, data {cfg.data}, {plural(cfg.epochs, 'epoch')}, "
               f"batch {cfg.batch_size}, recipe {cfg.recipe or '-'})", flush=True)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_note(cfg.out)) from None
+    if result.get("complete_before"):  # nothing trained (the warning says so): its summary was printed when it ended
+        return 0
     if is_main():
         if result.get("train_gflops"):
             _hardware_use(result, quiet=cfg.quiet)
@@ -336,7 +352,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from ..data.images import list_image_files
     from ..train.checkpoint import load_model
-    from ..train.predict import PredictionWriter, iter_predictions
+    from ..train.predict import PredictionWriter, checkpoint_flip, iter_predictions
     from ..train.runtime import setup_runtime
 
     if args.top_k < 1:
@@ -344,9 +360,12 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CliError("--batch-size must be at least 1")
     files = list_image_files(args.images)  # before loading the model: the cheap mistakes first
+    if args.output:
+        PredictionWriter.check(args.output)
     named = {p for p in args.images if not os.path.isdir(p)}
     runtime = setup_runtime(args.device, "fp32", threads=args.threads)
-    model, spec, _ = load_model(args.checkpoint, runtime.device)
+    model, spec, info = load_model(args.checkpoint, runtime.device)
+    flip = checkpoint_flip(info) if args.tta is None else args.tta == "flip"
     workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
     writer = PredictionWriter(args.output, min(args.top_k, len(spec.classes))) if args.output else None
     # Like cat(1): every readable image is predicted, then one error line names the named files that were not;
@@ -356,7 +375,7 @@ def run_predict(args: argparse.Namespace) -> int:
     path_width, class_width = max(len(str(f)) for f in files), max(len(c) for c in spec.classes)
     with writer or contextlib.nullcontext():  # the output file appears only when complete
         for res in iter_predictions(model, spec, files, args.top_k, args.batch_size, workers,
-                                    progress=args.progress and len(files) > args.batch_size):
+                                    progress=args.progress and len(files) > args.batch_size, flip=flip):
             if writer is not None:
                 writer.write(res)
             if "error" in res:

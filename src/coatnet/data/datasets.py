@@ -14,18 +14,21 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from PIL import Image
 
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported: image folders' normalisation)
 from ..preprocess import resize_crop
+from ..utils import data_folder_error
 from .images import IMAGE_EXTENSIONS, UnreadableImageError, images_under, load_image
 from .random import permutation
 from .transforms import AugmentConfig, center_crop_box, crop_params, resized_crop
 
 NO_AUGMENT = AugmentConfig(enabled=False)  # what evaluation passes as `aug`: the eval transform
+# The eval resize rule of `eval_image`, by the name the preprocessing metadata gives it (docs/interop.md).
+EVAL_RULE = "coatnet-centre-box-bilinear"
 
 
 @dataclass(frozen=True)
@@ -35,13 +38,22 @@ class DataSpec:
     name: str  # "fashion-mnist" or the image folder's path
     classes: tuple[str, ...]  # class names, index = label
     in_chans: int  # 1 (grayscale) or 3 (RGB)
-    img_size: int  # square input side, a multiple of 32
+    img_size: int  # square input side, a multiple of the model's total stride
     crop_fraction: float  # eval: centre crop of this fraction of the shorter side, resized to img_size
     mean: tuple[float, ...]  # per-channel normalisation of [0, 1] pixels
     std: tuple[float, ...]
+    image_side: Optional[int] = None  # median shorter side of the training images in pixels (None: not known)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def preprocessing(self, tta_flip: bool = False) -> dict:
+        """The exact eval preprocessing, as exported files and Hub folders carry it (docs/interop.md,
+        "Preprocessing metadata", states the rule `rule` names); `eval_transform` applies it to a PIL image."""
+        return {"rule": EVAL_RULE, "image_mode": "L" if self.in_chans == 1 else "RGB",
+                "input_size": [self.in_chans, self.img_size, self.img_size], "crop_fraction": self.crop_fraction,
+                "interpolation": "bilinear", "scale": "1/255", "mean": list(self.mean), "std": list(self.std),
+                "tta_flip": tta_flip, "class_names": list(self.classes)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataSpec":
@@ -133,6 +145,23 @@ def eval_image(img: Image.Image, spec: DataSpec) -> torch.Tensor:
     return resize_crop(img, center_crop_box(height, width, spec.crop_fraction, s, s), s)
 
 
+def eval_transform(preprocessing: dict):
+    """PIL image -> normalised float (C, S, S): the eval transform that `preprocessing` (DataSpec.preprocessing,
+    the "preprocessing" of a Hub folder's config.json or of an exported file's metadata) describes."""
+    if preprocessing.get("rule") != EVAL_RULE:
+        raise ValueError(f"preprocessing rule {preprocessing.get('rule')!r} is not {EVAL_RULE!r}")
+    channels, size, _ = preprocessing["input_size"]
+    spec = DataSpec("", tuple(preprocessing["class_names"]), channels, size, preprocessing["crop_fraction"],
+                    tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
+    mean, std = torch.tensor(spec.mean)[:, None, None], torch.tensor(spec.std)[:, None, None]
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        x = eval_image(image.convert(preprocessing["image_mode"]), spec).to(torch.float32) / 255
+        return (x - mean) / std
+
+    return transform
+
+
 def _collate(items) -> tuple:
     ok = [it for it in items if it[0] is not None]
     failed = [it[3] for it in items if it[0] is None]
@@ -186,8 +215,9 @@ def scan_image_folder(root: str | os.PathLike, val_fraction: float, seed: int
     """(train samples, val samples, class names) of an ImageFolder root: root/train/<class>/* and
     root/val/<class>/*, or root/<class>/* split per class by a seeded `val_fraction`."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
+    error = data_folder_error(root)  # missing, or a file (an image of the folder rather than the folder)
+    if error is not None:
+        raise error
     if (root / "train").is_dir():
         classes = _class_dirs(root / "train")
         if not classes:
@@ -216,4 +246,11 @@ def scan_image_folder(root: str | os.PathLike, val_fraction: float, seed: int
             train += [(files[i], k) for i in sorted(order[n_val:])]
     if not train:
         raise ValueError(f"no images found under {root} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    seen = {k for _, k in train}
+    empty = [c for k, c in enumerate(classes) if k not in seen]
+    if empty:  # a head with an output that no image ever trains
+        where = root / "train" if (root / "train").is_dir() else root
+        raise ValueError(f"{where}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty[:5])} "
+                         f"{'hold' if len(empty) > 1 else 'holds'} no training images (extensions: "
+                         f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
     return train, val, classes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -68,6 +68,26 @@ def load_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
     if img.mode == "P":  # palette: expand through RGBA so a transparent index keeps its colour
         img = img.convert("RGBA")
     return img.convert("L" if channels == 1 else "RGB")
+
+
+def median_side(paths: Sequence[str | os.PathLike], limit: int = 256) -> int | None:
+    """The median shorter side, in pixels, of up to `limit` of `paths` spread evenly over the list (headers
+    only: Pillow reads no pixels); None when none of them opens."""
+    step = max(1, len(paths) // limit)
+    sides = []
+    for path in list(paths)[::step][:limit]:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except Exception:  # unreadable files are named when training meets them
+            continue
+    return sorted(sides)[len(sides) // 2] if sides else None
+
+
+def fit_side(side: int, multiple: int) -> int:
+    """`side` rounded to the nearest multiple of `multiple` (halves up), at least `multiple`: the input side a
+    network whose total stride is `multiple` takes for images of that side."""
+    return max(multiple, (side + multiple // 2) // multiple * multiple)
 
 
 def images_under(folder: str | os.PathLike) -> list[str]:

@@ -112,4 +112,8 @@ def load_hub_model(folder: Path, config: dict, name: str | None, overrides: dict
     model = CoAtNet(base.replace(**overrides).validate())
     path = hub_weights_file(folder)
     load_state(model, read_weights(path), path)  # the stem is adapted to other input channels
+    # What predicting needs beside the weights, under timm's attribute name: the class names (label_names) and
+    # the exact eval transform ("preprocessing": coatnet.data.eval_transform(model.pretrained_cfg["preprocessing"])).
+    model.pretrained_cfg = {**(config.get("pretrained_cfg") or {}), "label_names": config.get("label_names"),
+                            "preprocessing": config.get("preprocessing")}
     return model

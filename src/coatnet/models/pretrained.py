@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
-from ..utils import atomic_write
+from ..utils import atomic_write, no_such_path
 
 HALF = (0.5, 0.5, 0.5)
 TIMM_SOURCE = "timm 1.0.31 (Ross Wightman), https://huggingface.co/timm"
@@ -166,12 +167,22 @@ def resolve_pretrained(pretrained: str | os.PathLike) -> Path:
         return Path(pretrained)
     tag = _strip_hub_prefix(str(pretrained))
     if tag not in WEIGHTS:
-        return Path(pretrained)  # read_weights says that the file does not exist
+        raise missing_weights(pretrained)
     found = find_weights(tag)
     if found is None:
         raise FileNotFoundError(f"weights {tag} are not downloaded (not in {local_path(tag)} nor in the Hugging "
                                 f"Face cache {hf_cache_dir()}); run `coatnet download {tag}`")
     return found
+
+
+def missing_weights(pretrained: str | os.PathLike) -> FileNotFoundError:
+    """The error for weights that name neither an existing file or folder nor a published tag: the nearest file
+    name in that folder, and for "user/name" how a Hub repository is written."""
+    error = no_such_path(pretrained, "weights")
+    text = str(pretrained)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not Path(text).parent.is_dir():
+        return FileNotFoundError(f"{error} (a Hugging Face Hub model is written 'hf-hub:{text}')")
+    return error
 
 
 def weights_dir() -> Path:

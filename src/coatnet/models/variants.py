@@ -16,7 +16,7 @@ from .config import CoAtNetConfig, TransformerConfig
 from .features import CoAtNetFeatures
 from .hub import (hub_weights_file, is_hub_id, is_ours, load_hub_model, read_hub_config, resolve_hub_folder,
                   timm_folder_model)
-from .pretrained import default_tag, get_weights, resolve_pretrained, split_model_name
+from .pretrained import default_tag, get_weights, missing_weights, resolve_pretrained, split_model_name, weights_of
 from .weights import checkpoint_in_chans, checkpoint_num_classes, load_state, read_weights
 
 _REGISTRY: dict[str, Callable[[], CoAtNetConfig]] = {}
@@ -62,8 +62,8 @@ def coatnet_pico() -> CoAtNetConfig:
                          transformer=TransformerConfig(head_dim=32), img_size=64)
 
 
-@register("coatnet_nano", "tiny preset for 32 px images on CPUs, the Fashion-MNIST default (0.96M parameters "
-                          "with 1 channel and 10 classes; 1.2M with 3 and 1,000)")
+@register("coatnet_nano", "tiny preset for 32 px images on CPUs, one block per stage (0.96M parameters with 1 "
+                          "channel and 10 classes; 1.2M with 3 and 1,000)")
 def coatnet_nano() -> CoAtNetConfig:
     # One block per stage at a third of CoAtNet-0's widths: the full C-C-T-T layout, trainable on 2 CPU
     # cores in minutes. NOTE: not a paper variant; its Transformer blocks use BatchNorm (the paper's
@@ -74,7 +74,7 @@ def coatnet_nano() -> CoAtNetConfig:
 
 
 @register("coatnet_micro", "the Fashion-MNIST default: 32 px, both Transformer stages attend over 4x4 maps "
-                          "(0.72M parameters)")
+                          "(0.48M parameters with 1 channel and 10 classes, 0.61M with 3 and 1,000, at 32 px)")
 def coatnet_micro() -> CoAtNetConfig:
     # NOTE: not a paper variant. At 32 px the paper's strides leave S3 a 2x2 map and S4 a single token, where
     # relative attention has nothing to attend over; here S3 and S4 keep S2's 4x4 map (stride 1: 16 tokens,
@@ -149,6 +149,8 @@ def create_model(name: str | None = None, pretrained: str | os.PathLike | bool |
             get_config(config["architecture"])  # an architecture this version does not know: named now
         return load_hub_model(folder, config, name, overrides)
     if name is None:
+        if isinstance(pretrained, (str, os.PathLike)) and not os.path.exists(pretrained) and not weights_of(pretrained):
+            raise missing_weights(pretrained)  # a mistyped folder or file, not a missing model name
         raise ValueError("create_model needs a model name, or pretrained= a Hub-format folder or 'hf-hub:user/name'")
     model_name, tag = split_model_name(name)
     if pretrained is True:

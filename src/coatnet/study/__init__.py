@@ -2,10 +2,27 @@
 
 definitions: the studies as data; runner: training rows through coatnet.train (in parallel processes on a GPU)
 and the resumable JSON; speed: side-by-side timings; report: the markdown tables, plots and reading.
-"""
-from .definitions import LAYOUT_MODELS, STUDIES, Recipe, Study, Variant, get_study
-from .report import write_report
-from .runner import RunOptions, plan, read_rows, results_path, run_studies, study_of_rows
 
-__all__ = ["LAYOUT_MODELS", "STUDIES", "Recipe", "RunOptions", "Study", "Variant", "get_study", "plan", "read_rows",
-           "results_path", "run_studies", "study_of_rows", "write_report"]
+The names below are imported on first use (PEP 562): `definitions` loads without torch, so that
+`coatnet study --help` lists the studies in a fraction of a second.
+"""
+import importlib
+
+_NAMES = {"LAYOUT_MODELS": "definitions", "STUDIES": "definitions", "Recipe": "definitions", "Study": "definitions",
+          "Variant": "definitions", "get_study": "definitions", "write_report": "report", "RunOptions": "runner",
+          "plan": "runner", "read_rows": "runner", "results_path": "runner", "run_studies": "runner",
+          "study_of_rows": "runner"}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'coatnet.study' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_NAMES})

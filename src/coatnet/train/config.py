@@ -1,14 +1,33 @@
-"""TrainConfig: every setting of a training run, as one frozen dataclass (saved as config.json)."""
+"""TrainConfig: every setting of a training run, as one frozen dataclass (saved as config.json).
+
+This module loads no torch (nor anything of ours that does): `coatnet train --help` builds its flags from these
+fields and defaults in a fraction of a second. Whether `model` names a registered variant is checked where the
+registry is loaded: `train()`, `finetune_config` and the CLI, before anything is written."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..models import get_config
-from ..utils import did_you_mean
-from .tracking import parse_log
+from ..utils import data_folder_error, did_you_mean
+from .schedule import SCHEDULES
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def parse_log(log: str | None) -> tuple[str, ...]:
+    """"tensorboard", "wandb", "tensorboard,wandb" (or None) -> the trackers named; ValueError for unknown
+    ones and for those whose package is not installed (before anything is written)."""
+    kinds = tuple(k.strip() for k in (log or "").split(",") if k.strip())
+    for kind in kinds:
+        if kind not in TRACKERS:
+            raise ValueError(f"log={log!r}: unknown tracker {kind!r}; use {' or '.join(TRACKERS)} (comma-separated "
+                             f"for both)")
+        if importlib.util.find_spec(kind) is None:
+            raise ValueError(f"--log {kind} needs the {kind} package: pip install 'coatnet[{kind}]'")
+    return kinds
 
 
 def _is_a(value: Any, hint: Any) -> bool:
@@ -36,7 +55,8 @@ class TrainConfig:
     val_fraction: float = 0.1  # share of each class held out when a folder has no train/ and val/
     train_subset: Optional[int] = None  # train on a seeded subset of this many images (None: all)
     val_subset: Optional[int] = None  # evaluate on a seeded subset of this many val images (None: all)
-    img_size: Optional[int] = None  # input side, a multiple of 32 (None: 32 for Fashion-MNIST, 224 for folders)
+    img_size: Optional[int] = None  # input side, a multiple of the model's total stride (32; 8 for coatnet_micro)
+    #                                 (None: 32 for Fashion-MNIST; for folders the images' median side, rounded)
     crop_fraction: Optional[float] = None  # eval centre crop (None: 1.0 for Fashion-MNIST, 0.875 for folders)
     workers: Optional[int] = None  # DataLoader worker processes for folders (None: min(4, CPUs))
     strict: bool = False  # fail on an unreadable image instead of skipping it (and naming it in the log)
@@ -62,11 +82,13 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate (AdamW)
     min_lr: float = 1e-5  # floor the schedule decays to
     warmup_epochs: float = 0.3  # linear warmup from 0 (fractions of an epoch allowed)
-    schedule: str = "cosine"  # decay after warmup: "cosine" or "linear"
+    schedule: str = "cosine"  # after warmup: "cosine" or "linear" decay to min_lr, or "constant" (fine-tuning)
     weight_decay: float = 0.05  # AdamW decoupled decay; never on norms, biases, bias tables
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     clip_grad: Optional[float] = 1.0  # clip the global gradient norm to this (None: off)
     ema_decay: float = 0.0  # exponential moving average of weights per step (0: off); evaluation uses it
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + t) / (10 + t)) at step t (TensorFlow's num_updates rule):
+    #                           the average follows the weights within a short run instead of holding the first ones
     # -- augmentation --
     augment: bool = True  # False: no random augmentation at all (train images get the eval transform)
     crop_scale: tuple[float, float] = (1.0, 1.0)  # random resized crop area range (paper/ImageNet: 0.08..1)
@@ -146,8 +168,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={v!r} must be a non-negative integer")
         if self.micro_batch_size and self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} exceeds batch_size={self.batch_size}")
-        if self.schedule not in ("cosine", "linear"):
-            raise ValueError(f"schedule={self.schedule!r} must be 'cosine' or 'linear'")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} must be one of {', '.join(map(repr, SCHEDULES))}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={self.precision!r} must be 'auto', 'fp32' or 'bf16'")
         if not 0 <= self.ema_decay < 1:
@@ -156,15 +178,15 @@ class TrainConfig:
             raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale={self.crop_scale} must satisfy 0 < low <= high <= 1")
-        if self.img_size is not None and (self.img_size < 32 or self.img_size % 32):
-            raise ValueError(f"img_size={self.img_size} must be a positive multiple of 32")
+        positive("img_size")  # and a multiple of the model's total stride: engine.check_model, with the registry
         if self.fsdp and self.ema_decay > 0:
             raise ValueError("fsdp does not keep an EMA of sharded weights: drop ema_decay (--ema-decay) or fsdp")
+        if self.data != "fashion-mnist" and data_folder_error(self.data) is not None:
+            raise data_folder_error(self.data)  # before a run folder is made or a line printed
         if self.resume and not self.out:
             raise ValueError("resume needs the run folder (out)")
         if parse_log(self.log) and not self.out:
             raise ValueError(f"log={self.log!r} writes into the run folder: give one (out)")
-        get_config(self.model, layout=self.layout)  # an unknown model or a bad layout: named now, not after loading
         return self
 
     def _check_types(self) -> None:

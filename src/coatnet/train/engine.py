@@ -35,10 +35,12 @@ from ..data.datasets import Batch, DataSpec
 from ..data.random import mix_int, permutation, uniform
 from ..data.transforms import AugmentConfig, mix_batch, normalize, rand_augment
 from ..layers import drop_path_noise
-from ..models import CoAtNet, build_on_meta, count_macs, count_params, create_model, inference_model
+from ..models import (CoAtNet, build_on_meta, count_macs, count_params, create_model, get_config,
+                      inference_model)
+from ..models.config import nearest_valid
 from ..models.pretrained import weights_of
 from ..models.transfer import freeze_stages
-from ..utils import atomic_write, plural
+from ..utils import atomic_write, plural, read_json_object
 from .checkpoint import read_progress, state_path
 from .checkpointer import Checkpointer
 from .config import TrainConfig
@@ -199,7 +201,7 @@ def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Opt
                     torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
                 optimizer.step()
                 if ema is not None:
-                    ema.update(model)
+                    ema.update(model, step)
                 state.add_to_sums(loss_sum, correct, n)
             else:
                 where = f"step {step} (epoch {data.epoch + 1}, batch {step_in_epoch + 1}/{n_batches})"
@@ -268,6 +270,17 @@ def _finite_everywhere(loss_sum: float, world: int) -> bool:
 
 
 # -- the run -------------------------------------------------------------------------------------------------
+def check_model(cfg: TrainConfig) -> None:
+    """ValueError unless cfg.model is registered, cfg.layout fits it, and cfg.img_size (when given) is a side it
+    takes: a multiple of its total stride (32 with the paper's strides; 8 for coatnet_micro, whose S3 and S4 keep
+    S2's map)."""
+    stride = get_config(cfg.model, layout=cfg.layout).reduction
+    if cfg.img_size is not None and cfg.img_size % stride:
+        nearest = " or ".join(map(str, nearest_valid(cfg.img_size, stride)))
+        raise ValueError(f"img_size={cfg.img_size}: {cfg.model} takes sides that are multiples of {stride} (its total "
+                         f"stride); nearest: {nearest}")
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) as `cfg` says; returns the final metrics: train_loss, train_top1 (running, with
     augmentation), val_loss, val_top1, val_top5 (%), train_eval_* when cfg.eval_train, seconds, params,
@@ -279,6 +292,7 @@ def train(cfg: TrainConfig) -> dict:
     a second training process, cleared of temporaries a killed write left, and a folder that already holds
     a checkpoint is only continued with cfg.resume (never overwritten)."""
     cfg = cfg.validate()
+    check_model(cfg)  # an unknown model, a bad layout or size: named before anything is written
     if not cfg.out or not is_main():
         return _train(cfg)
     out = Path(cfg.out)
@@ -301,6 +315,19 @@ def train(cfg: TrainConfig) -> dict:
             return _train(cfg, tracker)
 
 
+def interrupted_note(out: str | os.PathLike | None) -> str:
+    """For a run stopped by the user (Ctrl-C): what its folder keeps and the command that continues it."""
+    if out is None:
+        return "nothing was saved (no run folder)"
+    out = Path(out)
+    if not (out / "config.json").is_file():
+        return f"nothing was saved in {out}"
+    with contextlib.suppress(ValueError, OSError):
+        position = TrainState.from_dict(read_progress(state_path(out))).position
+        return f"{out} keeps the checkpoint at the {position}; continue with `coatnet train --resume {out}`"
+    return f"{out} has no checkpoint yet; `coatnet train --resume {out}` starts the run over"
+
+
 def _write_config(out: Path, settings: dict) -> None:
     """out/config.json, atomically."""
     with writing(out / "config.json", "nothing was trained yet"), atomic_write(out / "config.json") as tmp:
@@ -320,7 +347,7 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
     resuming = bool(cfg.resume and cfg.out) and state_path(cfg.out).is_file()
     model, n_params = _build_model(cfg, data, runtime, resuming)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.layer_decay)
-    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = WeightEMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
     eval_model = copy.deepcopy(model) if ema is not None else model
     net = runtime.compiled(model if cfg.fsdp else wrap_model(model, cfg.sync_bn))
     eval_net = runtime.compiled(eval_model) if ema is not None else net
@@ -331,6 +358,9 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
     checkpointer = Checkpointer(cfg.out, model, optimizer, ema, cfg.fsdp,
                                 {"model_config": model.config.to_dict(), "data": data.spec.to_dict(), "run": run_info})
     state = _initial_state(cfg, checkpointer, runtime, resuming, settings)
+    if state.global_step == 0:
+        for message in idle_settings(cfg, settings):
+            _warn(f"warning: {message}")
     if checkpointer.out is not None and is_main():
         _write_config(checkpointer.out, {
             **cfg.replace(resume=False).to_dict(), "classes": list(data.spec.classes),
@@ -349,6 +379,8 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
     macs = count_macs(build_on_meta(model.config)) if hasattr(model, "config") else None
     initial.update(device=str(runtime.device), precision=runtime.precision)
     result = partial(_result, state, n_params, initial, t_start, checkpointer.out, macs)
+    if state.epoch >= cfg.epochs:  # a finished run resumed: nothing to train (the warning said so)
+        return {**result(), "complete_before": True}
 
     for epoch in range(state.epoch, cfg.epochs):
         t_epoch = time.time()
@@ -394,8 +426,10 @@ class _Data:
 
 def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
     """The run's data, and `cfg` with img_size and crop_fraction resolved from it."""
+    stride = get_config(cfg.model, layout=cfg.layout).reduction
     train_src, val_src, spec = build_data(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.img_size,
-                                          cfg.crop_fraction, cfg.seed)
+                                          cfg.crop_fraction, cfg.seed, size_multiple=stride)
+    _note_size(cfg, spec, stride)
     spec = _published_preprocessing(cfg, spec)
     cfg = cfg.replace(img_size=spec.img_size, crop_fraction=spec.crop_fraction)
     workers = min(4, os.cpu_count() or 1) if cfg.workers is None else cfg.workers
@@ -411,6 +445,36 @@ def _load_data(cfg: TrainConfig) -> tuple[TrainConfig, _Data]:
     if cfg.min_epoch_images and len(train_idx) and not getattr(train_src, "streams", False):
         repeats = math.ceil(cfg.min_epoch_images / len(train_idx))  # a stream is read as it comes: never repeated
     return cfg, _Data(train_src, val_src, spec, train_idx, val_idx, workers, repeats)
+
+
+def idle_settings(cfg: TrainConfig, settings: StepSettings) -> list[str]:
+    """What in `cfg` cannot act within the run's settings.total_steps optimizer steps, one sentence each."""
+    steps, found = settings.total_steps, []
+    if cfg.ema_decay and not cfg.ema_warmup and cfg.ema_decay ** steps > 0.1:
+        found.append(f"ema_decay {cfg.ema_decay} (--ema-decay) averages over about {1 / (1 - cfg.ema_decay):,.0f} "
+                     f"steps and this run has {steps}: {100 * cfg.ema_decay ** steps:.0f}% of the weights evaluated "
+                     f"and saved (the average's) would be the starting ones; pass --ema-warmup, or --ema-decay 0")
+    if settings.warmup_steps >= steps:
+        found.append(f"warmup_epochs {cfg.warmup_epochs} (--warmup-epochs) is {settings.warmup_steps} steps, not "
+                     f"fewer than the run's {steps}: the lr never reaches {cfg.lr:g}")
+    if cfg.save_every > steps:
+        found.append(f"save_every {cfg.save_every} (--save-every) is more than the run's {steps} steps: only epoch "
+                     f"ends are checkpointed")
+    if cfg.stop_at_step is not None and cfg.stop_at_step > steps:
+        found.append(f"stop_at_step {cfg.stop_at_step} (--stop-at-step) is past the run's {steps} steps: the run "
+                     f"ends first")
+    return found
+
+
+def _note_size(cfg: TrainConfig, spec: DataSpec, stride: int) -> None:
+    """Say where a folder's input size came from, and what an upscaling of more than 2x costs."""
+    side, size = spec.image_side, spec.img_size
+    if cfg.img_size is None and spec.name != "fashion-mnist" and side:
+        _note(f"img_size {size}: the training images' median side ({side} px) rounded to a multiple of {stride}, "
+              f"the sides {cfg.model} takes (--img-size sets another)", cfg.quiet)
+    if side and size > 2 * side:
+        _note(f"note: img_size {size} upscales the images {size / side:.1f}x (median side {side} px): about "
+              f"{(size / side) ** 2:.0f}x the multiply-adds per image of a size near theirs", cfg.quiet)
 
 
 def _few_steps_note(cfg: TrainConfig, data: _Data, steps: int) -> None:
@@ -486,12 +550,25 @@ def _initial_state(cfg: TrainConfig, checkpointer: Checkpointer, runtime: Runtim
               f"extends it)")
     else:
         _note(f"resuming {out} at epoch {state.epoch + 1}, step {state.global_step}")
-        last_lr, new_lr = (state.records[-1].get("lr") if state.records else None), settings.lr_at(state.global_step)
-        if last_lr and abs(new_lr - last_lr) > 0.01 * last_lr:
-            _warn(f"warning: the learning-rate schedule now spans {cfg.epochs} epochs ({settings.total_steps} steps): "
-                  f"the lr goes from {last_lr:.2e} (the last step trained) to {new_lr:.2e} at step "
-                  f"{state.global_step}, then decays to {cfg.min_lr:.0e}")
+        # The schedule changes only when the run's length does (--epochs): compare the step counts, not learning
+        # rates (a run killed mid-epoch has an lr at its step unlike its last epoch record's, and is not extended).
+        before = _recorded_total_steps(out)
+        if before is not None and before != settings.total_steps and state.global_step > 0:
+            last_lr = lr_at(state.global_step - 1, cfg.lr, before, settings.warmup_steps, cfg.min_lr, cfg.schedule)
+            new_lr = settings.lr_at(state.global_step)
+            if new_lr != last_lr:  # a constant schedule, past its warmup, does not change
+                _warn(f"warning: the learning-rate schedule now spans {cfg.epochs} epochs ({settings.total_steps} "
+                      f"steps): the lr goes from {last_lr:.2e} (the last step trained) to {new_lr:.2e} at step "
+                      f"{state.global_step}, then decays to {cfg.min_lr:.0e}")
     return state
+
+
+def _recorded_total_steps(out: Path) -> int | None:
+    """The optimizer steps of the run in `out` as its config.json recorded them when it last started."""
+    with contextlib.suppress(OSError, ValueError):
+        total = read_json_object(out / "config.json").get("total_steps")
+        return total if isinstance(total, int) else None
+    return None
 
 
 # -- per epoch -----------------------------------------------------------------------------------------------

@@ -4,16 +4,18 @@ a new label set, with the paper's fine-tuning recipe as defaults: 30 epochs, con
 the model from the checkpoint and the settings."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from ..data import build_data
+from ..models.hub import is_hub_id
 from ..models.pretrained import weights_of
+from ..utils import no_such_path
 from .checkpoint import checkpoint_info
 from .config import TrainConfig
-
-# The paper's fine-tuning settings (Sec. 4.1 / Table 9): a constant lr is a cosine whose floor is its peak.
-FINETUNE_RECIPE = dict(epochs=30, lr=5e-5, min_lr=5e-5, warmup_epochs=0.0, weight_decay=1e-8, ema_decay=0.9999)
+from .engine import check_model
+from .recipes import FINETUNE_RECIPE
 
 
 def checkpoint_run(checkpoint: str) -> dict:
@@ -42,6 +44,8 @@ def finetune_config(checkpoint: str, model: str | None = None, num_classes: int 
     must be the data's class count (a new head is made whenever it differs from the checkpoint's)."""
     run = checkpoint_run(checkpoint)
     published = weights_of(checkpoint)  # a tag, or a file named after one: its model is known
+    if not (run or published or is_hub_id(checkpoint) or os.path.exists(checkpoint)):
+        raise no_such_path(checkpoint, "--checkpoint")  # a typo in the path, not a missing model name
     name = model or run.get("model") or (published.model if published else None)
     if name is None:
         raise ValueError(f"{checkpoint}: no model name recorded in it; pass the model (--model NAME)")
@@ -60,4 +64,6 @@ def finetune_config(checkpoint: str, model: str | None = None, num_classes: int 
                                  cfg.seed)[2].classes)
         if classes != num_classes:
             raise ValueError(f"--num-classes {num_classes}: the data {cfg.data!r} has {classes} classes")
-    return cfg.validate()
+    cfg = cfg.validate()
+    check_model(cfg)  # an unknown model, a bad layout or size: named before any data is read
+    return cfg

@@ -43,17 +43,25 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
 
 class WeightEMA:
     """Exponential moving average of a model's parameters and buffers: ema <- d * ema + (1 - d) * w.
-    Buffers (BatchNorm statistics) are copied, not averaged."""
+    Buffers (BatchNorm statistics) are copied, not averaged. With `warmup`, d at step t is
+    min(decay, (1 + t) / (10 + t)) (TensorFlow's ExponentialMovingAverage with num_updates): 0.1 at the first
+    step, 0.9 at the 81st, so the average of a run of a few hundred steps is of its later weights, not of the
+    weights it started from (0.9999 keeps 99.9% of them after 10 steps)."""
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+        self.decay, self.warmup = decay, warmup
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
+    def decay_at(self, step: int) -> float:
+        """The decay applied by the update of optimizer step `step` (0-based)."""
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int = 0) -> None:
         params = dict(model.named_parameters())
+        decay = self.decay_at(step)
         for k, v in model.state_dict().items():
             if k in params and v.is_floating_point():
-                self.state[k].lerp_(v.detach(), 1 - self.decay)
+                self.state[k].lerp_(v.detach(), 1 - decay)
             else:
                 self.state[k].copy_(v)

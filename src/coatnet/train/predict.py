@@ -27,10 +27,11 @@ def preprocess(path: str, spec) -> torch.Tensor:
 
 @torch.no_grad()
 def iter_predictions(model: torch.nn.Module, spec, files: Sequence[str], top_k: int = 5, batch_size: int = 64,
-                     workers: int = 0, progress: bool = False) -> Iterator[dict]:
+                     workers: int = 0, progress: bool = False, flip: bool = False) -> Iterator[dict]:
     """{"image": path, "top": [{"class", "index", "prob"}, ...]} for each file in order, top_k best first, or
     {"image": path, "error": reason} for a file that is not a readable image. `model` in eval mode; batches
-    of `batch_size` decoded by `workers` DataLoader processes; a tqdm bar on stderr with `progress`."""
+    of `batch_size` decoded by `workers` DataLoader processes; a tqdm bar on stderr with `progress`. `flip`:
+    the probabilities averaged with those of the mirror image, as evaluation scores them (`tta_flip`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     device = next(model.parameters()).device
@@ -44,7 +45,10 @@ def iter_predictions(model: torch.nn.Module, spec, files: Sequence[str], top_k: 
             found = {}
             if len(batch.labels):
                 x = normalize(batch.images, spec.mean, spec.std).to(device)
-                p, i = model(x).float().softmax(-1).topk(k)
+                probs = model(x).float().softmax(-1)
+                if flip:
+                    probs = (probs + model(x.flip(-1)).float().softmax(-1)) / 2
+                p, i = probs.topk(k)
                 for index, probs, classes in zip(batch.indices.tolist(), p.tolist(), i.tolist()):
                     found[index] = [{"class": spec.classes[j], "index": j, "prob": round(q, 6)}
                                     for q, j in zip(probs, classes)]
@@ -59,19 +63,28 @@ def iter_predictions(model: torch.nn.Module, spec, files: Sequence[str], top_k: 
 
 
 def predict_files(checkpoint: str, paths: list[str], top_k: int = 5, device: str = "cpu",
-                  skip_unreadable: bool = False, batch_size: int = 64, workers: int = 0) -> list[dict]:
+                  skip_unreadable: bool = False, batch_size: int = 64, workers: int = 0,
+                  flip: bool | None = None) -> list[dict]:
     """[{"image": path, "top": [{"class", "index", "prob"}, ...]}] for each file (folders: the images under
-    them), top_k best first.
+    them), top_k best first. `flip`: average with the mirror image (None: as the checkpoint's run evaluated,
+    `checkpoint_flip`).
 
     A file that is not a readable image raises UnreadableImageError (a ValueError naming it and why), or
     with `skip_unreadable` gives {"image": path, "error": reason} and the others are still predicted."""
     files = list_image_files(paths)
-    model, spec, _ = load_model(checkpoint, resolve_device(device))
-    results = list(iter_predictions(model, spec, files, top_k, batch_size, workers))
+    model, spec, info = load_model(checkpoint, resolve_device(device))
+    flip = checkpoint_flip(info) if flip is None else flip
+    results = list(iter_predictions(model, spec, files, top_k, batch_size, workers, flip=flip))
     for res in results:
         if "error" in res and not skip_unreadable:
             raise UnreadableImageError(res["image"], res["error"])
     return results
+
+
+def checkpoint_flip(info: dict) -> bool:
+    """Whether the run that wrote a checkpoint (its metadata `info`) evaluated each image averaged with its
+    mirror image: then prediction does the same, so that predict's answers are eval's."""
+    return bool((info.get("run") or {}).get("tta_flip"))
 
 
 class PredictionWriter:
@@ -80,11 +93,8 @@ class PredictionWriter:
     not at all (written beside it, renamed on close)."""
 
     def __init__(self, path: str | os.PathLike, top_k: int):
-        self.path = Path(path)
-        suffix = self.path.suffix.lower()
-        if suffix not in (".csv", ".jsonl", ".json"):
-            raise ValueError(f"--output {self.path}: name a .csv or .jsonl file")
-        self.kind, self.top_k = suffix.lstrip("."), top_k
+        self.path = self.check(path)
+        self.kind, self.top_k = self.path.suffix.lower().lstrip("."), top_k
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.file = open(self.tmp, "w", newline="")
         self.rows = 0
@@ -92,6 +102,17 @@ class PredictionWriter:
             self.csv = csv.writer(self.file)
             self.csv.writerow(["path"] + [f"{w}_{n}" for n in range(1, top_k + 1) for w in ("label", "prob")]
                               + ["error"])
+
+    @staticmethod
+    def check(path: str | os.PathLike) -> Path:
+        """`path` as a Path when predictions can be written there (a .csv or .jsonl name in an existing folder);
+        else the error, before any image is read."""
+        path = Path(path)
+        if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
+            raise ValueError(f"--output {path}: name a .csv or .jsonl file")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"--output {path}: there is no folder {path.parent} (create it first)")
+        return path
 
     def write(self, result: dict) -> None:
         self.rows += 1

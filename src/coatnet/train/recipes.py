@@ -20,7 +20,8 @@ def default() -> dict:
     Transformer stages over 4x4 maps, BatchNorm in them) at 32x32 on Fashion-MNIST, 7 epochs, batch 256,
     AdamW 3e-3 with 0.3 epochs of warmup and cosine decay, label smoothing 0.1, horizontal flip, channels_last,
     precise BatchNorm statistics and flip averaging at evaluation. Command: `coatnet train`.  Measured
-    (docs/results/fashion-mnist.md): 92.2% top-1 on the 10,000 test images; target >= 93% (not reached)."""
+    (docs/results/fashion-mnist.md): 92.09% top-1 on the 10,000 test images in 477-497 s on an idle 2-core CPU;
+    target >= 93% (not reached)."""
     return {}
 
 
@@ -29,7 +30,7 @@ def small_data() -> dict:
     """The defaults for a small training set: each epoch repeats the set (reshuffled, augmented anew) until it
     holds at least 8,000 images, so 7 epochs make at least 220 optimizer steps whatever the data size; a set
     of 8,000 images or more trains exactly as `default`. Command: `coatnet train --recipe small-data
-    --train-subset 3000`.  Measured (docs/results/fashion-mnist.md): >= 85% test top-1 on 3,000 images."""
+    --train-subset 3000`.  Measured (docs/results/fashion-mnist.md): 87.4% test top-1 on 3,000 images in 115 s."""
     return dict(min_epoch_images=8000)
 
 
@@ -54,6 +55,15 @@ def paper() -> dict:
     return dict(model="coatnet_0", epochs=300, batch_size=4096, lr=1e-3, min_lr=1e-5, warmup_epochs=32.0,
                 weight_decay=0.05, drop_path=0.2, clip_grad=1.0, crop_scale=(0.08, 1.0), randaugment_n=2,
                 randaugment_m=15.0, mixup=0.8, label_smoothing=0.1, img_size=224)
+
+
+# The paper's fine-tuning settings (Sec. 4.1 / Table 9), the defaults of `coatnet finetune` (train/finetune.py):
+# 30 epochs at a constant lr, weight decay 1e-8, an EMA of the weights (0.9999). NOTE: the EMA warms up
+# (decay min(0.9999, (1 + t) / (10 + t)) at step t: it averages over about the last t/9 steps), which the paper
+# does not say. In the paper's ~75,000-step fine-tuning the decay is 0.99988 at the end, near 0.9999; in a run of
+# a few dozen steps on a small set the plain 0.9999 would leave the saved weights (the EMA's) the starting model.
+FINETUNE_RECIPE = dict(epochs=30, lr=5e-5, schedule="constant", warmup_epochs=0.0, weight_decay=1e-8,
+                       ema_decay=0.9999, ema_warmup=True)
 
 
 def list_recipes() -> list[str]:

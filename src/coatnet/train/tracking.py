@@ -21,24 +21,8 @@ import torch
 
 from ..data.datasets import NO_AUGMENT
 from ..data.transforms import normalize
+from .config import parse_log
 from .distributed import is_main
-
-TRACKERS = ("tensorboard", "wandb")
-
-
-def parse_log(log: str | None) -> tuple[str, ...]:
-    """"tensorboard", "wandb", "tensorboard,wandb" (or None) -> the trackers named; ValueError for unknown
-    ones and for those whose package is not installed (before anything is written)."""
-    import importlib.util
-
-    kinds = tuple(k.strip() for k in (log or "").split(",") if k.strip())
-    for kind in kinds:
-        if kind not in TRACKERS:
-            raise ValueError(f"log={log!r}: unknown tracker {kind!r}; use {' or '.join(TRACKERS)} (comma-separated "
-                             f"for both)")
-        if importlib.util.find_spec(kind) is None:
-            raise ValueError(f"--log {kind} needs the {kind} package: pip install 'coatnet[{kind}]'")
-    return kinds
 
 
 class Tracker:
