@@ -166,3 +166,23 @@ def test_finetuning_logs_too(tiny_run, colour_images, tmp_path, capsys):
     capsys.readouterr()
     (record,) = _metrics(run)
     assert _scalars(_events(run), "val/top1") == [(record["step"], pytest.approx(record["val_top1"], rel=1e-6))]
+
+
+def test_library_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    """curves.png, the prediction figure, the study plot and explain's pictures draw on their own Agg canvases:
+    a caller's interactive backend is not switched (matplotlib.use("Agg") inside a library function did)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import matplotlib; matplotlib.use('template'); import torch\n"
+        "from coatnet.train.metrics import plot_curves\n"
+        "from coatnet.train.tracking import prediction_figure\n"
+        f"plot_curves([{{'epoch': 1, 'train_loss': 1.0, 'val_loss': 1.1, 'train_top1': 50.0, 'val_top1': 40.0}}], "
+        f"{str(tmp_path / 'c.png')!r})\n"
+        "fig = prediction_figure(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), ['a', 'b'], ['a', 'a'])\n"
+        "fig.canvas.draw()\n"
+        "print(matplotlib.get_backend())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "template" and (tmp_path / "c.png").stat().st_size > 1000

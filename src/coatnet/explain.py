@@ -32,7 +32,7 @@ from .models.features import feature_points
 from .train.checkpoint import load_model
 from .train.predict import preprocess
 from .train.runtime import resolve_device
-from .utils import atomic_write
+from .utils import atomic_write, figure
 
 MIN_CAM_SIDE = 7  # Grad-CAM's default map: the deepest stage output whose shorter side has at least this many cells
 
@@ -182,15 +182,6 @@ def bias_grids(model: nn.Module) -> dict[str, list[torch.Tensor]]:
 
 
 # -- pictures ------------------------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _show_image(ax, image: torch.Tensor) -> None:
     """image: (C, H, W) in [0, 1]."""
     if image.shape[0] == 1:
@@ -219,14 +210,13 @@ def _overlay(ax, image: torch.Tensor, heat: torch.Tensor, vmax: float) -> None:
 def _save(fig, path: Path) -> Path:
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
-    _pyplot().close(fig)
     return path
 
 
 def draw_gradcam(image: torch.Tensor, cam: torch.Tensor, title: str, path: Path) -> Path:
     """Input | Grad-CAM over it (bilinear, as Grad-CAM is usually shown) | the raw cells of the map."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(8.4, 3.2))
+    fig = figure(figsize=(8.4, 3.2))
+    axes = fig.subplots(1, 3)
     _show_image(axes[0], image)
     axes[0].set_title("input", fontsize=9)
     up = F.interpolate(cam[None, None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
@@ -247,13 +237,13 @@ def draw_attention(image: torch.Tensor, stage: str, found: dict, title: str, pat
     """The input with the query cell marked, then each head's attention over the keys, then their mean."""
     from matplotlib.patches import Rectangle
 
-    plt = _pyplot()
     maps = found["maps"]
     heads, h, w = maps.shape
     panels = heads + 2
     cols = min(panels, 6)
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.05 * rows + 0.5), squeeze=False)
+    fig = figure(figsize=(1.9 * cols, 2.05 * rows + 0.5))
+    axes = fig.subplots(rows, cols, squeeze=False)
     H, W = image.shape[-2:]
     cell_h, cell_w = H / h, W / w
     row, col = found["query"]
@@ -284,11 +274,11 @@ def draw_bias(stage: str, grids: list[torch.Tensor], path: Path) -> Path:
     red) for the whole stage, the query's own cell outlined."""
     from matplotlib.patches import Rectangle
 
-    plt = _pyplot()
     heads = grids[0].shape[0]
     rows, cols = len(grids), heads
     side = 1.35 if cols > 8 else 1.7
-    fig, axes = plt.subplots(rows, cols, figsize=(side * cols + 1.2, side * rows + 0.9), squeeze=False)
+    fig = figure(figsize=(side * cols + 1.2, side * rows + 0.9))
+    axes = fig.subplots(rows, cols, squeeze=False)
     vmax = max(float(g.abs().max()) for g in grids) or 1.0
     for b, grid in enumerate(grids):
         gh, gw = grid.shape[-2:]

@@ -152,3 +152,14 @@ def reuse_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _memory_reuse_enabled = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _memory_reuse_enabled
+
+
+def figure(**kwargs):
+    """A matplotlib Figure with its own Agg canvas, made without pyplot: no global backend is chosen and no
+    pyplot state is kept (a library must not switch its caller's backend), and nothing needs closing."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig

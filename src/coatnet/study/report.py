@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from ..utils import atomic_write
+from ..utils import atomic_write, figure
 from .definitions import BASE_MODEL, Study
 
 METRICS = ("train_loss", "train_top1", "test_top1", "gap_top1", "loss_change_last20")
@@ -178,14 +178,9 @@ def plot(study: Study, rows: list[dict], path: str | os.PathLike) -> None:
     """Three panels like the paper's Fig. 2 and 3: final training loss (x, log) against test top-1 (y), one
     marker per variant and training-set size, lines joining a variant's sizes; test top-1 against training-set
     size (log x), mean with the seed s.d. and every seed's row as a dot; and the train-test gap against size."""
-    # The object API with its own canvas: no global backend is chosen (a library must not switch the caller's).
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     agg = aggregate(rows)
     style = _variant_style(study.variant_names)
-    fig = Figure(figsize=(16, 4.6))
-    FigureCanvasAgg(fig)
+    fig = figure(figsize=(16, 4.6))
     axes = fig.subplots(1, 3)
     for v in study.variant_names:
         colour, marker = style[v]

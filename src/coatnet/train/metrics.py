@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from ..utils import atomic_write
+from ..utils import atomic_write, figure
 
 
 CURVES_NOTE = ("train: running mean over each epoch's steps, in training mode with augmentation; "
@@ -28,14 +28,11 @@ def write_metrics(path: str | os.PathLike, records: list[dict]) -> None:
 def plot_curves(records: list[dict], path: str | os.PathLike, title: str | None = None) -> None:
     """Loss and top-1 per epoch, train and val, side by side, as a PNG, under `title` (the run and model), with
     a note on what the two curves measure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in records]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for key, label, style in (("train_loss", "train", "-o"), ("val_loss", "val", "-s"),
                               ("train_eval_loss", "train (eval mode)", "--")):
         if any(key in r for r in records):
@@ -56,4 +53,3 @@ def plot_curves(records: list[dict], path: str | os.PathLike, title: str | None 
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)

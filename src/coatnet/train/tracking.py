@@ -22,6 +22,7 @@ import torch
 from ..data.datasets import NO_AUGMENT
 from ..data.transforms import normalize
 from .config import parse_log
+from ..utils import figure
 from .distributed import is_main
 
 
@@ -178,13 +179,9 @@ def _hwc(image: torch.Tensor):
 
 def prediction_figure(images: torch.Tensor, truth: list[str], predicted: list[str]):
     """A row of images titled with the predicted label (green: right, red: wrong) over the true one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(images)
-    fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 2.0), squeeze=False)
+    fig = figure(figsize=(1.6 * n, 2.0))
+    axes = fig.subplots(1, n, squeeze=False)
     for ax, img, t, p in zip(axes[0], images, truth, predicted):
         ax.imshow(_hwc(img), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=255)
         ax.set_title(f"{p}\nlabel: {t}", fontsize=7, color="green" if p == t else "red")
