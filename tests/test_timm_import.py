@@ -61,11 +61,11 @@ def test_a_224_table_checkpoint_loads_into_a_384_model_with_tables_resized(fixtu
     path = str(REFERENCE / f"{name}.safetensors")
     model = coatnet.create_model(name, img_size=384, pretrained=path)
     tables = {n: p for n, p in model.named_parameters() if n.endswith("relative_bias_table")}
-    assert tables["stages.2.blocks.1.attn.relative_bias_table"].shape[-2:] == (47, 47)  # 24x24 map
+    assert tables["stages.2.blocks.1.attn.position_bias.relative_bias_table"].shape[-2:] == (47, 47)  # 24x24 map
     state = {k.removeprefix("model."): v.float() for k, v in fixtures[name].items() if k.startswith("model.")}
     src = state["stages.2.blocks.1.attn.rel_pos.relative_position_bias_table"]  # (27*27, heads)
     expected = resize_table(src.T.reshape(-1, 27, 27), (24, 24), "geometric")
-    torch.testing.assert_close(tables["stages.2.blocks.1.attn.relative_bias_table"].data, expected)
+    torch.testing.assert_close(tables["stages.2.blocks.1.attn.position_bias.relative_bias_table"].data, expected)
     assert torch.isfinite(model.eval()(torch.randn(1, 3, 384, 384))).all()
 
 
@@ -109,7 +109,7 @@ def test_key_mapping():
     assert timm_key_to_ours("stages.1.blocks.0.se_early.fc1.bias") == "stages.1.blocks.0.se.fc1.bias"
     assert timm_key_to_ours("stages.2.blocks.0.norm1.norm.weight") == "stages.2.blocks.0.norm1.weight"
     assert timm_key_to_ours("stages.2.blocks.1.attn.rel_pos.mlp.fc2.weight") == \
-        "stages.2.blocks.1.attn.relative_position_mlp.fc2.weight"
+        "stages.2.blocks.1.attn.position_bias.fc2.weight"
     assert timm_key_to_ours("head.pre_logits.fc.bias") == "pre_logits.fc.bias"
     assert timm_key_to_ours("head.fc.weight") == "head.weight"
 
