@@ -90,7 +90,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights in a file (see read_state_dict), in the file's own naming (ours or timm's)."""
     state = read_state_dict(path)
     if any(k.startswith("model.") for k in state):
-        # Weights stored under "model." beside other tensors (such as our parity fixtures' inputs and
+        # Weights stored under "model." beside other tensors (such as a parity fixture's inputs and
         # outputs): the weights are the "model." entries.
         others = sorted(k for k in state if not k.startswith("model."))
         if others:
