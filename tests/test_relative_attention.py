@@ -123,14 +123,14 @@ def test_state_dicts_with_the_keys_of_earlier_versions_load(mlp_width):
     assert upgrade_state_dict(attn.state_dict()).keys() == attn.state_dict().keys()  # current keys stay
 
 
-def test_the_index_is_a_buffer_that_follows_the_size_and_the_device():
+def test_the_index_and_the_table_before_a_resize_are_buffers_that_follow_the_size_and_the_device():
     attn = RelativeAttention2d(32, 32, 16, (4, 4))
     table = attn.position_bias
     assert torch.equal(table.relative_position_index, relative_position_index(4, 4))
     attn.set_feature_size((3, 5))
     assert torch.equal(table.relative_position_index, relative_position_index(3, 5))
-    attn.to("meta")
-    assert table.relative_position_index.device.type == "meta"
+    attn.to("meta")  # what a resize keeps for its round trip follows too
+    assert table.relative_position_index.device.type == table.table_before_resize.device.type == "meta"
 
 
 def test_the_own_size_reads_the_index_buffer_without_rebuilding_it(monkeypatch):

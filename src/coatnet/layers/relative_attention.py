@@ -72,8 +72,8 @@ class RelativeAttention2d(nn.Module):
         self.head_dim = head_dim
         self.bias_mode = bias_mode
         self.feature_size = tuple(feature_size)
-        # The key bias (the middle third of qkv's bias) adds q_i . b_k to a whole row of logits, which the
-        # softmax ignores; it is kept, as in timm, so that its checkpoints load as they are.
+        # qkv's bias includes a key bias, as timm's does: it adds q_i . b_k to a whole row of logits, which
+        # the softmax ignores (ours start at zero; timm's load as they are).
         qkv, proj = nn.Linear(dim_in, 3 * attn_dim, bias=qkv_bias), nn.Linear(attn_dim, dim_out)
         position_bias = None
         if bias_mode != "none":
@@ -89,6 +89,7 @@ class RelativeAttention2d(nn.Module):
         return None if self.position_bias is None else self.position_bias.bias(size)
 
     def forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """(B, H, W, dim_in) -> (B, H, W, dim_out); `reference`: eq. 3 written out instead of the fused kernel."""
         return self.proj(self.attend(x, reference))
 
     def attend(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
