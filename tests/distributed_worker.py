@@ -16,16 +16,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from coatnet.models import CoAtNet, CoAtNetConfig, TransformerConfig  # noqa: E402
 from coatnet.train import distributed as D  # noqa: E402
+from coatnet.train.redundant import freeze_redundant_parameters  # noqa: E402
 
 GLOBAL_BATCH = 6  # not a multiple of 4: exercises uneven slices when run with 4 processes
 
 
 def tiny_model() -> CoAtNet:
-    """A reduced-width CoAtNet (all block types, BatchNorm and LayerNorm) for 32x32 images."""
+    """A reduced-width CoAtNet (all block types, BatchNorm and LayerNorm) for 32x32 images, its redundant
+    parameters frozen as the engine freezes them (train/redundant.py)."""
     torch.manual_seed(0)
     cfg = CoAtNetConfig(depths=(1, 1, 1, 2, 1), widths=(8, 8, 16, 32, 32), img_size=32, num_classes=5,
                         transformer=TransformerConfig(head_dim=8))
-    return CoAtNet(cfg)
+    model = CoAtNet(cfg)
+    freeze_redundant_parameters(model)
+    return model
 
 
 def global_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import coatnet
 from coatnet.layers import bf16_cpu
-from coatnet.layers.bf16_cpu import Conv2d, Linear, QkvLinear, use_bf16_cpu_kernels
+from coatnet.layers.bf16_cpu import Conv2d, Linear, use_bf16_cpu_kernels
 from coatnet.train.runtime import setup_runtime
 
 BF16 = torch.bfloat16
@@ -106,7 +106,7 @@ def test_the_kernel_swap_keeps_parameters_state_dict_and_outputs():
         assert torch.equal(model(x), before)  # outside bf16 autocast the subclasses run torch's kernels
     kinds = {name: type(m) for name, m in model.named_modules()}
     assert kinds["stages.0.blocks.0.conv1"] is Conv2d and kinds["stages.2.blocks.0.mlp.fc1"] is Linear
-    assert kinds["stages.2.blocks.0.attn.qkv"] is QkvLinear and kinds["head"] is Linear
+    assert kinds["stages.2.blocks.0.attn.qkv"] is Linear and kinds["head"] is Linear
     # depthwise convolutions and squeeze-excite keep torch's bf16 kernels
     assert kinds["stages.0.blocks.0.conv2"] is torch.nn.Conv2d and kinds["stages.0.blocks.0.se.fc1"] is torch.nn.Conv2d
 

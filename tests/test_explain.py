@@ -83,9 +83,9 @@ def test_attention_maps_sum_to_one_over_the_keys_of_each_stage():
 def test_a_bias_table_with_one_entry_shows_exactly_at_that_offset():
     attn = RelativeAttention2d(16, 32, 8, (3, 4))  # 4 heads, a (4, 5, 7) table
     with torch.no_grad():
-        attn.relative_bias_table.zero_()
+        attn.position_bias.relative_bias_table.zero_()
         # table index (H-1 + dy, W-1 + dx) holds w for query - key = (dy, dx) = (1, -2)
-        attn.relative_bias_table[2, 2 + 1, 3 - 2] = 5.0
+        attn.position_bias.relative_bias_table[2, 2 + 1, 3 - 2] = 5.0
     grid = bias_by_offset(attn)  # indexed by key - query = (-1, 2)
     assert grid.shape == (4, 5, 7)
     nonzero = grid.nonzero().tolist()
@@ -98,7 +98,7 @@ def test_bias_by_offset_reads_mlp_biases_too():
     model = coatnet.create_model("coatnet_rmlp_nano_rw_224", img_size=64).eval()  # the MLP drops out in training
     attn = next(m for m in model.modules() if isinstance(m, RelativeAttention2d))
     grid = bias_by_offset(attn)
-    table = attn.relative_position_mlp.table(attn.feature_size).detach()  # indexed by query - key
+    table = attn.position_bias.table(attn.feature_size).detach()  # indexed by query - key
     torch.testing.assert_close(grid, table.flip(-1).flip(-2))
 
 

@@ -109,7 +109,7 @@ def test_overrides_change_the_head_the_size_and_the_input_channels(hub_folder):
     base = coatnet.create_model(pretrained=hub_folder)
     bigger = coatnet.create_model(pretrained=hub_folder, num_classes=7, img_size=64)
     assert bigger.num_classes == 7 and bigger.config.image_size == (64, 64)
-    table = "stages.3.blocks.0.attn.relative_bias_table"
+    table = "stages.3.blocks.0.attn.position_bias.relative_bias_table"
     assert bigger.state_dict()[table].shape[-2:] == (3, 3) and base.state_dict()[table].shape[-2:] == (1, 1)
     grey = coatnet.create_model(pretrained=hub_folder, in_chans=1)
     g = torch.rand(2, 1, 32, 32)

@@ -1,4 +1,5 @@
 """The network: shapes, layouts, sizes, gradients, errors, inference preparation."""
+import copy
 import math
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 import coatnet
 from coatnet.models import CoAtNetConfig
+from coatnet.layers import RelativeAttention2d
 from coatnet.train.redundant import freeze_redundant_parameters
 
 SMALL = dict(depths=(1, 1, 1, 2, 1), widths=(16, 16, 32, 64, 128), head_dim=16)
@@ -99,7 +101,7 @@ def test_set_input_size_and_back_restores_the_outputs():
     before = model(x)
     model.set_input_size((128, 96))
     assert model.config.image_size == (128, 96)
-    tables = [m.relative_bias_table for m in model.modules() if hasattr(m, "relative_bias_table")]
+    tables = [p for n, p in model.named_parameters() if n.endswith("relative_bias_table")]
     assert tables[0].shape[-2:] == (2 * 128 // 16 - 1, 2 * 96 // 16 - 1)  # first T stage is S3 (stride 16)
     model.set_input_size(64)
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
@@ -196,10 +198,11 @@ def test_batchnorm_transformer_blocks_train_on_a_single_image_at_1x1():
 @pytest.mark.parametrize("name, drop_path", [("coatnet_nano", 0.0), ("coatnet_nano", 0.5), ("coatnet_nano_ln", 0.0)])
 def test_frozen_redundant_parameters_are_exactly_those_with_zero_gradient(name, drop_path):
     # In float64 a gradient that is zero in exact arithmetic is ~1e-17 of the others; AdamW would still turn
-    # it into lr-sized steps, so training freezes these (and the value part of qkv.bias behind a redundant
-    # output bias). Everything left trainable must have a real gradient.
+    # it into lr-sized steps, so training freezes these (and the key and value parts of qkv.bias behind a
+    # redundant output bias). Everything left trainable must have a real gradient.
     torch.manual_seed(0)
     model = coatnet.create_model(name, num_classes=10, in_chans=1, drop_path_rate=drop_path).double().train()
+    plain = copy.deepcopy(model)  # as built: every gradient measured
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
     frozen = freeze_redundant_parameters(model)
     if name == "coatnet_nano_ln":
@@ -207,12 +210,11 @@ def test_frozen_redundant_parameters_are_exactly_those_with_zero_gradient(name, 
     else:  # the 1-token last stage's norm bias and its output biases
         assert "stages.3.blocks.0.norm1.bias" in frozen or drop_path > 0
         assert ("stages.3.blocks.0.attn.proj.bias" in frozen) == (drop_path == 0)
-    model.requires_grad_(True)  # measure every gradient, frozen or not
-    for attn in (m for m in model.modules() if hasattr(m, "value_bias_learns")):
-        attn.value_bias_learns, attn._was = True, attn.value_bias_learns
+    attns = {n: m for n, m in model.named_modules() if isinstance(m, RelativeAttention2d)}
     torch.manual_seed(1)
-    model(torch.randn(16, 1, 32, 32, dtype=torch.float64)).logsumexp(-1).sum().backward()
-    grads = {n: p.grad for n, p in model.named_parameters()}
+    x = torch.randn(16, 1, 32, 32, dtype=torch.float64)
+    plain(x).logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in plain.named_parameters()}
     scale = max(float(g.abs().max()) for g in grads.values())
     for n in frozen:
         assert grads[n].abs().max() < 1e-12 * scale, n
@@ -220,15 +222,59 @@ def test_frozen_redundant_parameters_are_exactly_those_with_zero_gradient(name, 
         if n in frozen:
             continue
         if n.endswith("attn.qkv.bias"):
-            attn = model.get_submodule(n[:-len(".qkv.bias")])
+            attn = attns[n[:-len(".qkv.bias")]]
             q, k, v = g.chunk(3)
-            assert k.abs().max() == 0  # the key bias is left out of the forward
-            assert (v.abs().max() < 1e-12 * scale) == (not attn.qkv._was), n  # the flag is the qkv's
+            assert k.abs().max() < 1e-12 * scale, n  # the softmax ignores the key bias
+            assert (v.abs().max() < 1e-12 * scale) == attn.qkv.freeze_value, n
             if math.prod(attn.feature_size) == 1:
                 assert q.abs().max() == 0  # one token: the softmax is exactly 1
             continue
-        if n.endswith("relative_bias_table") and math.prod(model.get_submodule(n.rsplit(".", 1)[0]).feature_size) == 1:
+        if n.endswith("relative_bias_table") and math.prod(attns[n.rsplit(".", 2)[0]].feature_size) == 1:
             assert g.abs().max() == 0
             continue
         assert g.abs().max() > 1e-9 * scale, n  # a real gradient
+    # The frozen model: those roundoff gradients are exactly zero, or no gradient at all.
+    model(x).logsumexp(-1).sum().backward()
+    params = dict(model.named_parameters())
+    assert all(params[n].grad is None for n in frozen)
+    for n, attn in attns.items():
+        q, k, v = attn.qkv.bias.grad.chunk(3)
+        assert k.abs().max() == 0 and (v.abs().max() == 0) == attn.qkv.freeze_value, n
     assert all(torch.equal(p, reference[n]) for n, p in model.named_parameters())  # values are kept
+
+
+def test_the_parity_swap_keeps_the_parameters_their_names_and_the_outputs():
+    from coatnet.train.redundant import QkvWithFrozenBias
+
+    torch.manual_seed(0)
+    model = coatnet.create_model("coatnet_nano", num_classes=10).eval()
+    with torch.no_grad():  # a key bias that matters numerically (ours start at zero, timm's do not)
+        for m in model.modules():
+            if isinstance(m, RelativeAttention2d):
+                m.qkv.bias.normal_()
+    params, keys = dict(model.named_parameters()), list(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    freeze_redundant_parameters(model)
+    qkvs = [m.qkv for m in model.modules() if isinstance(m, RelativeAttention2d)]
+    assert qkvs and all(type(q) is QkvWithFrozenBias for q in qkvs)
+    assert all(p is params[n] for n, p in model.named_parameters())  # an optimizer made before keeps working
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_the_parity_swap_takes_the_bf16_cpu_kernels_where_the_linear_it_replaces_would(monkeypatch):
+    from coatnet.layers import bf16_cpu
+    from coatnet.train.redundant import QkvWithFrozenBias
+
+    monkeypatch.setattr(bf16_cpu, "emulated_bf16_cpu", lambda: True)
+    calls = []
+    apply = bf16_cpu._LinearBf16.apply
+    monkeypatch.setattr(bf16_cpu._LinearBf16, "apply", lambda *a: calls.append(1) or apply(*a))
+    qkv = bf16_cpu.Linear(16, 48)
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = qkv(x)
+        got = QkvWithFrozenBias(qkv, freeze_value=True)(x)
+    assert calls == [1, 1]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

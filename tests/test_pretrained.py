@@ -134,14 +134,14 @@ def test_weights_that_timm_downloaded_load_by_tag_and_by_pretrained_true(monkeyp
     src = coatnet.create_model("coatnet_nano_rw_224")
     path = _hf_cache_entry(cache, "coatnet_nano_rw_224.sw_in1k", src.state_dict())
     assert pretrained.find_weights("coatnet_nano_rw_224.sw_in1k") == path
-    expected = src.state_dict()["stages.3.blocks.2.attn.relative_bias_table"]
+    expected = src.state_dict()["stages.3.blocks.2.attn.position_bias.relative_bias_table"]
     for name, weights in [("coatnet_nano_rw_224", "coatnet_nano_rw_224.sw_in1k"),
                           ("coatnet_nano_rw_224", "timm/coatnet_nano_rw_224.sw_in1k"),
                           ("coatnet_nano_rw_224", True),  # timm's default tag for the model
                           ("coatnet_nano_rw_224.sw_in1k", True),
                           ("hf-hub:timm/coatnet_nano_rw_224.sw_in1k", True)]:
         model = coatnet.create_model(name, pretrained=weights)
-        torch.testing.assert_close(model.state_dict()["stages.3.blocks.2.attn.relative_bias_table"], expected,
+        torch.testing.assert_close(model.state_dict()["stages.3.blocks.2.attn.position_bias.relative_bias_table"], expected,
                                    rtol=0, atol=0, msg=f"{name} {weights}")
     assert main(["weights", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -1,21 +1,20 @@
-"""timm's CoAtNet checkpoints: fixtures reproduced, key mapping, resizing, refusals (never needs timm)."""
-import json
+"""timm's CoAtNet checkpoints: fixtures reproduced, key mapping, resizing, refusals (never needs timm).
+
+The fixtures (tests/fixtures/timm/, timm_fixtures.py) hold timm's outputs for weights made from a seed; the
+tests make the weights again and write them as a timm checkpoint file."""
 import logging
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import coatnet
 from coatnet.layers import resize_table
 from coatnet.models.timm_import import convert_timm_state_dict, is_timm_state_dict, timm_key_to_ours
 from coatnet.models.timm_variants import TIMM_VARIANTS
-
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-FIXTURES = ["coatnet_nano_rw_224", "coatnet_rmlp_nano_rw_224"]
-needs_fixtures = pytest.mark.skipif(not (REFERENCE / f"{FIXTURES[0]}.safetensors").exists(),
-                                    reason="../shared/reference (timm parity fixtures) not present")
+from timm_fixtures import NAMES as FIXTURES
+from timm_fixtures import load as load_fixture
+from timm_fixtures import weights_hash
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -23,17 +22,29 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def fixtures():
-    return {name: load_file(str(REFERENCE / f"{name}.safetensors")) for name in FIXTURES}
+def fixtures(tmp_path_factory):
+    """Each fixture (timm_fixtures.load), its weights also written as a timm checkpoint file at "path"."""
+    root = tmp_path_factory.mktemp("timm")
+    out = {}
+    for name in FIXTURES:
+        out[name] = {**load_fixture(name), "path": str(root / f"{name}.safetensors")}
+        save_file(out[name]["weights"], out[name]["path"])
+    return out
 
 
-@needs_fixtures
+@pytest.mark.parametrize("name", FIXTURES)
+def test_the_weights_made_from_the_seed_are_those_timm_was_given(name, fixtures):
+    meta = fixtures[name]["meta"]
+    assert weights_hash(fixtures[name]["weights"]) == meta["weights_sha256"], (
+        "the seeded weights changed: regenerate the fixtures with scripts/timm_fixtures.py")
+    assert list(fixtures[name]["x"].shape) == meta["input_shape"] and fixtures[name]["logits"].shape == (1, 1000)
+
+
 @pytest.mark.parametrize("name", FIXTURES)
 def test_fixture_logits_and_features_match_timm(name, fixtures):
     data = fixtures[name]
-    model = coatnet.create_model(name, pretrained=str(REFERENCE / f"{name}.safetensors")).eval()
-    meta = json.loads((REFERENCE / f"{name}.json").read_text())
-    assert sum(p.numel() for p in model.parameters()) == meta["num_params"]
+    model = coatnet.create_model(name, pretrained=data["path"]).eval()
+    assert sum(p.numel() for p in model.parameters()) == data["meta"]["num_params"]
     with torch.no_grad():
         features = model.forward_features(data["x"])
         logits = model.forward_head(features)
@@ -43,62 +54,50 @@ def test_fixture_logits_and_features_match_timm(name, fixtures):
     assert rel_err(fast, data["logits"]) < 1e-4
 
 
-@needs_fixtures
 def test_a_224_rmlp_checkpoint_loads_into_a_384_model_without_a_table_to_resize(fixtures, tmp_path):
     name = "coatnet_rmlp_nano_rw_224"
-    model = coatnet.create_model(name, img_size=384, pretrained=str(REFERENCE / f"{name}.safetensors")).eval()
+    model = coatnet.create_model(name, img_size=384, pretrained=fixtures[name]["path"]).eval()
     assert not any(n.endswith("relative_bias_table") for n, _ in model.named_parameters())
     x = torch.nn.functional.interpolate(fixtures[name]["x"][:1], size=384, mode="bilinear")
-    ref224 = coatnet.create_model(name, pretrained=str(REFERENCE / f"{name}.safetensors")).eval()
+    ref224 = coatnet.create_model(name, pretrained=fixtures[name]["path"]).eval()
     with torch.no_grad():
         # The MLP holds no per-size state: a 384 model and a 224 model given 384 inputs agree exactly.
         torch.testing.assert_close(model(x), ref224(x), rtol=1e-5, atol=1e-5)
 
 
-@needs_fixtures
 def test_a_224_table_checkpoint_loads_into_a_384_model_with_tables_resized(fixtures):
     name = "coatnet_nano_rw_224"
-    path = str(REFERENCE / f"{name}.safetensors")
-    model = coatnet.create_model(name, img_size=384, pretrained=path)
+    model = coatnet.create_model(name, img_size=384, pretrained=fixtures[name]["path"])
     tables = {n: p for n, p in model.named_parameters() if n.endswith("relative_bias_table")}
-    assert tables["stages.2.blocks.1.attn.relative_bias_table"].shape[-2:] == (47, 47)  # 24x24 map
-    state = {k.removeprefix("model."): v.float() for k, v in fixtures[name].items() if k.startswith("model.")}
-    src = state["stages.2.blocks.1.attn.rel_pos.relative_position_bias_table"]  # (27*27, heads)
+    assert tables["stages.2.blocks.1.attn.position_bias.relative_bias_table"].shape[-2:] == (47, 47)  # 24x24 map
+    src = fixtures[name]["weights"]["stages.2.blocks.1.attn.rel_pos.relative_position_bias_table"]  # (27*27, heads)
     expected = resize_table(src.T.reshape(-1, 27, 27), (24, 24), "geometric")
-    torch.testing.assert_close(tables["stages.2.blocks.1.attn.relative_bias_table"].data, expected)
+    torch.testing.assert_close(tables["stages.2.blocks.1.attn.position_bias.relative_bias_table"].data, expected)
     assert torch.isfinite(model.eval()(torch.randn(1, 3, 384, 384))).all()
 
 
-@needs_fixtures
-def test_a_different_class_count_drops_the_head_with_a_message(caplog):
+def test_a_different_class_count_drops_the_head_with_a_message(fixtures, caplog):
     caplog.set_level(logging.INFO, logger="coatnet")
     name = "coatnet_nano_rw_224"
-    model = coatnet.create_model(name, num_classes=10, pretrained=str(REFERENCE / f"{name}.safetensors"))
+    model = coatnet.create_model(name, num_classes=10, pretrained=fixtures[name]["path"])
     assert "classifier for 1000 classes dropped" in caplog.text
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
 
 
-@needs_fixtures
 def test_a_checkpoint_missing_weights_is_refused(fixtures, tmp_path):
-    state = {k.removeprefix("model."): v for k, v in fixtures["coatnet_nano_rw_224"].items()
-             if k.startswith("model.") and "stages.3.blocks.2" not in k}
+    state = {k: v for k, v in fixtures["coatnet_nano_rw_224"]["weights"].items() if "stages.3.blocks.2" not in k}
     save_file(state, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match=r"missing \(e\.g\. stages\.3\.blocks\.2\."):
         coatnet.create_model("coatnet_nano_rw_224", pretrained=str(tmp_path / "partial.safetensors"))
 
 
-@needs_fixtures
 def test_a_checkpoint_of_another_variant_is_refused(fixtures, tmp_path):
     with pytest.raises(ValueError, match="does not fit this architecture"):
-        coatnet.create_model("coatnet_rmlp_nano_rw_224",
-                             pretrained=str(REFERENCE / "coatnet_nano_rw_224.safetensors"))
+        coatnet.create_model("coatnet_rmlp_nano_rw_224", pretrained=fixtures["coatnet_nano_rw_224"]["path"])
 
 
-@needs_fixtures
 def test_a_pth_checkpoint_is_read_without_unpickling_code(fixtures, tmp_path):
-    state = {k.removeprefix("model."): v.float() for k, v in fixtures["coatnet_nano_rw_224"].items()
-             if k.startswith("model.")}
-    torch.save({"state_dict": state}, tmp_path / "timm.pth")
+    torch.save({"state_dict": fixtures["coatnet_nano_rw_224"]["weights"]}, tmp_path / "timm.pth")
     model = coatnet.create_model("coatnet_nano_rw_224", pretrained=str(tmp_path / "timm.pth")).eval()
     with torch.no_grad():
         assert rel_err(model(fixtures["coatnet_nano_rw_224"]["x"]), fixtures["coatnet_nano_rw_224"]["logits"]) < 1e-4
@@ -109,7 +108,7 @@ def test_key_mapping():
     assert timm_key_to_ours("stages.1.blocks.0.se_early.fc1.bias") == "stages.1.blocks.0.se.fc1.bias"
     assert timm_key_to_ours("stages.2.blocks.0.norm1.norm.weight") == "stages.2.blocks.0.norm1.weight"
     assert timm_key_to_ours("stages.2.blocks.1.attn.rel_pos.mlp.fc2.weight") == \
-        "stages.2.blocks.1.attn.relative_position_mlp.fc2.weight"
+        "stages.2.blocks.1.attn.position_bias.fc2.weight"
     assert timm_key_to_ours("head.pre_logits.fc.bias") == "pre_logits.fc.bias"
     assert timm_key_to_ours("head.fc.weight") == "head.weight"
 
@@ -172,24 +171,33 @@ def test_timms_mixed_stages_map_onto_our_split_stages():
         assert converted[k] is ours[k], k
 
 
-@needs_fixtures
 def test_a_featureless_model_drops_the_checkpoints_classifier(fixtures, caplog):
     caplog.set_level(logging.INFO, logger="coatnet")
     name = "coatnet_nano_rw_224"
-    model = coatnet.create_model(name, num_classes=0, pretrained=str(REFERENCE / f"{name}.safetensors")).eval()
+    model = coatnet.create_model(name, num_classes=0, pretrained=fixtures[name]["path"]).eval()
     assert "classifier dropped; the model has none" in caplog.text
     with torch.no_grad():
         pooled = model(fixtures[name]["x"])
     torch.testing.assert_close(pooled, fixtures[name]["features"].mean((2, 3)), rtol=1e-4, atol=1e-4)
 
 
-@needs_fixtures
 def test_without_a_class_count_the_model_takes_the_checkpoints(fixtures, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="coatnet")
-    state = {k.removeprefix("model."): v for k, v in fixtures["coatnet_nano_rw_224"].items()
-             if k.startswith("model.")}
+    state = dict(fixtures["coatnet_nano_rw_224"]["weights"])
     state["head.fc.weight"], state["head.fc.bias"] = state["head.fc.weight"][:7], state["head.fc.bias"][:7]
     save_file(state, str(tmp_path / "seven.safetensors"))
     model = coatnet.create_model("coatnet_nano_rw_224", pretrained=str(tmp_path / "seven.safetensors"))
     assert model.num_classes == 7 and "dropped" not in caplog.text
     torch.testing.assert_close(model.head.weight, state["head.fc.weight"].float())
+
+
+def test_weights_stored_under_model_beside_other_tensors_load(fixtures, tmp_path, caplog):
+    # The layout of parity files that keep the weights with their input and outputs (model.*, x, logits).
+    caplog.set_level(logging.INFO, logger="coatnet")
+    data = fixtures["coatnet_nano_rw_224"]
+    save_file({**{f"model.{k}": v for k, v in data["weights"].items()}, "x": data["x"], "logits": data["logits"]},
+              str(tmp_path / "with_io.safetensors"))
+    model = coatnet.create_model("coatnet_nano_rw_224", pretrained=str(tmp_path / "with_io.safetensors")).eval()
+    assert "ignoring 2 others (logits, x)" in caplog.text
+    with torch.no_grad():
+        assert rel_err(model(data["x"]), data["logits"]) < 1e-4

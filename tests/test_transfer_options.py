@@ -95,7 +95,7 @@ def test_mlp_relative_bias_has_no_table_and_follows_any_size():
     assert not any("relative_bias_table" in n for n, _ in model.named_parameters())
     attn = model.stages[2].blocks[1].attn
     assert attn.bias((3, 5)).shape == (attn.num_heads, 15, 15)
-    assert all(n in model.no_weight_decay() for n, _ in model.named_parameters() if "relative_position_mlp" in n)
+    assert all(n in model.no_weight_decay() for n, _ in model.named_parameters() if ".position_bias." in n)
     x = torch.randn(1, 3, 128, 96)
     before = model(x)
     model.set_input_size((128, 96))

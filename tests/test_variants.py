@@ -1,4 +1,4 @@
-"""The paper's variants: parameter and multiply-add counts held to paper_tables.json."""
+"""The paper's variants: parameter and multiply-add counts held to the paper's tables (tests/fixtures/paper_tables.json)."""
 import json
 from pathlib import Path
 
@@ -7,12 +7,10 @@ import pytest
 import coatnet
 from coatnet.models import build_on_meta, count_macs, count_params, get_config
 
-TABLES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "paper_tables.json"
-PAPER = json.loads(TABLES.read_text())["models"] if TABLES.exists() else None
-needs_tables = pytest.mark.skipif(PAPER is None, reason="../shared/reference/paper_tables.json not present")
+TABLES = Path(__file__).resolve().parent / "fixtures" / "paper_tables.json"  # its "source" says where from
+PAPER = json.loads(TABLES.read_text())["models"]
 
 
-@needs_tables
 @pytest.mark.parametrize("name", [f"coatnet_{i}" for i in range(8)])
 def test_parameter_count_matches_the_paper(name):
     params = count_params(build_on_meta(get_config(name))) / 1e6
@@ -24,7 +22,6 @@ def test_parameter_count_matches_the_paper(name):
     assert abs(params - paper) / paper < tolerance, (params, paper)
 
 
-@needs_tables
 @pytest.mark.parametrize("name", [f"coatnet_{i}" for i in range(4)])
 def test_multiply_adds_at_224_match_the_paper(name):
     macs = count_macs(build_on_meta(get_config(name))) / 1e9
@@ -32,13 +29,11 @@ def test_multiply_adds_at_224_match_the_paper(name):
     assert abs(macs - paper) / paper < 0.05, (macs, paper)
 
 
-@needs_tables
 def test_multiply_adds_at_384_match_the_paper():
     macs = count_macs(build_on_meta(get_config("coatnet_0", img_size=384))) / 1e9
     assert abs(macs - PAPER["coatnet_0"]["gmacs"]["384"]) / PAPER["coatnet_0"]["gmacs"]["384"] < 0.05
 
 
-@needs_tables
 @pytest.mark.parametrize("name", ["coatnet_0", "coatnet_1", "coatnet_2"])
 def test_stride_in_the_1x1_conv_is_cheaper_than_in_the_depthwise_conv(name):
     conv1x1 = count_macs(build_on_meta(get_config(name, downsample="conv1x1")))

@@ -104,3 +104,36 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with atomic_write(path) as tmp:
         tmp.write_bytes(b"new")
     assert path.read_bytes() == b"new"
+
+
+def _with_old_keys(state: dict) -> dict:
+    """`state` as versions before the position-bias plug-in slot named it (the attention held its table)."""
+    return {k.replace("attn.position_bias.relative_bias_table", "attn.relative_bias_table"): v for k, v in state.items()}
+
+
+def test_files_written_with_the_keys_of_earlier_versions_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from coatnet.data import DataSpec
+    from coatnet.train.checkpoint import load_model, load_train_state, save_train_state, save_weights_checkpoint
+
+    model = coatnet.create_model("coatnet_pico", img_size=32, num_classes=3).eval()
+    old = _with_old_keys(model.state_dict())
+    assert "stages.3.blocks.0.attn.relative_bias_table" in old
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    # a weights file (pretrained=, Hub folders)
+    save_file(old, str(tmp_path / "old.safetensors"))
+    loaded = coatnet.create_model("coatnet_pico", img_size=32, num_classes=3, pretrained=str(tmp_path / "old.safetensors"))
+    torch.testing.assert_close(loaded.eval()(x), expected, rtol=0, atol=0)
+    # a checkpoint (coatnet eval, predict, save-pretrained)
+    spec = DataSpec("colours", ("a", "b", "c"), 3, 32, 1.0, (0.5,) * 3, (0.5,) * 3)
+    save_weights_checkpoint(tmp_path / "checkpoint-best.safetensors", old,
+                            {"model_config": model.config.to_dict(), "data": spec.to_dict()})
+    loaded, _, _ = load_model(tmp_path / "checkpoint-best.safetensors")
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    # a training state (resume)
+    ema = {k: v.clone() for k, v in old.items()}
+    save_train_state(tmp_path / "state.safetensors", old, ema, {"state": {}, "param_groups": []}, {"epoch": 1})
+    state = load_train_state(tmp_path / "state.safetensors")
+    assert state["model"].keys() == state["ema"].keys() == model.state_dict().keys()

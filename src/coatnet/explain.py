@@ -120,7 +120,7 @@ def attention_weights(attn: RelativeAttention2d, x: torch.Tensor) -> torch.Tenso
     heads = attn.num_heads
     qkv = attn.qkv(x).reshape(B, H * W, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, head_dim)
     q, k = qkv[0], qkv[1]
-    # The key bias of qkv (which the layer leaves out) adds q_i . b_k to a whole row: the softmax ignores it.
+    # The key bias of qkv adds q_i . b_k to a whole row: the softmax ignores it.
     logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, heads, N, N)
     if attn.bias_mode == "relative":
         logits = logits + position_bias(attn, (H, W)).to(logits.dtype)

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import parity
 from .position_bias import RelativePositionMlp
 from .squeeze_excite import SqueezeExcite
 
@@ -142,14 +141,7 @@ class Conv2d(nn.Conv2d):
                                      self.padding, self.dilation, self.groups)
 
 
-class QkvLinear(parity.QkvLinear):
-    """parity.QkvLinear (key bias left out, value bias as it learns) through `linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.effective_bias())
-
-
-_SWAPS = {nn.Linear: Linear, nn.Conv2d: Conv2d, parity.QkvLinear: QkvLinear}
+_SWAPS = {nn.Linear: Linear, nn.Conv2d: Conv2d}
 
 
 def use_bf16_cpu_kernels(model: nn.Module,

@@ -4,13 +4,14 @@
 
 w has one entry per 2-D offset (dy, dx) and per head: for an H x W map the offsets span (2H-1) x (2W-1).
 A plug-in is a module with one method, `bias(size)`, giving the (heads, N, N) bias of an H x W map
-(N = H*W): entry [h, i, j] is head h's w[i - j]. Two plug-ins:
+(N = H*W): entry [h, i, j] is head h's w[i - j], read from a table through `relative_position_index`.
+Two plug-ins:
 
-- `RelativePositionTable`: w learned as a (heads, 2H-1, 2W-1) grid, the paper's choice. Another map
-  size reads a resized grid (bilinear, or timm's geometric rule: table_resize.py), so fine-tuning at
-  384/512 (paper, Sec. 4) starts from the resized table.
+- `RelativePositionTable`: w learned as a (heads, 2H-1, 2W-1) grid, the paper's choice, with the index of
+  its own map size as a buffer. Another map size reads a resized grid (bilinear, or timm's geometric rule:
+  table_resize.py), so fine-tuning at 384/512 (paper, Sec. 4) starts from the resized table.
 - `RelativePositionMlp`: w computed by an MLP over log-spaced offsets, timm's "rmlp" CoAtNets. It holds
-  no per-resolution state.
+  no per-resolution state: its table and index are made for the size asked.
 """
 from __future__ import annotations
 
@@ -34,15 +35,15 @@ def relative_position_index(height: int, width: int, device: Optional[torch.devi
     return (offsets[0] + height - 1) * (2 * width - 1) + (offsets[1] + width - 1)
 
 
-def resize_bias_table(table: torch.Tensor, size: Tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """Resize a (heads, 2H-1, 2W-1) table to the offsets of an H' x W' map (see table_resize.py)."""
-    return resize_table(table, size, mode)
-
-
-def gather_bias(table: torch.Tensor, size: Tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """The (heads, N, N) additive bias for an H x W map, resizing the table when its grid differs."""
-    table = resize_bias_table(table, size, mode)
-    index = relative_position_index(size[0], size[1], device=table.device)
+def gather_bias(table: torch.Tensor, size: Tuple[int, int], mode: str = "bilinear",
+                index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The (heads, N, N) additive bias for an H x W map from a (heads, 2H'-1, 2W'-1) table, resized (`mode`)
+    when its grid is not the map's. `index`: the table's own relative_position_index (built when None, or
+    when the table is resized)."""
+    if table.shape[-2] != 2 * size[0] - 1 or table.shape[-1] != 2 * size[1] - 1:
+        table, index = resize_table(table, size, mode), None
+    if index is None:
+        index = relative_position_index(size[0], size[1], device=table.device)
     return table.flatten(1)[:, index]  # (heads, N, N)
 
 
@@ -62,9 +63,9 @@ torch.fx.wrap("log_spaced_offsets")
 
 
 class RelativePositionTable(nn.Module):
-    """w as a learned (heads, 2H-1, 2W-1) table for an H x W map (`size`); other sizes read it resized
-    by `resize_mode` ("bilinear" or "geometric"). `set_size` makes a size permanent; a state dict made
-    at another size loads resized."""
+    """w as a learned (heads, 2H-1, 2W-1) table for an H x W map (`size`), read through the buffer
+    `relative_position_index`; other sizes read it resized by `resize_mode` ("bilinear" or "geometric").
+    `set_size` makes a size permanent; a state dict made at another size loads resized."""
 
     def __init__(self, num_heads: int, size: Tuple[int, int], resize_mode: str = "bilinear"):
         super().__init__()
@@ -73,40 +74,39 @@ class RelativePositionTable(nn.Module):
         h, w = self.size
         self.relative_bias_table = nn.Parameter(torch.zeros(num_heads, 2 * h - 1, 2 * w - 1))
         nn.init.trunc_normal_(self.relative_bias_table, std=0.02)
-        self._before_resize: tuple | None = None  # (size, table) before the last set_size, see there
+        self.register_buffer("relative_position_index", relative_position_index(h, w), persistent=False)
+        # The table before the last set_size, and its size: going back before training restores it exactly.
+        self.register_buffer("table_before_resize", None, persistent=False)
+        self.size_before_resize: Optional[Tuple[int, int]] = None
 
     def bias(self, size: Tuple[int, int]) -> torch.Tensor:
-        return gather_bias(self.relative_bias_table, size, self.resize_mode)
-
-    def fit(self, table: torch.Tensor) -> torch.Tensor:
-        """A (heads, 2H'-1, 2W'-1) table from elsewhere, resized to this one's grid where it differs."""
-        if table.ndim == 3 and table.shape[0] == self.relative_bias_table.shape[0] \
-                and table.shape != self.relative_bias_table.shape:
-            return resize_bias_table(table.float(), self.size, self.resize_mode)
-        return table
+        return gather_bias(self.relative_bias_table, size, self.resize_mode, self.relative_position_index)
 
     @torch.no_grad()
     def set_size(self, size: Tuple[int, int]) -> None:
-        """Resize the table to an H x W map, in place (the parameter stays the same object). Resizing is
-        lossy, a round trip is not: going back to the previous size, before the table was trained,
-        restores the previous table exactly."""
+        """Resize the table (the parameter stays the same object) and its index to an H x W map. Resizing is
+        lossy, a round trip is not: going back to the previous size, before the table was trained or
+        loaded, restores the previous table exactly."""
         size = tuple(size)
         if size == self.size:
             return
-        table = self.relative_bias_table.data
-        before = self._before_resize
-        if before is not None and before[0] == size and torch.equal(before[2], table):
-            resized = before[1]
+        table, before = self.relative_bias_table.data, self.table_before_resize
+        # Untouched since the last resize when resizing the previous table again gives it back, bit for bit.
+        if size == self.size_before_resize and torch.equal(resize_table(before, self.size, self.resize_mode), table):
+            resized = before
         else:
-            resized = resize_bias_table(table, size, self.resize_mode).contiguous()
-        self._before_resize = (self.size, table.clone(), resized.clone())
+            resized = resize_table(table, size, self.resize_mode).contiguous()
+        self.table_before_resize, self.size_before_resize = table, self.size
         self.relative_bias_table.data = resized
+        self.relative_position_index = relative_position_index(size[0], size[1], device=table.device)
         self.size = size
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "relative_bias_table"
-        if key in state_dict:
-            state_dict[key] = self.fit(state_dict[key])
+        table = state_dict.get(key)
+        own = self.relative_bias_table
+        if table is not None and table.ndim == 3 and table.shape[0] == own.shape[0] and table.shape != own.shape:
+            state_dict[key] = resize_table(table.float(), self.size, self.resize_mode)  # made at another size
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

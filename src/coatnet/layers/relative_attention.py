@@ -2,11 +2,10 @@
 
     y_i = sum_j softmax_j(q_i . k_j / sqrt(d) + w[i - j]) v_j
 
-q, k and v are linear maps of the tokens of an H x W map; the relative position bias w comes from a
-plug-in (position_bias.py: the paper's learned table, or timm's MLP). The sum runs in torch's fused
-scaled_dot_product_attention; `reference_attention` is the equation written out, held equal to it by the
-tests. Where the layer departs from that plain computation for cross-process parity (the key bias, the
-value bias's gradient, the reference path for empty batches and one-token maps), parity.py explains why.
+q, k and v are one linear map (`qkv`) of the tokens of an H x W map; the relative position bias w comes
+from a plug-in (position_bias.py: the paper's learned table, or timm's MLP) that gives the (heads, N, N)
+bias of a map size. The sum runs in torch's fused scaled_dot_product_attention, w as its additive mask;
+`reference_attention` is the equation written out, held equal to it by the tests.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .parity import QkvLinear, needs_reference_path
 from .position_bias import RelativePositionMlp, RelativePositionTable
 
 BiasMode = Literal["relative", "relative_post", "none"]
@@ -39,8 +37,10 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
               bias_after_softmax: bool = False, reference: bool = False) -> torch.Tensor:
     """`reference_attention` computed by torch's fused kernel, except when `reference` is asked for, for the
-    post-softmax bias (no fused form) and where parity.needs_reference_path says so."""
-    if reference or bias_after_softmax or needs_reference_path(q):
+    post-softmax bias (no fused form) and for an empty batch."""
+    # An empty batch: the fused kernel gives the mask no gradient at all, the reference a zero one (a
+    # data-parallel process left without samples must still reduce a gradient for every parameter).
+    if reference or bias_after_softmax or q.shape[0] == 0:
         return reference_attention(q, k, v, bias, bias_after_softmax)
     # A 4-D mask: with a 3-D one torch's CPU dispatcher falls back to the unfused math kernel.
     mask = None if bias is None else bias.unsqueeze(0)  # (1, heads, N, N)
@@ -72,20 +72,24 @@ class RelativeAttention2d(nn.Module):
         self.head_dim = head_dim
         self.bias_mode = bias_mode
         self.feature_size = tuple(feature_size)
-        self.qkv = QkvLinear(dim_in, 3 * attn_dim, bias=qkv_bias)
-        self.proj = nn.Linear(attn_dim, dim_out)
+        # qkv's bias includes a key bias, as timm's does: it adds q_i . b_k to a whole row of logits, which
+        # the softmax ignores (ours start at zero; timm's load as they are).
+        qkv, proj = nn.Linear(dim_in, 3 * attn_dim, bias=qkv_bias), nn.Linear(attn_dim, dim_out)
         position_bias = None
         if bias_mode != "none":
             position_bias = (RelativePositionMlp(self.num_heads, mlp_width) if mlp_width > 0 else
                              RelativePositionTable(self.num_heads, self.feature_size, table_resize))
-        _register_checkpoint_names(self, position_bias)
+        # Made after, registered before the projections: the initial weights and the parameter order (which
+        # optimizer states in checkpoints follow) of tables are those of earlier versions.
         self.position_bias = position_bias
+        self.qkv, self.proj = qkv, proj
 
     def bias(self, size: Tuple[int, int]) -> Optional[torch.Tensor]:
         """The (heads, N, N) bias w for an H x W map; None without one."""
         return None if self.position_bias is None else self.position_bias.bias(size)
 
     def forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """(B, H, W, dim_in) -> (B, H, W, dim_out); `reference`: eq. 3 written out instead of the fused kernel."""
         return self.proj(self.attend(x, reference))
 
     def attend(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
@@ -94,7 +98,7 @@ class RelativeAttention2d(nn.Module):
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
         bias = self.bias((H, W))
-        bias = None if bias is None else bias.to(q.dtype)
+        bias = None if bias is None else bias.to(q.dtype)  # (heads, N, N)
         out = attention(q, k, v, bias, self.bias_mode == "relative_post", reference)  # (B, heads, N, head_dim)
         return out.transpose(1, 2).reshape(B, H, W, self.num_heads * self.head_dim)
 
@@ -103,34 +107,3 @@ class RelativeAttention2d(nn.Module):
         self.feature_size = tuple(size)
         if isinstance(self.position_bias, RelativePositionTable):
             self.position_bias.set_size(self.feature_size)
-
-
-# -- checkpoint names -------------------------------------------------------------------------------------
-# Checkpoints (ours, and timm's through models/timm_import.py) hold the position bias under the names it had
-# before it became a plug-in: a table as `relative_bias_table`, an MLP as `relative_position_mlp.*`. The layer
-# registers the plug-in's tensors under those names too, ahead of the `position_bias` slot, so that parameter
-# names and order are those (a shared tensor is listed once, under its first name); its state dicts hold only
-# those names, the slot's copies dropped on save and read from them on load.
-
-def _register_checkpoint_names(attn: RelativeAttention2d, position_bias: Optional[nn.Module]) -> None:
-    if isinstance(position_bias, RelativePositionTable):
-        attn.relative_bias_table = position_bias.relative_bias_table
-    elif isinstance(position_bias, RelativePositionMlp):
-        attn.relative_position_mlp = position_bias
-    attn.register_state_dict_post_hook(_drop_slot_state)
-    attn.register_load_state_dict_pre_hook(_fill_slot_state)
-
-
-def _drop_slot_state(attn, state_dict, prefix, local_metadata) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix + "position_bias.")]:
-        del state_dict[key]
-
-
-def _fill_slot_state(attn, state_dict, prefix, *args) -> None:
-    slot = prefix + "position_bias."
-    if isinstance(attn.position_bias, RelativePositionTable) and prefix + "relative_bias_table" in state_dict:
-        table = attn.position_bias.fit(state_dict[prefix + "relative_bias_table"])  # another size: resized
-        state_dict[prefix + "relative_bias_table"] = state_dict[slot + "relative_bias_table"] = table
-    elif isinstance(attn.position_bias, RelativePositionMlp):
-        for key in [k for k in state_dict if k.startswith(prefix + "relative_position_mlp.")]:
-            state_dict[slot + key[len(prefix + "relative_position_mlp."):]] = state_dict[key]

@@ -109,8 +109,7 @@ class CoAtNet(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of parameters to exclude from weight decay: bias tables (and the MLPs that replace them),
         norm weights, all biases."""
-        return {name for name, p in self.named_parameters()
-                if p.ndim <= 1 or name.endswith("relative_bias_table") or ".relative_position_mlp." in name}
+        return {name for name, p in self.named_parameters() if p.ndim <= 1 or ".position_bias." in name}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:

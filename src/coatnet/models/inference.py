@@ -22,8 +22,7 @@
   and FFN's last linear also add the residual in the kernel, and the norms' affine parameters and layer
   scale are folded into the linears next to them.
 - Relative-position bias gathered once into a (heads, N, N) buffer instead of at every call
-  (`FrozenPositionBias` in place of the attention's plug-in), and the qkv projection a plain nn.Linear
-  with the bias it adds (layers/parity.py) in place of the training-time QkvLinear.
+  (`FrozenPositionBias` in place of the attention's plug-in).
 """
 from __future__ import annotations
 
@@ -35,7 +34,6 @@ from torch import nn
 
 from ..device_plan import device_plan
 from ..layers import LayerScale, RelativeAttention2d, SqueezeExcite
-from ..layers.parity import QkvLinear
 from ..utils import reuse_freed_memory
 from .blocks import MBConvBlock, Mlp, Stem, TransformerBlock
 from .coatnet import CoAtNet
@@ -193,7 +191,7 @@ class InferenceTransformer(nn.Module):
         self.stride, self.pool_type = block.stride, block.pool_type
         self.shortcut = LinearAct(block.shortcut, None, onednn) if block.shortcut is not None else None
         attn = copy.deepcopy(block.attn)
-        qkv = attn.qkv.folded()
+        qkv = attn.qkv
         self.norm1 = block.norm1
         if self.stride == 1 or self.pool_type == "avg":  # a per-channel affine commutes with average pooling
             self.norm1, qkv = _fold_norm_into_linear(block.norm1, qkv)
@@ -354,8 +352,6 @@ def inference_model(model: CoAtNet, channels_last: bool = True, fuse_kernels: bo
             if not m.se_before_norm:  # squeeze-excite between conv2 and norm2 blocks that fold
                 m.conv2, m.norm2 = fold_bn_after(m.conv2, m.norm2), nn.Identity()
         elif isinstance(m, RelativeAttention2d):
-            if isinstance(m.qkv, QkvLinear):
-                m.qkv = m.qkv.folded()
             if m.position_bias is not None:
                 m.position_bias = FrozenPositionBias(m.position_bias, m.feature_size)
     for p in model.parameters():

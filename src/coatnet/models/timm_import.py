@@ -25,8 +25,8 @@ _BLOCK_RENAMES = [
     (r"^conv3_1x1\.", "conv3."),
     (r"^se_early\.", "se."),
     (r"^norm1\.norm\.", "norm1."),
-    (r"^attn\.rel_pos\.relative_position_bias_table$", "attn.relative_bias_table"),
-    (r"^attn\.rel_pos\.mlp\.", "attn.relative_position_mlp."),
+    (r"^attn\.rel_pos\.relative_position_bias_table$", "attn.position_bias.relative_bias_table"),
+    (r"^attn\.rel_pos\.mlp\.", "attn.position_bias."),
 ]
 _TOP_RENAMES = [
     (r"^stem\.conv1\.", "stem.layers.0."),
@@ -106,8 +106,9 @@ def convert_timm_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Modu
         if new.endswith(("attn.qkv.weight", "attn.qkv.bias")) and new.rsplit(".", 2)[0] in attn:
             heads = attn[new.rsplit(".", 2)[0]].num_heads
             value = _qkv_rows_to_ours(value.reshape(value.shape[0], -1) if value.ndim == 4 else value, heads)
-        elif new.endswith("attn.relative_bias_table") and new.rsplit(".", 1)[0] in attn and value.ndim == 2:
-            layer = attn[new.rsplit(".", 1)[0]]
+        elif new.endswith("attn.position_bias.relative_bias_table") and new.rsplit(".", 2)[0] in attn \
+                and value.ndim == 2:
+            layer = attn[new.rsplit(".", 2)[0]]
             value = _table_to_ours(value, layer.num_heads, layer.feature_size)
         if new in own and value.ndim != own[new].ndim and value.ndim in (2, 4) and value.numel() == own[new].numel():
             value = value.reshape(own[new].shape)  # 1x1 conv <-> linear (timm saved both forms over time)

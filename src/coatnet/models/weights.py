@@ -90,7 +90,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights in a file (see read_state_dict), in the file's own naming (ours or timm's)."""
     state = read_state_dict(path)
     if any(k.startswith("model.") for k in state):
-        # Weights stored under "model." beside other tensors (such as our parity fixtures' inputs and
+        # Weights stored under "model." beside other tensors (such as a parity fixture's inputs and
         # outputs): the weights are the "model." entries.
         others = sorted(k for k in state if not k.startswith("model."))
         if others:
@@ -98,6 +98,27 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                      f"({', '.join(others[:5])})")
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     return state
+
+
+# Our own keys that changed, old -> new (re patterns on whole keys): before 0.1.0's position-bias plug-in
+# slot, the attention held its table and MLP itself.
+_OLD_KEYS = [
+    (r"(^|\.)relative_bias_table$", r"\1position_bias.relative_bias_table"),
+    (r"(^|\.)relative_position_mlp\.", r"\1position_bias."),
+]
+
+
+def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of ours with the keys of earlier versions renamed to the current ones (`_OLD_KEYS`);
+    current keys pass unchanged."""
+    def upgrade(key: str) -> str:
+        if ".position_bias." in key or key.startswith("position_bias."):
+            return key
+        for pattern, new in _OLD_KEYS:
+            key = re.sub(pattern, new, key)
+        return key
+
+    return {upgrade(k): v for k, v in state.items()}
 
 
 def checkpoint_num_classes(state: dict[str, torch.Tensor]) -> int | None:
@@ -144,8 +165,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.
     strict_head). A stem for another number of input channels is adapted (adapt_input_channels). Any other missing or unexpected key is an error: a load never silently leaves weights
     at their initial values."""
     notes = []  # logged once the load has succeeded: a failed load reports only its error
-    if is_timm_state_dict(state):
-        state = convert_timm_state_dict(state, model)
+    state = convert_timm_state_dict(state, model) if is_timm_state_dict(state) else upgrade_state_dict(state)
     own = model.state_dict()
     stem = next(k for k, v in own.items() if v.ndim == 4)  # the stem's first convolution
     if stem in state and state[stem].ndim == 4 and state[stem].shape[1] != own[stem].shape[1]:

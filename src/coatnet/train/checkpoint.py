@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from ..data import DataSpec
 from ..models import CoAtNet, CoAtNetConfig
-from ..models.weights import exported_kind, not_weights_error
+from ..models.weights import exported_kind, not_weights_error, upgrade_state_dict
 from ..utils import atomic_write
 
 FORMAT = "coatnet-checkpoint-v1"
@@ -109,7 +109,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise ValueError(f"{path}: its tensors cannot be read ({e}); the file is damaged") from None
-    return tensors, info
+    return upgrade_state_dict(tensors), info
 
 
 def save_train_state(path: str | os.PathLike, model_state: dict, ema_state: dict | None,
@@ -155,8 +155,8 @@ def load_train_state(path: str | os.PathLike) -> dict:
     except Exception as e:
         raise ValueError(f"cannot resume from {path}: the file is damaged ({e}); move it away to start over"
                          ) from None
-    model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
+    model = upgrade_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema = upgrade_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}) or None
     state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):

@@ -2,17 +2,45 @@
 
 AdamW divides a gradient by its own running magnitude, so the roundoff left in such a gradient becomes an
 lr-sized step, different between 1 and N processes (docs/distributed.md). Training therefore freezes them
-(values kept) and the optimizer skips them. The attention's own share of these measures (the key bias, the
-value bias whose gradient is stopped here) is in layers/parity.py.
+(values kept) and the optimizer skips them. Where such a gradient is part of a tensor (the key and value
+thirds of an attention's qkv bias), the attention's qkv is swapped for `QkvWithFrozenBias`, which stops
+that part's gradient. `freeze_redundant_parameters(model)` applies both; the model's modules carry no
+flags for it.
 """
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
+from ..layers import RelativeAttention2d
+from ..layers.bf16_cpu import linear
 from ..models import CoAtNet
 from ..models.blocks import MBConvBlock, TransformerBlock
+
+
+class QkvWithFrozenBias(nn.Linear):
+    """An attention's qkv projection computing what the nn.Linear it replaces computes, with its weight and
+    bias (the same Parameters, so the same state-dict keys), except that no gradient reaches the key third
+    of the bias and, with `freeze_value`, the value third. The key bias cannot change the output: it adds
+    q_i . b_k to every logit of row i, which the softmax ignores. The value bias cannot where the
+    attention's output bias is redundant: softmax rows sum to one, so it only adds a constant to the
+    output, which that output bias already is. Under bf16 autocast on a CPU that emulates bf16 it takes
+    layers/bf16_cpu.py's kernels, as the Linear it replaces would."""
+
+    def __init__(self, qkv: nn.Linear, freeze_value: bool):
+        nn.Module.__init__(self)  # no new parameters: qkv's own
+        self.in_features, self.out_features = qkv.in_features, qkv.out_features
+        self.weight, self.bias = qkv.weight, qkv.bias
+        self.freeze_value = freeze_value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.bias.chunk(3)  # the bias of q, k and v, each (attn_dim,)
+        return linear(x, self.weight, torch.cat((q, k.detach(), v.detach() if self.freeze_value else v)))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, freeze_value={self.freeze_value}"
 
 
 def redundant_parameters(model: nn.Module) -> set[str]:
@@ -28,16 +56,16 @@ def redundant_parameters(model: nn.Module) -> set[str]:
 
 
 def freeze_redundant_parameters(model: nn.Module) -> list[str]:
-    """Stop gradients that are zero in exact arithmetic, before training: `redundant_parameters` get
-    requires_grad False, and the value part of an attention's qkv bias gets no gradient where the
-    attention's output bias is redundant (softmax rows sum to one, so a value bias only adds that output
-    bias's constant). Both keep their values. Returns the frozen names."""
+    """Stop gradients that are zero in exact arithmetic, before training (values kept): `redundant_parameters`
+    get requires_grad False, and every attention's qkv becomes a `QkvWithFrozenBias` (its value bias frozen
+    where the attention's output bias is redundant). Returns the frozen parameters' names."""
     names = sorted(redundant_parameters(model))
     params = dict(model.named_parameters())
     for name in names:
         params[name].requires_grad_(False)
-        if name.endswith("attn.proj.bias"):
-            model.get_submodule(name[:-len(".proj.bias")] + ".qkv").value_bias_learns = False
+    for name, attn in model.named_modules():
+        if isinstance(attn, RelativeAttention2d) and attn.qkv.bias is not None:
+            attn.qkv = QkvWithFrozenBias(attn.qkv, freeze_value=f"{name}.proj.bias" in names)
     return names
 
 
