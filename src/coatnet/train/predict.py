@@ -43,7 +43,7 @@ def iter_predictions(model: torch.nn.Module, spec, files: Sequence[str], top_k: 
         for wanted, batch in zip(index_batches, batches):
             found = {}
             if len(batch.labels):
-                x = normalize(batch.images, spec.mean, spec.std).to(device)
+                x = normalize(batch.images.to(device), spec.mean, spec.std)
                 p, i = model(x).float().softmax(-1).topk(k)
                 for index, probs, classes in zip(batch.indices.tolist(), p.tolist(), i.tolist()):
                     found[index] = [{"class": spec.classes[j], "index": j, "prob": round(q, 6)}
