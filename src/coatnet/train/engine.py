@@ -8,7 +8,7 @@ pipeline's from (seed, epoch, sample index), so a run resumed from any checkpoin
 had not stopped.
 
 Where the work happens: DataLoader workers decode and crop (data/); uint8 batches cross to the device, where
-RandAugment, normalisation and Mixup run (`_train_inputs`); the step's losses and hits stay on the device
+RandAugment, normalisation and Mixup run (`train_inputs`); the step's losses and hits stay on the device
 and the host reads them once every SYNC_EVERY steps (`train_one_epoch`).
 
 `train` sets up (data, model, optimizer, Checkpointer, TrainState) and runs the epochs; `train_one_epoch`
@@ -122,7 +122,7 @@ class EpochData:
     inputs: Callable[[Batch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _train_inputs(batch, aug: AugmentConfig, spec, num_classes: int, seed: int, epoch: int, runtime: Runtime):
+def train_inputs(batch, aug: AugmentConfig, spec, num_classes: int, seed: int, epoch: int, runtime: Runtime):
     """A decoded batch -> (normalised images (B, C, S, S), soft targets (B, classes), labels (B,)) on the
     device. The uint8 images cross first; RandAugment, normalisation and Mixup/CutMix run on the device. The
     Mixup draws are made here on the host from the sample indices, before the copy (nothing is read back)."""
@@ -583,7 +583,7 @@ def _epoch_data(cfg: TrainConfig, data: _Data, epoch: int, start: int, runtime: 
     aug = augment_config(cfg)
     batches = data.train_src.batches([m for p in parts[start:] for m in p], data.spec, True, aug, cfg.seed, epoch,
                                      data.workers, cfg.strict, device=runtime.device, **skip)
-    inputs = partial(_train_inputs, aug=aug, spec=data.spec, num_classes=len(data.spec.classes), seed=cfg.seed,
+    inputs = partial(train_inputs, aug=aug, spec=data.spec, num_classes=len(data.spec.classes), seed=cfg.seed,
                      epoch=epoch, runtime=runtime)
     return EpochData(epoch, [len(gb) for gb in global_batches], [len(p) for p in parts], start, batches, inputs)
 
