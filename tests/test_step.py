@@ -152,6 +152,11 @@ def test_the_fused_optimizer_skips_a_flagged_step_entirely():
             assert all(torch.equal(moments[id(p)][k], v) for p, s in opt.state.items() for k, v in s.items())
             assert all(torch.equal(ema_before[k], v) for k, v in ema.state.items())
         opt.zero_grad()
+    # A checkpoint's optimizer state brings its groups' settings: one saved by an FSDP run (foreach) cannot skip.
+    from coatnet.train.optim import param_groups
+
+    opt.load_state_dict(torch.optim.AdamW(param_groups(model, 0.05), foreach=True).state_dict())
+    assert not skips_on_device(opt)
 
 
 # -- DDP: one reduction per step ------------------------------------------------------------------------------

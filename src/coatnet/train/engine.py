@@ -262,6 +262,7 @@ def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Opt
                 return None
             if saves:
                 checkpointer.save(state, mid_epoch=True)
+                t_settled = time.time()  # the next steps' img/s without the checkpoint's time
     train_seconds = time.time() - t_train
     loss_sum, correct, n = all_reduce_sums(state.sums)
     return {"train_loss": loss_sum / max(n, 1), "train_top1": 100.0 * correct / max(n, 1), "lr": lr,

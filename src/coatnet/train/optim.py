@@ -44,8 +44,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer.step()` can be told to skip on the device (`step(optimizer, skip=...)`): torch's fused
     AdamW reads a `found_inf` tensor, as torch.amp.GradScaler uses it, and leaves parameters, moments and step
-    counts untouched where it is 1, without the host reading it. The foreach path cannot."""
-    return bool(optimizer.defaults.get("fused"))
+    counts untouched where it is 1, without the host reading it. The foreach path cannot. Asked of the groups,
+    not the defaults: a loaded state dict brings its groups' settings (a checkpoint of an FSDP run: foreach)."""
+    return all(group.get("fused") for group in optimizer.param_groups)
 
 
 def step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
