@@ -14,7 +14,6 @@ for starting workers and filling the page cache): images after the first batch /
 from __future__ import annotations
 
 import contextlib
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +30,6 @@ from .train.config import TrainConfig
 from .train.engine import augment_config, train_inputs
 from .train.recipes import get_recipe
 from .train.runtime import Runtime, resolve_device
-
-log = logging.getLogger(__name__)
 
 
 def write_jpeg_folder(root: str | Path, images: int, classes: int = 4, seed: int = 0,
@@ -70,7 +67,7 @@ def _timed_passes(batches_of_pass, run_batch, device: torch.device) -> dict:
 def _ours(source, spec: DataSpec, cfg: TrainConfig, workers: int, batch: int, runtime: Runtime) -> dict:
     aug = augment_config(cfg)
     order = torch.arange(len(source))
-    index_batches = [b for b in order.split(batch)]
+    index_batches = list(order.split(batch))
 
     def batches_of_pass(p):
         return source.batches(index_batches, spec, True, aug, cfg.seed, p, workers, device=runtime.device)
