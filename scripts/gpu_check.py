@@ -3,6 +3,11 @@ process with its own time limit, each part's failure recorded, never fatal.
 
 Parts, in the order they run (the most important first, so that a tight budget drops the least):
   env             torch, CUDA, the GPU, the device plan (coatnet.device_plan) chosen for it
+  sync_debug      20 training steps of `coatnet train`'s engine (drop path, RandAugment, Mixup, a JPEG folder) under
+                  torch.cuda.set_sync_debug_mode: every host synchronisation inside a step, with the Python line
+                  that made it (the host's read of the device's numbers every SYNC_EVERY steps is allowed)
+  pipeline        end-to-end training img/s with the real input pipeline on a generated JPEG folder at --img-size
+                  against the same steps fed a uint8 batch already on the device (goal >= 0.9)
   parity          inference_model against the eager model on the device: fp32 (TF32 off) to 1e-5, bf16 to 1e-3
   speed_eager     coatnet_0 bf16 training step and inference, interleaved in one process with timm's
                   coatnet_0_rw_224 and coatnet_0_224 (timm optional: without it, ours alone)
@@ -13,7 +18,8 @@ Parts, in the order they run (the most important first, so that a tight budget d
 
 Writes OUT/gpu_check.json (settings, each part's status, seconds, numbers or error), OUT/gpu_check.md (the
 tables) after every part, so a run stopped from outside still leaves what was done, and OUT/gpu_check.log
-(each part's output). Without CUDA every part runs on the CPU (`--tiny` makes that quick: the CI test).
+(each part's output). Without CUDA every part runs on the CPU (`--tiny` makes that quick: the CI test); what
+only CUDA has (the sync debug mode) is skipped there with a note, the rest of the part still runs.
 
   python3 scripts/gpu_check.py --out "$OUT" [--budget 450] [--data-dir DIR] [--parts a,b] [--tiny]
 """
@@ -31,10 +37,12 @@ import time
 import traceback
 from pathlib import Path
 
-PARTS = ("env", "parity", "speed_eager", "onnx", "train_main", "compiled_train", "compiled_infer")
+PARTS = ("env", "sync_debug", "pipeline", "parity", "speed_eager", "onnx", "train_main", "compiled_train",
+         "compiled_infer")
 # Seconds each part may take at most (it also gets no more than what is left of --budget).
-LIMITS = {"env": 60, "parity": 90, "speed_eager": 120, "onnx": 90, "train_main": 150, "compiled_train": 150,
-          "compiled_infer": 150}
+LIMITS = {"env": 60, "sync_debug": 90, "pipeline": 150, "parity": 90, "speed_eager": 120, "onnx": 90,
+          "train_main": 150, "compiled_train": 150, "compiled_infer": 150}
+PIPELINE_GOAL = 0.9  # training img/s with the real input pipeline over img/s fed from the device
 TIMM_MODELS = ("coatnet_0_rw_224", "coatnet_0_224")
 # Which of our two forms each timm model is compared with: timm's paper-style coatnet_0_224 strides in the
 # depthwise convolution (ours with downsample="dwconv", the same architecture); coatnet_0_rw_224 is timm's
@@ -122,6 +130,147 @@ def part_env(args) -> dict:
     except ImportError:
         info["timm"] = None
     return info
+
+
+def _jpeg_training(args, folder: Path, steps: int, epochs: int = 1, **overrides):
+    """`coatnet.train.TrainConfig` for `steps` optimizer steps per epoch of args.model on the JPEG folder
+    `folder` (args.train_batch of its images, repeated within the epoch with fresh augmentation, decoded anew
+    each time), with the paper recipe's augmentation and drop path."""
+    from coatnet.train import TrainConfig, get_recipe
+
+    dev = _device(args)
+    paper = get_recipe("paper")
+    aug = {k: paper[k] for k in ("crop_scale", "randaugment_n", "randaugment_m", "mixup", "label_smoothing",
+                                 "drop_path")}
+    return TrainConfig(data=str(folder), model=args.model, img_size=args.img_size, batch_size=args.train_batch,
+                       epochs=epochs, train_subset=args.train_batch, min_epoch_images=steps * args.train_batch,
+                       val_fraction=0.25, val_subset=8,
+                       device=str(dev), precision="bf16" if dev.type == "cuda" else "fp32",
+                       channels_last=dev.type == "cuda", precise_bn=0, progress=False, quiet=True, lr=1e-4,
+                       warmup_epochs=0.0, **aug, **overrides)
+
+
+def _jpeg_folder(args) -> Path:
+    """Generated JPEGs (ImageNet-sized, coatnet.pipeline_bench.write_jpeg_folder), enough for a training subset of
+    args.train_batch images beside a validation quarter."""
+    from coatnet.pipeline_bench import write_jpeg_folder
+
+    images = max(16, -(-args.train_batch * 3 // 2))
+    return write_jpeg_folder(Path(args.work) / f"jpegs-{images}", images, classes=4)
+
+
+def part_sync_debug(args) -> dict:
+    """20 training steps under torch.cuda.set_sync_debug_mode("warn"), each synchronising call recorded with
+    the Python line that made it ("error" would stop at the first; this lists them all). The host's read of
+    the device's numbers (engine._settle, every SYNC_EVERY steps) runs with the mode off: it is the one read
+    meant to be there."""
+    import traceback as tb
+    import warnings
+
+    import torch
+
+    from coatnet.train import engine, train
+
+    dev = _device(args)
+    steps = 20
+    cfg = _jpeg_training(args, _jpeg_folder(args), steps, workers=0 if args.tiny else min(8, os.cpu_count() or 1))
+    syncs: dict[str, int] = {}
+    cuda = dev.type == "cuda"
+
+    def mode(value):
+        if cuda:
+            torch.cuda.set_sync_debug_mode(value)
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            frames = [f for f in tb.extract_stack()[:-1] if "/coatnet/" in f.filename or "gpu_check" in f.filename]
+            where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[::-1][:4])
+            syncs[where or f"{filename}:{lineno}"] = syncs.get(where or f"{filename}:{lineno}", 0) + 1
+
+    real_epoch, real_settle = engine.train_one_epoch, engine._settle
+
+    def watched_epoch(*a, **k):
+        mode("warn")
+        try:
+            return real_epoch(*a, **k)
+        finally:
+            mode(0)
+
+    def unwatched_settle(*a, **k):
+        mode(0)
+        try:
+            return real_settle(*a, **k)
+        finally:
+            mode("warn")
+
+    engine.train_one_epoch, engine._settle = watched_epoch, unwatched_settle
+    t0 = time.time()
+    try:
+        with warnings.catch_warnings():  # restores the filters and showwarning after
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            res = train(cfg)
+    finally:
+        engine.train_one_epoch, engine._settle = real_epoch, real_settle
+    out = {"steps": res["steps"], "seconds": round(time.time() - t0, 1), "syncs": syncs,
+           "pass": cuda and not syncs and res["steps"] == steps, "model": args.model, "img_size": args.img_size,
+           "batch": args.train_batch}
+    if not cuda:
+        out["note"] = f"set_sync_debug_mode is CUDA's: skipped on {dev.type}; the {steps} steps ran unwatched"
+    return out
+
+
+class DeviceBatches:
+    """A training source whose every batch is one uint8 batch already on the device, as many images as asked
+    (the same steps as the real pipeline's, with nothing to load): the baseline of the pipeline part."""
+
+    streams = False
+
+    def __init__(self, images, labels, length: int):
+        self.images, self.labels, self.length = images, labels, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def batches(self, index_batches, spec, train, aug, seed, epoch, workers=0, strict=False, device=None, **_):
+        from coatnet.data.datasets import Batch
+
+        for idx in index_batches:
+            yield Batch(self.images[:len(idx)], self.labels[:len(idx)], idx)
+
+
+def part_pipeline(args) -> dict:
+    """Training img/s (the second epoch's, warm) of `coatnet train` on a generated JPEG folder, against the same
+    run with every training batch already on the device."""
+    import torch
+
+    from coatnet.data import build_data
+    from coatnet.data.datasets import NO_AUGMENT
+    from coatnet.train import engine, train
+
+    dev = _device(args)
+    steps = 4 if args.tiny else 24
+    workers = 0 if args.tiny else max(1, (os.cpu_count() or 2) - 2)
+    folder = _jpeg_folder(args)
+    cfg = _jpeg_training(args, folder, steps, epochs=2, workers=workers)
+    runs = {}
+    t0 = time.time()
+    runs["jpeg_folder"] = train(cfg)
+    train_src, val_src, spec = build_data(str(folder), val_fraction=0.25, img_size=args.img_size)
+    first = next(train_src.batches([torch.arange(args.train_batch) % len(train_src)], spec, False, NO_AUGMENT, 0, 0))
+    on_device = DeviceBatches(first.images.to(dev), first.labels.to(dev), len(train_src))
+    real_build = engine.build_data
+    engine.build_data = lambda *a, **k: (on_device, *real_build(*a, **k)[1:])
+    try:
+        runs["on_device"] = train(cfg)
+    finally:
+        engine.build_data = real_build
+    rates = {name: r["img_per_s"] for name, r in runs.items()}  # the last (second) epoch's
+    ratio = rates["jpeg_folder"] / rates["on_device"]
+    return {"img_per_s": rates, "ratio": ratio, "goal": PIPELINE_GOAL, "met": ratio >= PIPELINE_GOAL,
+            "model": args.model, "img_size": args.img_size, "batch": args.train_batch, "workers": workers,
+            "steps_per_epoch": steps, "precision": runs["on_device"]["precision"],
+            "seconds": round(time.time() - t0, 1)}
 
 
 def _rel(a, b) -> float:
@@ -291,7 +440,8 @@ def main_job_summary(out: Path) -> dict:
             "seconds_total": sum(r["seconds"] for r in records)}
 
 
-PART_FUNCTIONS = {"env": part_env, "parity": part_parity, "speed_eager": part_speed_eager, "onnx": part_onnx,
+PART_FUNCTIONS = {"env": part_env, "sync_debug": part_sync_debug, "pipeline": part_pipeline,
+                  "parity": part_parity, "speed_eager": part_speed_eager, "onnx": part_onnx,
                   "train_main": part_train_main, "compiled_train": part_compiled_train,
                   "compiled_infer": part_compiled_infer}
 
@@ -394,6 +544,13 @@ def _note(name: str, rec: dict) -> str:
         return text + (f"; eager bf16 vs fp32 {floor:.1e}" if floor is not None else "")
     if name == "onnx":
         return f"rel. error {res['rel_error_vs_device_model']:.1e}, model still on {res['model_device_after_export']}"
+    if name == "sync_debug":
+        found = "; ".join(f"{k} (x{v})" for k, v in res["syncs"].items())[:300].replace("|", "/")
+        return res.get("note") or (f"{res['steps']} steps, no sync" if not res["syncs"] else f"syncs: {found}")
+    if name == "pipeline":
+        rates = res["img_per_s"]
+        return (f"JPEG folder {rates['jpeg_folder']:.0f} img/s vs on device {rates['on_device']:.0f}: "
+                f"x{res['ratio']:.2f} (goal >= {res['goal']}: {res['met']}; {res['workers']} workers)")
     if name == "train_main":
         if not res.get("epochs_done"):
             return "no epoch finished"

@@ -6,8 +6,9 @@
 #
 # The device call:  run(command="scripts/gpu_session.sh", carry=[".fmnist", ".whl"], timeout_s=590)
 #
-# 1. scripts/gpu_check.py's env, parity and speed_eager parts (ours against timm, bf16 training and inference
-#    steps), alone on the GPU, within CHECK_BUDGET seconds;
+# 1. scripts/gpu_check.py's CHECK_PARTS (default env, parity and speed_eager: ours against timm, bf16 training and
+#    inference steps), alone on the GPU, within CHECK_BUDGET seconds; the input pipeline's checks are
+#    CHECK_PARTS=env,sync_debug,pipeline,parity,speed_eager CHECK_BUDGET=360 (less time for the campaign);
 # 2. the study campaign: every row of `coatnet study all` not yet in docs/results (the rows already recorded
 #    travel with the checkout and are skipped), PARALLEL rows at a time on the one GPU, each in its own process,
 #    until TOTAL seconds from the start; each finished row is written at once to $OUT/<study>.json.
@@ -17,6 +18,7 @@ set -u
 cd "$(dirname "$0")/.."
 TOTAL=${TOTAL:-545}          # seconds for everything (the call's limit is 590 s)
 CHECK_BUDGET=${CHECK_BUDGET:-150}
+CHECK_PARTS=${CHECK_PARTS:-env,parity,speed_eager}
 PARALLEL=${PARALLEL:-12}
 DEVICE=cuda
 EXTRA=()
@@ -40,7 +42,7 @@ DATA=()
     2>&1 | tee -a "$LOG"
 
 # 1. the checks that time models: alone on the device
-check_args=(--budget "$CHECK_BUDGET" --parts env,parity,speed_eager --out "$WORK/check")
+check_args=(--budget "$CHECK_BUDGET" --parts "$CHECK_PARTS" --out "$WORK/check")
 [ "$DEVICE" = cpu ] && check_args+=(--tiny)
 timeout -k 10 $((CHECK_BUDGET + 20)) python3 scripts/gpu_check.py "${check_args[@]}" "${DATA[@]}" >>"$LOG" 2>&1
 echo "gpu_check exit $?" | tee -a "$LOG"

@@ -17,7 +17,8 @@ LAYERS = (
     ("models", ("coatnet.models",)),
     ("data", ("coatnet.data",)),
     ("train", ("coatnet.train",)),
-    ("tools", ("coatnet.export", "coatnet.bench", "coatnet.study", "coatnet.explain", "coatnet.publish")),
+    ("tools", ("coatnet.export", "coatnet.bench", "coatnet.pipeline_bench", "coatnet.study", "coatnet.explain",
+               "coatnet.publish")),
     ("cli", ("coatnet.cli", "coatnet.__main__", "coatnet")),  # the package root re-exports models for users
 )
 

@@ -176,3 +176,29 @@ def test_folder_source_skips_unreadable_files_and_names_them(tmp_path):
     assert [os.path.basename(p) for p in batches[0].failed] == ["broken.png"]
     with pytest.raises(ValueError, match="broken.png"):
         list(src.batches([torch.arange(len(train))], spec, True, AugmentConfig(), 0, 0, strict=True))
+
+
+def test_folder_workers_persist_from_one_epoch_to_the_next_and_follow_the_epoch(tmp_path):
+    """One DataLoader per setting, its workers started once: the second epoch is decoded by the same
+    processes, with the second epoch's crops (the epoch travels with each sample's key)."""
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "a" / f"{i}.png")
+    train, _, classes = scan_image_folder(tmp_path, 0.01, seed=0)
+    spec = DataSpec("f", tuple(classes), 3, 32, 0.875, (0.5,) * 3, (0.5,) * 3)
+    plan, aug = [torch.arange(3), torch.arange(3, 6)], AugmentConfig()
+    src = FolderSource(train)
+    try:
+        epoch0 = list(src.batches(plan, spec, True, aug, 0, 0, workers=1))
+        (entry,) = src._loaders.values()
+        workers = [w.pid for w in entry.loader._iterator._workers]
+        epoch1 = list(src.batches(plan, spec, True, aug, 0, 1, workers=1))
+        alive = entry.loader._iterator._workers
+        assert [w.pid for w in alive] == workers and all(w.is_alive() for w in alive)
+    finally:
+        src.close()
+    fresh = list(FolderSource(train).batches(plan, spec, True, aug, 0, 1, workers=0))
+    assert all(b.images.dtype == torch.uint8 for b in epoch1)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(epoch1, fresh))
+    assert not all(torch.equal(a.images, b.images) for a, b in zip(epoch0, epoch1))

@@ -203,15 +203,14 @@ def test_an_empty_batch_gives_every_parameter_a_zero_gradient():
 
 
 def test_drop_path_masks_follow_the_sample_not_its_position_in_the_batch():
-    from coatnet.data.random import uniform
-    from coatnet.layers import DropPath, drop_path_noise
+    from coatnet.layers import DropPath
+    from coatnet.train.engine import drop_path_noise
 
     layer = DropPath(0.5, stream=3).train()
     x = torch.ones(8, 2, 3, 3)
     idx = torch.arange(100, 108)
-    with drop_path_noise(lambda b, s: uniform(0, 7, idx[-b:], s)):
-        whole = layer(x)
-        tail = layer(x[4:])  # the last four samples, computed on their own (another process's slice)
+    whole = layer(x, drop_path_noise(0, 7, idx, streams=4))
+    tail = layer(x[4:], drop_path_noise(0, 7, idx[4:], streams=4))  # the last four samples on their own
     kept = whole.flatten(1).amax(1) > 0
     assert 0 < int(kept.sum()) < 8
     torch.testing.assert_close(tail, whole[4:])

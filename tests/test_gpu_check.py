@@ -90,6 +90,23 @@ def test_env_reports_the_device_plan(tmp_path):
     assert info["plan"]["dist_backend"] == ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
 
 
+def test_sync_debug_runs_twenty_training_steps_and_says_what_needs_cuda(tmp_path):
+    res = gpu_check.part_sync_debug(tiny(tmp_path=tmp_path))
+    assert res["steps"] == 20 and res["syncs"] == {}
+    if not torch.cuda.is_available():
+        assert "skipped on cpu" in res["note"] and res["pass"] is False  # unwatched steps prove nothing
+        assert gpu_check._note("sync_debug", {"status": "ok", "result": res}) == res["note"]
+
+
+def test_pipeline_sets_the_jpeg_folder_against_batches_already_on_the_device(tmp_path):
+    res = gpu_check.part_pipeline(tiny(tmp_path=tmp_path))
+    rates = res["img_per_s"]
+    assert set(rates) == {"jpeg_folder", "on_device"} and all(r > 0 for r in rates.values())
+    assert res["ratio"] == pytest.approx(rates["jpeg_folder"] / rates["on_device"]) and res["goal"] == 0.9
+    assert res["met"] == (res["ratio"] >= 0.9) and res["steps_per_epoch"] == 4
+    assert "JPEG folder" in gpu_check._note("pipeline", {"status": "ok", "result": res})
+
+
 def test_parity_measures_both_precisions(tmp_path):
     res = gpu_check.part_parity(tiny(tmp_path=tmp_path))
     assert res["fp32"]["pass"] and res["fp32"]["rel_error"] < 1e-5

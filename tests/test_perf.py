@@ -184,6 +184,23 @@ def test_bench_cli_prints_json(capsys):
     assert all(d["ours"]["images_per_s"] > 0 and d["settings"]["threads"] == 1 for d in lines)
 
 
+def test_bench_input_pipeline_times_a_jpeg_folder_and_shards_per_worker(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # as where timm is not installed: its side is skipped, said why
+    assert main(["bench", "--input-pipeline", "--images", "8", "--img-size", "32", "--batch", "2", "--workers", "1",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["settings"]["augment"]["randaugment_n"] == 2 and result["settings"]["augment"]["mixup_alpha"] == 0.8
+    assert set(result["pipelines"]) == {"ours:folder", "ours:shards"}
+    for p in result["pipelines"].values():  # two passes of 4 batches; the second timed after its first batch
+        assert p["images"] == 6 and p["images_per_s"] > 0 and p["per_worker"] == p["images_per_s"]
+    assert "timm is not importable" in result["skipped"]["timm:folder"] and result["ratios"] == {}
+
+
+def test_bench_without_a_model_or_the_input_pipeline_says_what_it_needs(capsys):
+    assert main(["bench"]) == 1
+    assert "needs --model" in capsys.readouterr().err
+
+
 # -- export ------------------------------------------------------------------------------------------
 def write_training_checkpoint(model, path):
     info = {"model_config": model.config.to_dict(), "epoch": 1}

@@ -101,8 +101,9 @@ def test_evaluation_reads_exactly_the_requested_samples_with_their_labels(shards
     _, val, spec = build_data(str(shards), img_size=32)
     batches = list(val.batches([torch.tensor([0, 2]), torch.tensor([3, 5])], spec, False, AugmentConfig(), 0, 0))
     assert [b.indices.tolist() for b in batches] == [[0, 2], [3, 5]]
-    for b in batches:  # the class is recoverable from the decoded colour
-        assert torch.equal(((b.images.mean((1, 2, 3)) * 255 - 40) / 80).round().long(), b.labels)
+    for b in batches:  # the class is recoverable from the decoded colour (uint8 images: they cross to the device)
+        assert b.images.dtype == torch.uint8
+        assert torch.equal(((b.images.float().mean((1, 2, 3)) - 40) / 80).round().long(), b.labels)
     with pytest.raises(ValueError, match="increasing"):
         list(val.batches([torch.tensor([2, 0])], spec, False, AugmentConfig(), 0, 0))
 

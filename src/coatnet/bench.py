@@ -2,7 +2,8 @@
 interleaved against other models (timm's CoAtNets) in one process so that noise on a shared machine hits
 every model alike.
 
-The library never imports timm except in `timm_model` (the `--compare-timm` path).
+The library never imports timm except in `timm_model` (the `--compare-timm` path) and in pipeline_bench.py's
+comparison of input pipelines (`--input-pipeline`).
 """
 from __future__ import annotations
 

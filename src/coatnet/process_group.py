@@ -140,6 +140,14 @@ def all_reduce_sums(values: list[float] | dict[str, float]) -> list[float] | dic
     return dict(zip(keys, flat)) if keys is not None else flat
 
 
+def any_rank(flag: torch.Tensor) -> torch.Tensor:
+    """A 0/1 tensor (on any device) -> 1 where any rank's is 1: a collective on the tensor's device (NCCL for
+    CUDA tensors: nothing waits on the host); the tensor itself in one process."""
+    if is_active():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
+
+
 def local_threads() -> int:
     """CPU threads for this process: the machine's cores shared by the processes torchrun started on it."""
     return max(1, (os.cpu_count() or 1) // max(1, _env_int("LOCAL_WORLD_SIZE", 1)))

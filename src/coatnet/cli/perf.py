@@ -7,17 +7,20 @@ import json
 from pathlib import Path
 
 COMMANDS = {  # command: its line in `coatnet --help`
-    "bench": "images/s, latency, peak memory and GFLOP/s of a model (optionally vs timm)",
+    "bench": "images/s, latency, peak memory and GFLOP/s of a model, or of the input pipeline (optionally vs timm)",
     "export": "export a checkpoint to ONNX or TorchScript (dynamic batch), checked to 1e-4",
 }
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help=COMMANDS["bench"])
-    p.add_argument("--model", required=True, help="registered model name, e.g. coatnet_0")
-    p.add_argument("--batch", type=int, nargs="+", default=[8], help="batch size(s); several give one line each")
+    p.add_argument("--model", default=None, help="registered model name, e.g. coatnet_0 (default: none; needed "
+                                                 "unless --input-pipeline)")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="batch size(s); several give one line each (default: 8; --input-pipeline: 64)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's own, e.g. 32 for "
-                                                              "coatnet_nano, 224 for coatnet_0)")
+                                                              "coatnet_nano, 224 for coatnet_0; --input-pipeline: "
+                                                              "224)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD update)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
@@ -35,6 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="timed runs per model; medians are reported")
     p.add_argument("--json", action="store_true", help="one JSON object per batch size")
+    g = p.add_argument_group("input pipeline (--input-pipeline: the training input pipeline alone, no model)")
+    g.add_argument("--input-pipeline", action="store_true",
+                   help="images/s per DataLoader worker of decoding, crop, flip, the copy and the batch augmentation "
+                        "of --recipe, on a folder of JPEGs and on shards written from it, beside timm's loader when "
+                        "timm is importable")
+    g.add_argument("--data", default=None, help="an image folder (default: --images generated JPEGs)")
+    g.add_argument("--shards", default=None, help="a `coatnet shards` folder (default: written from the images)")
+    g.add_argument("--images", type=int, default=256, help="JPEGs to generate when --data is not given")
+    g.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
+    g.add_argument("--recipe", default="paper", help="whose augmentation (a `coatnet train --recipe` name)")
     p.set_defaults(func=run_bench)
 
     p = sub.add_parser("export", help=COMMANDS["export"])
@@ -63,10 +76,35 @@ def _fmt(m) -> str:
             f"{_macs(m.macs_per_image):>11} {m.gflops:>7.1f} GFLOP/s")
 
 
+def run_input_pipeline_bench(args: argparse.Namespace) -> int:
+    from ..pipeline_bench import input_pipeline_bench
+
+    result = input_pipeline_bench(data=args.data, shards=args.shards, images=args.images, img_size=args.img_size or 224,
+                                  batch=(args.batch or [64])[0], workers=args.workers, recipe=args.recipe,
+                                  device=args.device)
+    if args.json:
+        print(json.dumps(result), flush=True)
+        return 0
+    s = result["settings"]
+    print(f"input pipeline: {s['img_size']}px, --recipe {s['recipe']} augmentation, batch {s['batch']}, "
+          f"{s['workers']} worker(s), batch augmentation on {s['device']}")
+    for name, p in result["pipelines"].items():
+        ratio = result["ratios"].get(name)
+        print(f"  {name:<14} {p['images_per_s']:>9.1f} img/s {p['per_worker']:>9.1f} img/s per worker"
+              + (f"   {ratio:.2f}x timm's" if ratio else ""))
+    for name, why in result["skipped"].items():
+        print(f"  {name:<14} skipped: {why}")
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from ..bench import benchmark
 
-    for batch in args.batch:
+    if args.input_pipeline:
+        return run_input_pipeline_bench(args)
+    if not args.model:
+        raise ValueError("coatnet bench needs --model (or --input-pipeline)")
+    for batch in args.batch or [8]:
         if batch < 1:
             raise ValueError(f"--batch {batch} must be at least 1")
         result = benchmark(args.model, batch=batch, img_size=args.img_size, precision=args.precision,

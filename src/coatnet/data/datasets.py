@@ -1,10 +1,13 @@
 """Datasets as index-addressed sources of fixed-size image batches.
 
-A source maps a list of sample indices to a batch (images (B, C, S, S) float in [0, 1], labels (B,),
-indices (B,)), applying the train crop/flip (per-sample parameters from `data.random`) or the eval
-resize/center-crop. Fashion-MNIST lives in memory and is transformed batched in the calling process;
-image folders are decoded with Pillow in DataLoader workers. Unreadable files are dropped from their
-batch and reported by path (or raise with `strict`).
+A source maps a list of sample indices to a batch (images (B, C, S, S) uint8, or float in [0, 1], labels
+(B,), indices (B,)), applying the train crop/flip (per-sample parameters from `data.random`) or the eval
+resize/center-crop. Fashion-MNIST lives in memory and is transformed batched on the device the batches are
+for (`device`: a copy of its uint8 images lives there); image folders are decoded with Pillow in DataLoader
+workers that persist from one pass to the next (one loader per source and setting, reused every epoch) and
+hand over uint8 batches, page-locked where the device copies asynchronously (CUDA). Everything batch-wide
+(RandAugment, normalisation, Mixup) is the caller's, after the copy (coatnet.data.transforms). Unreadable
+files are dropped from their batch and reported by path (or raise with `strict`).
 
 An index i >= len(source) addresses sample i % len(source) again, with augmentation parameters of its own
 (they are keyed by the index): the training engine repeats a small training set within an epoch that way.
@@ -19,6 +22,7 @@ from typing import Iterator, Optional
 import torch
 from PIL import Image
 
+from ..device_plan import device_plan
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported: image folders' normalisation)
 from ..preprocess import resize_crop
 from ..utils import data_folder_error
@@ -62,7 +66,7 @@ class DataSpec:
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, C, S, S) float32 in [0, 1]
+    images: torch.Tensor  # (B, C, S, S) uint8, or float32 in [0, 1] (coatnet.data.transforms.to_unit_range)
     labels: torch.Tensor  # (B,) int64
     indices: torch.Tensor  # (B,) int64, positions in the source
     failed: list[str] = field(default_factory=list)  # paths of unreadable files dropped from this batch
@@ -74,24 +78,43 @@ class Batch:
         return dict(zip(self.failed, self.reasons or ["unreadable"] * len(self.failed)))
 
 
+def pins_memory(device: torch.device | None) -> bool:
+    """Whether batches for `device` are handed over page-locked (its copies then run asynchronously)."""
+    return device is not None and device_plan(torch.device(device).type).pin_memory
+
+
 class TensorSource:
     """Images held in memory as a uint8 tensor (N, C, H, W) with labels (N,)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels = images, labels
+        self._on_device: dict[torch.device, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _images_on(self, device: torch.device | None) -> torch.Tensor:
+        """The uint8 images on `device` (copied once: Fashion-MNIST's are 47 MB)."""
+        if device is None or torch.device(device) == self.images.device:
+            return self.images
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = self.images.to(device)
+        return self._on_device[device]
+
     def batches(self, index_batches: list[torch.Tensor], spec: DataSpec, train: bool, aug: AugmentConfig,
-                seed: int, epoch: int, workers: int = 0, strict: bool = False) -> Iterator[Batch]:
+                seed: int, epoch: int, workers: int = 0, strict: bool = False,
+                device: torch.device | None = None) -> Iterator[Batch]:
+        """Batches of float images in [0, 1], gathered, cropped and flipped on `device` (default: where the
+        images are); labels and indices stay on the host."""
         size = (spec.img_size, spec.img_size)
-        height, width = self.images.shape[-2:]
+        images = self._images_on(device)
+        height, width = images.shape[-2:]
         for idx in index_batches:
             sample = idx % len(self)  # an index past the end is a repeat of this sample (module docstring)
-            x = self.images[sample].to(torch.float32).div_(255)
+            x = images[sample.to(images.device, non_blocking=True)].to(torch.float32).div_(255)
             if train and aug.enabled:
-                boxes, flips = crop_params(seed, epoch, idx, height, width, aug)
+                boxes, flips = crop_params(seed, epoch, idx.to(images.device, non_blocking=True), height, width, aug)
                 x = resized_crop(x, boxes, size, flips)
             elif (height, width) != size or spec.crop_fraction != 1.0:
                 box = torch.tensor(center_crop_box(height, width, spec.crop_fraction, *size)).expand(len(idx), 4)
@@ -100,25 +123,26 @@ class TensorSource:
 
 
 class _FolderDataset(torch.utils.data.Dataset):
-    """Decodes one file per item in a DataLoader worker: (uint8 (C, S, S) or None, label, index, path,
+    """Decodes one file per item in a DataLoader worker. An item's key is (epoch, index): the worker, which
+    persists across epochs, learns the epoch from it. Returns (uint8 (C, S, S) or None, label, index, path,
     reason it could not be read or None)."""
 
-    def __init__(self, samples, spec: DataSpec, train: bool, aug: AugmentConfig, seed: int, epoch: int,
-                 eval_image=None):
-        self.samples, self.spec, self.train, self.aug, self.seed, self.epoch = samples, spec, train, aug, seed, epoch
+    def __init__(self, samples, spec: DataSpec, train: bool, aug: AugmentConfig, seed: int, eval_image=None):
+        self.samples, self.spec, self.train, self.aug, self.seed = samples, spec, train, aug, seed
         self.eval_image = eval_image
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
         path, label = self.samples[i % len(self.samples)]  # past the end: a repeat (module docstring)
         try:
             img = load_image(path, self.spec.in_chans)
             if self.eval_image is not None and not self.train:
                 x = self.eval_image(img)
             else:
-                x = transform_image(img, i, self.spec, self.train, self.aug, self.seed, self.epoch)
+                x = transform_image(img, i, self.spec, self.train, self.aug, self.seed, epoch)
         except UnreadableImageError as e:  # not an image, empty, truncated, a decompression bomb: reported
             return None, label, i, path, e.reason
         except Exception as e:  # anything else Pillow raised on a hostile file: skipped the same way
@@ -175,30 +199,82 @@ def _collate(items) -> tuple:
     return images, labels, indices, failed, reasons
 
 
+class _Plan:
+    """The batch sampler of a persistent loader: the batches of the pass about to start, set before each."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@dataclass
+class _Loader:
+    loader: torch.utils.data.DataLoader
+    plan: _Plan
+    busy: bool = False  # a pass is being read (a second reader at the same time gets a loader of its own)
+
+
 class FolderSource:
     """Image files with labels: a list of (path, label). `eval_image`, optional: PIL image -> uint8 (C, S, S)
-    used instead of the eval centre crop (e.g. the resize and crop that published weights were evaluated with)."""
+    used instead of the eval centre crop (e.g. the resize and crop that published weights were evaluated with).
+
+    Keeps one DataLoader per setting (train or eval, augmentation, seed, workers, pinning), whose workers
+    persist from one pass to the next: their start (a fork and the sample list sent to each) is paid once per
+    run, not once per epoch. `close()` ends them; so does dropping the source."""
 
     def __init__(self, samples: list[tuple[str, int]], eval_image=None):
         self.samples, self.eval_image = samples, eval_image
         self.labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+        self._loaders: dict[tuple, _Loader] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _new_loader(self, spec: DataSpec, train: bool, aug: AugmentConfig, seed: int, workers: int, pin: bool,
+                    persistent: bool) -> _Loader:
+        plan = _Plan()
+        dataset = _FolderDataset(self.samples, spec, train, aug, seed, self.eval_image)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, num_workers=workers, collate_fn=_collate,
+                                             pin_memory=pin, persistent_workers=persistent and workers > 0,
+                                             prefetch_factor=4 if workers else None)
+        return _Loader(loader, plan)
+
     def batches(self, index_batches: list[torch.Tensor], spec: DataSpec, train: bool, aug: AugmentConfig,
-                seed: int, epoch: int, workers: int = 0, strict: bool = False) -> Iterator[Batch]:
-        dataset = _FolderDataset(self.samples, spec, train, aug, seed, epoch, self.eval_image)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b.tolist() for b in index_batches],
-                                             num_workers=workers, collate_fn=_collate,
-                                             persistent_workers=False, prefetch_factor=4 if workers else None)
-        for images, labels, indices, failed, reasons in loader:
-            if failed and strict:
-                raise ValueError(f"cannot read image {failed[0]}: {reasons[0]} (run without --strict to skip "
-                                 f"unreadable files)")
-            if images.shape[0] == 0:
-                images = torch.zeros(0, spec.in_chans, spec.img_size, spec.img_size, dtype=torch.uint8)
-            yield Batch(images.to(torch.float32).div_(255), labels, indices, failed, reasons)
+                seed: int, epoch: int, workers: int = 0, strict: bool = False,
+                device: torch.device | None = None) -> Iterator[Batch]:
+        """Batches of uint8 images, page-locked when `device`'s copies are asynchronous (CUDA)."""
+        pin = pins_memory(device)
+        key = (spec, train, aug, seed, workers, pin)
+        entry = self._loaders.get(key)
+        if entry is None:
+            entry = self._loaders[key] = self._new_loader(spec, train, aug, seed, workers, pin, persistent=True)
+        elif entry.busy:  # read while another pass of the same setting is open: a loader for this pass alone
+            entry = self._new_loader(spec, train, aug, seed, workers, pin, persistent=False)
+        entry.plan.batches = [[(epoch, i) for i in b.tolist()] for b in index_batches]
+        entry.busy = True
+        try:
+            for images, labels, indices, failed, reasons in entry.loader:
+                if failed and strict:
+                    raise ValueError(f"cannot read image {failed[0]}: {reasons[0]} (run without --strict to skip "
+                                     f"unreadable files)")
+                if images.shape[0] == 0:
+                    images = torch.zeros(0, spec.in_chans, spec.img_size, spec.img_size, dtype=torch.uint8)
+                yield Batch(images, labels, indices, failed, reasons)
+        finally:
+            entry.busy = False
+
+    def close(self) -> None:
+        """End the persistent workers (a later pass starts new ones)."""
+        for entry in self._loaders.values():
+            iterator = getattr(entry.loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+        self._loaders.clear()
 
 
 # -- building ------------------------------------------------------------------------------------------

@@ -29,11 +29,22 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _mix32_int(x: int) -> int:
+    """`mix32` of one Python int, in Python: the same numbers, no tensor (nothing for torch.compile to break on,
+    nothing read back from a device)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
 def mix_int(*values: int) -> int:
     """Hash Python ints into one 32-bit key."""
     h = 0x243F6A88
     for v in values:
-        h = int(mix32(torch.tensor([(h ^ (int(v) & _M32)) * 1 + 0x9E3779B9], dtype=torch.int64))[0])
+        h = _mix32_int((h ^ (int(v) & _M32)) + 0x9E3779B9)
     return h
 
 
@@ -41,6 +52,15 @@ def uniform(seed: int, epoch: int, index: torch.Tensor, stream: int) -> torch.Te
     """Uniform [0, 1) floats, one per entry of `index` (int64), fixed by (seed, epoch, index, stream)."""
     key = mix_int(seed, epoch, stream)
     h = mix32(mix32(index.to(torch.int64) ^ key) + (key >> 3))
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def uniform_streams(seed: int, epoch: int, index: torch.Tensor, streams: list[int]) -> torch.Tensor:
+    """`uniform(seed, epoch, index, s)` for every s of `streams` at once: (len(index), len(streams)), column j
+    that of streams[j], on index's device (the keys are computed on the host, the hashes with tensor ops)."""
+    keys = [mix_int(seed, epoch, s) for s in streams]
+    key = torch.tensor(keys, dtype=torch.int64).to(index.device, non_blocking=True).view(1, -1)  # (1, S)
+    h = mix32(mix32(index.to(torch.int64).view(-1, 1) ^ key) + (key >> 3))  # (B, S)
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 

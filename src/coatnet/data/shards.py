@@ -30,7 +30,7 @@ import torch
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ..process_group import rank_and_world
 from ..utils import atomic_write
-from .datasets import Batch, DataSpec, scan_image_folder, transform_image
+from .datasets import Batch, DataSpec, pins_memory, scan_image_folder, transform_image
 from .images import UnreadableImageError, load_image
 from .random import mix_int, permutation
 from .transforms import AugmentConfig
@@ -233,9 +233,14 @@ class ShardSource:
             raise ValueError(f"{self.root}: no sample with key {nxt}")
 
     def batches(self, index_batches: list[torch.Tensor], spec: DataSpec, train: bool, aug: AugmentConfig,
-                seed: int, epoch: int, workers: int = 0, strict: bool = False, skip: int = 0) -> Iterator[Batch]:
+                seed: int, epoch: int, workers: int = 0, strict: bool = False, skip: int = 0,
+                device: torch.device | None = None) -> Iterator[Batch]:
         """Training: batches of the sizes of `index_batches` from this process's stream, after skipping the
-        `skip` samples it already trained on this epoch (resume). Evaluation: exactly the indexed samples."""
+        `skip` samples it already trained on this epoch (resume). Evaluation: exactly the indexed samples.
+        uint8 images, page-locked when `device`'s copies are asynchronous (CUDA).
+
+        The DataLoader lives for one pass: every worker follows the pass's stream from its start (seed, epoch,
+        rank), so its workers start once per epoch (unlike FolderSource's, which persist)."""
         rank, world = rank_and_world()
         plan = [len(b) for b in index_batches] if train else [b.tolist() for b in index_batches]
         if not train:
@@ -246,12 +251,12 @@ class ShardSource:
             self.rank_shards(rank, world)  # fail here, not in a worker, when there are too few shards
         dataset = _StreamBatches(self, plan, spec, train, aug, seed, epoch, skip, rank, world)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                             prefetch_factor=4 if workers else None)
+                                             pin_memory=pins_memory(device), prefetch_factor=4 if workers else None)
         for images, labels, indices, failed, reasons in loader:
             if failed and strict:
                 raise ValueError(f"cannot read image {failed[0]}: {reasons[0]} (run without --strict to skip "
                                  f"unreadable files)")
-            yield Batch(images.to(torch.float32).div_(255), labels, indices, failed, reasons)
+            yield Batch(images, labels, indices, failed, reasons)
 
 
 def build_shard_data(root: str | os.PathLike, img_size: int | None, crop_fraction: float | None):

@@ -3,6 +3,11 @@
 Train: random resized crop and horizontal flip, RandAugment(n, m) (Cubuk et al. 2020), then Mixup/CutMix
 and label smoothing on the targets. Eval: resize and center crop keeping `crop_fraction` of the shorter
 side. Colour ops come from kornia.enhance; geometric ops are one affine warp per sample.
+
+The batch-level steps (RandAugment, normalisation, Mixup/CutMix) run on whatever device the images are on,
+without reading anything back from it: the training engine copies uint8 batches to the accelerator and
+augments them there. The only per-sample draws that need a distribution (Mixup's Beta) are made on the host
+from the sample indices (`mix_params`) and travel with the batch.
 """
 from __future__ import annotations
 
@@ -67,7 +72,7 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], fl
     """Crop boxes (B, 4) (x0, y0, w, h) out of x (B, C, H, W) float and resize them bilinearly to `size`,
     mirrored where `flips` (B,) is set: (B, C, *size)."""
     b, _, height, width = x.shape
-    x0, y0, w, h = boxes.to(x.dtype).unbind(1)
+    x0, y0, w, h = boxes.to(device=x.device, dtype=x.dtype, non_blocking=True).unbind(1)
     sx = w / width
     if flips is not None:
         sx = torch.where(flips.to(x.device), -sx, sx)
@@ -94,7 +99,7 @@ def _blend(img: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torc
 def _gray(img: torch.Tensor) -> torch.Tensor:
     if img.shape[1] == 1:
         return img
-    w = torch.tensor([0.299, 0.587, 0.114], dtype=img.dtype, device=img.device).view(1, 3, 1, 1)
+    w = _constant([0.299, 0.587, 0.114], img).view(1, 3, 1, 1)
     return (img * w).sum(1, keepdim=True).expand_as(img)
 
 
@@ -127,9 +132,9 @@ def _apply_color_op(op: str, img: torch.Tensor, level: torch.Tensor, sign: torch
 
 
 def _affine_for(op: str, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """(b, 2, 3) affine in normalised coordinates for a geometric op."""
+    """(b, 2, 3) affine in normalised coordinates for a geometric op, on level's device."""
     b = level.shape[0]
-    theta = torch.zeros(b, 2, 3)
+    theta = torch.zeros(b, 2, 3, dtype=level.dtype, device=level.device)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
     v = level * sign
     if op == "rotate":
@@ -147,58 +152,89 @@ def _affine_for(op: str, level: torch.Tensor, sign: torch.Tensor) -> torch.Tenso
     return theta
 
 
-def rand_augment(img: torch.Tensor, seed: int, epoch: int, index: torch.Tensor, n: int, m: float) -> torch.Tensor:
+_GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+
+def _apply_op(op: str, img: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """RandAugment op `op` on img (b, C, H, W) in [0, 1], per-sample level and sign (b,) on img's device."""
+    if op in _GEOMETRIC:
+        theta = _affine_for(op, level, sign)
+        grid = F.affine_grid(theta, list(img.shape), align_corners=False)
+        return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return _apply_color_op(op, img, level, sign)
+
+
+def rand_augment(img: torch.Tensor, seed: int, epoch: int, index: torch.Tensor, n: int, m: float,
+                 gather: bool | None = None) -> torch.Tensor:
     """RandAugment on img (B, C, H, W) float in [0, 1]: each sample applies `n` ops chosen uniformly from
-    RANDAUGMENT_OPS at magnitude m (0..30 scale, random sign for signed ops). Returns a new tensor."""
+    RANDAUGMENT_OPS at magnitude m (0..30 scale, random sign for signed ops). Returns a new tensor.
+
+    `index` (B,) may live on img's device. `gather` (default: on the CPU) runs each op on the samples that
+    chose it; otherwise (default on an accelerator) every op runs on the whole batch and each sample keeps
+    the result of its own op (torch.where): more arithmetic, which a GPU has spare, and no read-back of which
+    samples chose what. Both give each sample the same result."""
     level = min(max(m / _MAX_LEVEL, 0.0), 1.0)
     out = img.clone()
     n_ops = len(RANDAUGMENT_OPS)
+    gather = img.device.type == "cpu" if gather is None else gather
+    index = index.to(img.device)
     for layer in range(n):
         choice = (uniform(seed, epoch, index, _S_RA + 2 * layer) * n_ops).long().clamp_max(n_ops - 1)
-        sign = torch.where(uniform(seed, epoch, index, _S_RA + 2 * layer + 1) < 0.5, -1.0, 1.0)
+        sign = torch.where(uniform(seed, epoch, index, _S_RA + 2 * layer + 1) < 0.5, -1.0, 1.0).to(img.dtype)
         for k, op in enumerate(RANDAUGMENT_OPS):
-            sel = (choice == k).nonzero().flatten()
-            if op == "identity" or sel.numel() == 0:
+            if op == "identity":
                 continue
-            lv = torch.full((sel.numel(),), level)
-            part = out[sel.to(out.device)]
-            if op in ("rotate", "shear_x", "shear_y", "translate_x", "translate_y"):
-                theta = _affine_for(op, lv, sign[sel]).to(part)
-                grid = F.affine_grid(theta, list(part.shape), align_corners=False)
-                part = F.grid_sample(part, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            else:
-                part = _apply_color_op(op, part, lv.to(part), sign[sel].to(part))
-            out[sel.to(out.device)] = part.to(out.dtype)
+            if not gather:
+                chosen = (choice == k).view(-1, 1, 1, 1)
+                lv = torch.full_like(sign, level)
+                out = torch.where(chosen, _apply_op(op, out, lv, sign).to(out.dtype), out)
+                continue
+            sel = (choice == k).nonzero().flatten()
+            if sel.numel() == 0:
+                continue
+            lv = torch.full((sel.numel(),), level, dtype=img.dtype)
+            out[sel] = _apply_op(op, out[sel], lv, sign[sel]).to(out.dtype)
     return out
 
 
 # -- Mixup / CutMix and targets --------------------------------------------------------------------
-def mix_batch(img: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int, epoch: int,
-              index: torch.Tensor, aug: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup/CutMix and label smoothing. img (B, C, H, W) float, labels (B,) int -> (images, soft targets
-    (B, num_classes)). Sample j mixes with its neighbour j^1 of the batch (pairs (0,1), (2,3), ...; a
-    trailing odd sample mixes with itself), with a per-sample Beta(alpha, alpha) weight, so a batch cut
-    into slices at even offsets mixes identically."""
-    b = img.shape[0]
-    eps = aug.label_smoothing
-    onehot = F.one_hot(labels, num_classes).to(torch.float32)
-    targets = onehot * (1 - eps) + eps / num_classes
+@dataclass(frozen=True)
+class MixParams:
+    """Per-sample Mixup/CutMix draws of a batch of B samples (see `mix_params`)."""
+
+    partner: torch.Tensor  # (B,) int64: the sample each one mixes with
+    lam: torch.Tensor  # (B,) float32: weight of the sample itself (of its own label, too)
+    cut: torch.Tensor  # (B,) bool: CutMix (a box pasted from the partner) rather than Mixup
+    boxes: torch.Tensor  # (B, 4) float32: CutMix boxes (x0, y0, x1, y1) in pixels
+    any_cut: bool  # whether any sample cuts (known on the host: no read-back to decide)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "MixParams":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return MixParams(move(self.partner), move(self.lam), move(self.cut), move(self.boxes), self.any_cut)
+
+
+def mix_params(seed: int, epoch: int, index: torch.Tensor, aug: AugmentConfig, height: int, width: int
+               ) -> MixParams | None:
+    """The Mixup/CutMix draws for samples `index` (B,) (host) of images height x width: a function of
+    (seed, epoch, sample index) and the batch's pairing; None when `aug` mixes nothing. Sample j mixes
+    with its neighbour j^1 of the batch (pairs (0,1), (2,3), ...; a trailing odd sample mixes with itself),
+    with a per-sample Beta(alpha, alpha) weight, so a batch cut into slices at even offsets mixes identically."""
     use_mixup, use_cutmix = aug.mixup_alpha > 0, aug.cutmix_alpha > 0
+    b = len(index)
     if not (use_mixup or use_cutmix) or b == 0:
-        return img, targets.to(img.device)
-    partner = torch.arange(b) ^ 1
-    partner[partner >= b] = b - 1
+        return None
+    partner = (torch.arange(b) ^ 1).clamp_max(b - 1)
     lam = torch.ones(b)
     cut = torch.zeros(b, dtype=torch.bool)
     boxes = torch.zeros(b, 4)
-    height, width = img.shape[-2:]
+    any_cut = False
     for j, i in enumerate(index.tolist()):
         rng = numpy_rng(seed, epoch, i, _S_MIX)
         is_cut = use_cutmix and (not use_mixup or rng.random() < aug.cutmix_prob)
         alpha = aug.cutmix_alpha if is_cut else aug.mixup_alpha
         lam_j = float(rng.beta(alpha, alpha))
         if is_cut:  # a box of area (1 - lam) from the partner; lam corrected to the clipped box
-            cut[j] = True
+            cut[j] = any_cut = True
             ch, cw = height * math.sqrt(1 - lam_j), width * math.sqrt(1 - lam_j)
             cy, cx = rng.random() * height, rng.random() * width
             y0, y1 = int(max(cy - ch / 2, 0)), int(min(cy + ch / 2, height))
@@ -206,24 +242,55 @@ def mix_batch(img: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: i
             boxes[j] = torch.tensor([x0, y0, x1, y1], dtype=torch.float32)
             lam_j = 1 - (y1 - y0) * (x1 - x0) / (height * width)
         lam[j] = lam_j
-    other = img[partner.to(img.device)]
-    lam_d = lam.to(img.device, img.dtype).view(-1, 1, 1, 1)
+    return MixParams(partner, lam, cut, boxes, any_cut)
+
+
+def soft_targets(labels: torch.Tensor, num_classes: int, label_smoothing: float) -> torch.Tensor:
+    """labels (B,) int64 -> smoothed one-hot targets (B, num_classes) float32, on labels' device."""
+    onehot = torch.zeros(len(labels), num_classes, device=labels.device).scatter_(1, labels.view(-1, 1), 1.0)
+    return onehot * (1 - label_smoothing) + label_smoothing / num_classes
+
+
+def mix_batch(img: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int, epoch: int,
+              index: torch.Tensor, aug: AugmentConfig, params: MixParams | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup/CutMix and label smoothing. img (B, C, H, W) float, labels (B,) int -> (images, soft targets
+    (B, num_classes)) on img's device. The draws are `mix_params(seed, epoch, index, aug, H, W)`'s, or
+    `params` when the caller made them already (on the host, before the images went to the device)."""
+    targets = soft_targets(labels.to(img.device), num_classes, aug.label_smoothing)
+    height, width = img.shape[-2:]
+    if params is None:
+        params = mix_params(seed, epoch, index.cpu(), aug, height, width)
+    if params is None:
+        return img, targets
+    p = params.to(img.device, non_blocking=True)
+    other = img[p.partner]
+    lam_d = p.lam.to(img.dtype).view(-1, 1, 1, 1)
     mixed = lam_d * img + (1 - lam_d) * other
-    if cut.any():
+    if p.any_cut:
         ys = torch.arange(height, device=img.device).view(1, -1, 1)
         xs = torch.arange(width, device=img.device).view(1, 1, -1)
-        bx = boxes.to(img.device)
+        bx = p.boxes
         inside = ((xs >= bx[:, 0].view(-1, 1, 1)) & (xs < bx[:, 2].view(-1, 1, 1))
                   & (ys >= bx[:, 1].view(-1, 1, 1)) & (ys < bx[:, 3].view(-1, 1, 1))).unsqueeze(1)
         pasted = torch.where(inside, other, img)
-        mixed = torch.where(cut.to(img.device).view(-1, 1, 1, 1), pasted, mixed)
-    lam_t = lam.view(-1, 1)
-    targets = lam_t * targets + (1 - lam_t) * targets[partner]
-    return mixed, targets.to(img.device)
+        mixed = torch.where(p.cut.view(-1, 1, 1, 1), pasted, mixed)
+    lam_t = p.lam.view(-1, 1)
+    return mixed, lam_t * targets + (1 - lam_t) * targets[p.partner]
+
+
+def to_unit_range(img: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1] (on their device); float images as they are."""
+    return img.to(torch.float32).div_(255) if img.dtype == torch.uint8 else img
 
 
 def normalize(img: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """(B, C, H, W) in [0, 1] -> standardised per channel."""
-    m = torch.tensor(mean, dtype=img.dtype, device=img.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=img.dtype, device=img.device).view(1, -1, 1, 1)
-    return (img - m) / s
+    """(B, C, H, W) uint8, or float in [0, 1] -> float standardised per channel, on img's device."""
+    img = to_unit_range(img)
+    return (img - _constant(mean, img).view(1, -1, 1, 1)) / _constant(std, img).view(1, -1, 1, 1)
+
+
+def _constant(values, like: torch.Tensor) -> torch.Tensor:
+    """A few numbers as a tensor of like's dtype on like's device. Copied without waiting: a plain
+    torch.tensor(..., device="cuda") waits for every kernel queued before it."""
+    return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)

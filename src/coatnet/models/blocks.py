@@ -8,6 +8,7 @@ memory, so moving between them costs no copy.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +136,8 @@ class MBConvBlock(nn.Module):
             x = pool2x2(x, self.pool_type)
         return self.shortcut(x) if self.shortcut is not None else x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, drop_path_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`drop_path_noise`: the model's stochastic-depth uniforms (B, L), see layers/drop_path.py."""
         shortcut = self._shortcut(x)
         x = self.pre_act(self.pre_norm(x))
         if self.pool_input:  # always 2x2 average, whatever the shortcut's pooling (as timm)
@@ -147,7 +149,7 @@ class MBConvBlock(nn.Module):
         else:
             x = self.se(self.act(self.norm2(x)))
         x = self.conv3(x)
-        return shortcut + self.drop_path(x)
+        return shortcut + self.drop_path(x, drop_path_noise)
 
 
 class Mlp(nn.Module):
@@ -201,10 +203,10 @@ class TransformerBlock(nn.Module):
         shortcut = self._pool(x)
         return self.shortcut(shortcut) if self.shortcut is not None else shortcut
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, drop_path_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         shortcut = self._shortcut(x)
-        x = shortcut + self.drop_path1(self.ls1(self.attn(self._pool(self.norm1(x)))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = shortcut + self.drop_path1(self.ls1(self.attn(self._pool(self.norm1(x)))), drop_path_noise)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))), drop_path_noise)
 
 
 class Stage(nn.Module):
@@ -217,15 +219,17 @@ class Stage(nn.Module):
         self.channels_last = channels_last
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, drop_path_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`drop_path_noise` (B, L) goes to every block (training; the blocks of `inference_model` take none)."""
         if self.channels_last:
             x = to_channels_last(x)
         for block in self.blocks:
             if not torch.jit.is_scripting():  # TorchScript cannot checkpoint
                 if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                    x = checkpoint(block, x, use_reentrant=False)
+                    x = (checkpoint(block, x, use_reentrant=False) if drop_path_noise is None
+                         else checkpoint(block, x, drop_path_noise, use_reentrant=False))
                     continue
-            x = block(x)
+            x = block(x) if drop_path_noise is None else block(x, drop_path_noise)
         return to_channels_first(x) if self.channels_last else x
 
 

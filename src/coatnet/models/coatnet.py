@@ -1,6 +1,8 @@
 """The CoAtNet network (paper, Sec. 3, Fig. 4): stem, four stages, final norm, pooled linear head."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.fx
 from torch import nn
@@ -63,13 +65,14 @@ class CoAtNet(nn.Module):
             m.stream = stream  # each stochastic-depth layer draws its own random stream
 
     # -- the standard surface ----------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> normalised last feature map (B, num_features, H/32, W/32)."""
+    def forward_features(self, x: torch.Tensor, drop_path_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, in_chans, H, W) -> normalised last feature map (B, num_features, H/32, W/32).
+        `drop_path_noise`: see `forward`."""
         if not torch.jit.is_scripting():  # (TorchScript cannot build the messages)
             check_input(x, self.in_chans, self.config.reduction)
         x = self.stem(x)
         for stage in self.stages:
-            x = stage(x)
+            x = stage(x, drop_path_noise)
         return to_channels_first(self.norm(to_channels_last(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -81,8 +84,11 @@ class CoAtNet(nn.Module):
             x = x.mean((2, 3))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, drop_path_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, in_chans, H, W) -> logits (B, num_classes). In training, `drop_path_noise` (B, L) uniforms in
+        [0, 1) decide stochastic depth: DropPath layer `stream` keeps sample b where column `stream` of row b
+        is below its keep rate (L = layers.drop_path_streams(model); None: torch's generator decides)."""
+        return self.forward_head(self.forward_features(x, drop_path_noise))
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps (B, C, H/r, W/r) after the stem and after each stage S1..S4, r = 2, 4, 8, 16, 32 for

@@ -3,8 +3,13 @@
 Order of work per optimizer step (global step s, learning rate lr_at(s)): the epoch's permutation (a
 function of seed and epoch) is cut into global batches of `batch_size`; this process takes its shard,
 cut into micro-batches; gradients accumulate over them, are clipped, and AdamW steps. Randomness inside
-the model (stochastic depth) is reseeded from (seed, step), and the data pipeline's from (seed, epoch,
-sample index), so a run resumed from any checkpoint continues exactly as if it had not stopped.
+the model (stochastic depth) is an input of its forward drawn from (seed, step, sample index), and the data
+pipeline's from (seed, epoch, sample index), so a run resumed from any checkpoint continues exactly as if it
+had not stopped.
+
+Where the work happens: DataLoader workers decode and crop (data/); uint8 batches cross to the device, where
+RandAugment, normalisation and Mixup run (`train_inputs`); the step's losses and hits stay on the device
+and the host reads them once every SYNC_EVERY steps (`train_one_epoch`).
 
 `train` sets up (data, model, optimizer, Checkpointer, TrainState) and runs the epochs; `train_one_epoch`
 takes the optimizer steps of one epoch; `evaluate` (train/evaluate.py) scores the model after it.
@@ -32,9 +37,9 @@ from tqdm import tqdm
 
 from ..data import build_data
 from ..data.datasets import Batch, DataSpec
-from ..data.random import mix_int, permutation, uniform
-from ..data.transforms import AugmentConfig, mix_batch, normalize, rand_augment
-from ..layers import drop_path_noise
+from ..data.random import mix_int, permutation, uniform_streams
+from ..data.transforms import AugmentConfig, mix_batch, mix_params, normalize, rand_augment, to_unit_range
+from ..layers import drop_path_streams
 from ..models import (CoAtNet, build_on_meta, count_macs, count_params, create_model, get_config,
                       inference_model)
 from ..models.config import nearest_valid
@@ -44,11 +49,12 @@ from ..utils import atomic_write, plural, read_json_object
 from .checkpoint import read_progress, state_path
 from .checkpointer import Checkpointer
 from .config import TrainConfig
-from .distributed import (all_reduce_sums, apply_fsdp, barrier, convert_sync_batchnorm, is_main, local_threads,
-                          rank_and_world, shard, split_micro_batches, wrap_model)
+from .distributed import (all_reduce_sums, any_rank, apply_fsdp, barrier, convert_sync_batchnorm, gradient_sync,
+                          is_main, local_threads, rank_and_world, shard, split_micro_batches, wrap_model)
 from .evaluate import evaluate, skipped_summary, subset_indices
 from .metrics import plot_curves, read_metrics, write_metrics
-from .optim import WeightEMA, build_optimizer
+from .optim import WeightEMA, build_optimizer, skips_on_device
+from .optim import step as optimizer_step
 from .recalibrate import recalibrate_batchnorm
 from .redundant import freeze_redundant_parameters
 from .runfolder import prepare_run_folder, remove_stale_temp_files, run_folder_lock, writing
@@ -114,23 +120,30 @@ class EpochData:
     micro_counts: list[int]  # this process's micro-batches per global batch (the same on every process)
     start: int  # global batches trained before (a resumed epoch)
     batches: Iterator[Batch]  # the micro-batches of global batches start, start + 1, ...
-    inputs: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]  # -> (images (B, C, S, S), soft targets)
+    # -> (images (B, C, S, S), soft targets (B, classes), labels (B,)), all on the training device
+    inputs: Callable[[Batch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _train_inputs(batch, aug: AugmentConfig, spec, num_classes: int, seed: int, epoch: int):
-    """A decoded batch -> (normalised images (B, C, S, S), soft targets (B, classes))."""
-    x = batch.images
-    if aug.enabled and aug.randaugment_n > 0:
-        x = rand_augment(x, seed, epoch, batch.indices, aug.randaugment_n, aug.randaugment_m)
-    x = normalize(x, spec.mean, spec.std)
+def train_inputs(batch, aug: AugmentConfig, spec, num_classes: int, seed: int, epoch: int, runtime: Runtime):
+    """A decoded batch -> (normalised images (B, C, S, S), soft targets (B, classes), labels (B,)) on the
+    device. The uint8 images cross first; RandAugment, normalisation and Mixup/CutMix run on the device. The
+    Mixup draws are made here on the host from the sample indices, before the copy (nothing is read back)."""
     mixing = aug if aug.enabled else AugmentConfig(enabled=False, label_smoothing=aug.label_smoothing)
-    return mix_batch(x, batch.labels, num_classes, seed, epoch, batch.indices, mixing)
+    params = mix_params(seed, epoch, batch.indices, mixing, spec.img_size, spec.img_size)
+    x, labels = runtime.to_device(batch.images), runtime.to_device(batch.labels)
+    x = to_unit_range(x)
+    if aug.enabled and aug.randaugment_n > 0:
+        x = rand_augment(x, seed, epoch, runtime.to_device(batch.indices), aug.randaugment_n, aug.randaugment_m)
+    x = normalize(x, spec.mean, spec.std)
+    x, targets = mix_batch(x, labels, num_classes, seed, epoch, batch.indices, mixing, params)
+    return runtime.inputs(x), targets, labels
 
 
-def _drop_path_uniforms(seed: int, step: int, indices: torch.Tensor, batch: int, stream: int) -> torch.Tensor:
-    """Uniforms for stochastic depth layer `stream`, one per sample: a function of (seed, step, sample index)."""
-    assert batch == len(indices), "stochastic depth needs one sample index per image of the batch"
-    return uniform(seed, step, indices, 0xD900 + stream)
+def drop_path_noise(seed: int, step: int, indices: torch.Tensor, streams: int) -> torch.Tensor:
+    """The model's `drop_path_noise` for samples `indices` (B,) at optimizer step `step`: (B, streams) uniforms,
+    column s a function of (seed, step, sample index, s). The masks follow the sample, not its position: the
+    same whatever process or micro-batch it lands in, and in backward where checkpointing recomputes them."""
+    return uniform_streams(seed, step, indices, [0xD900 + s for s in range(streams)])
 
 
 # -- messages ------------------------------------------------------------------------------------------------
@@ -169,6 +182,22 @@ def _summary_line(rec: dict, epochs: int) -> str:
 
 
 # -- one epoch -----------------------------------------------------------------------------------------------
+SYNC_EVERY = 20  # optimizer steps between the host's reads of the device's numbers (losses, hits, non-finite)
+
+
+@dataclass
+class _StepOnDevice:
+    """One optimizer step whose numbers the host has not read yet (they are read SYNC_EVERY steps at a time)."""
+
+    step: int  # global step
+    step_in_epoch: int
+    lr: float
+    loss_sum: torch.Tensor  # () this process's summed per-sample loss
+    correct: torch.Tensor  # () this process's top-1 hits
+    images: int  # this process's images
+    skipped: torch.Tensor  # () 1.0 where some process's loss was not finite (the step was not applied)
+
+
 def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, ema: WeightEMA | None,
                     data: EpochData, state: TrainState, settings: StepSettings, runtime: Runtime,
                     checkpointer: Checkpointer, tracker: Tracker | None = None) -> dict | None:
@@ -176,6 +205,13 @@ def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Opt
     batch, advancing `state` (position, running sums, skipped files and steps); `net` is `model` as it
     runs forward (wrapped, compiled). Checkpoints mid-epoch every settings.save_every steps; `tracker` gets
     each step's loss, lr and img/s.
+
+    Nothing in a step waits for the device: losses, hits and the finiteness of the loss stay there, and the
+    host reads them every SYNC_EVERY steps, before a checkpoint and at the epoch's end (`_settle`). A step
+    whose loss is NaN or infinite on any process is skipped on the device (the fused AdamW's found_inf, as
+    torch.amp's GradScaler uses it; with another optimizer the host reads that one flag per step); when the
+    host reads it, it raises NonFiniteLossError naming the first such step, or with skip_nonfinite records and
+    warns.
 
     Returns {"train_loss", "train_top1" (running, with augmentation, over all processes), "lr" (the last
     step's), "img_per_s"}; None when it stopped at settings.stop_at_step first (the caller checkpoints)."""
@@ -186,87 +222,119 @@ def train_one_epoch(net: nn.Module, model: nn.Module, optimizer: torch.optim.Opt
                disable=not (settings.progress_bar and is_main() and sys.stderr.isatty()), leave=False, file=sys.stderr,
                dynamic_ncols=True)
     images_seen, t_train, lr = 0, time.time(), settings.lr_at(state.global_step)
-    with contextlib.closing(data.batches), bar:  # a folder's DataLoader workers end with the epoch
+    streams = drop_path_streams(model)
+    on_device = skips_on_device(optimizer)
+    pending: list[_StepOnDevice] = []
+    settle = partial(_settle, pending, state, settings, data, world, tracker, bar)
+    t_settled = time.time()
+    with contextlib.closing(data.batches), bar:  # a shard pass's DataLoader workers end with the epoch
         for step_in_epoch in range(data.start, n_batches):
-            step, t_step = state.global_step, time.time()
+            step = state.global_step
             lr = settings.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             torch.manual_seed(mix_int(settings.seed, step, 0xD809))  # any other randomness: a function of the step
             optimizer.zero_grad(set_to_none=True)
             loss_sum, correct, n = _accumulate_gradients(net, data, step_in_epoch, step, settings.seed, runtime,
-                                                         state)
-            if _finite_everywhere(loss_sum, world):
+                                                         state, streams)
+            skipped = any_rank((~torch.isfinite(loss_sum)).to(torch.float32))
+            if on_device:
+                if settings.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
+                optimizer_step(optimizer, skip=skipped)
+                if ema is not None:
+                    ema.update(model, step, skip=skipped)
+            elif not skipped.item():  # one read per step: this optimizer cannot skip on the device
                 if settings.clip_grad:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
                 optimizer.step()
                 if ema is not None:
                     ema.update(model, step)
-                state.add_to_sums(loss_sum, correct, n)
-            else:
-                where = f"step {step} (epoch {data.epoch + 1}, batch {step_in_epoch + 1}/{n_batches})"
-                if not settings.skip_nonfinite:
-                    raise NonFiniteLossError(f"non-finite loss at {where}; lower --lr, or pass --skip-nonfinite")
-                state.nonfinite_steps.append(step)
-                _warn(f"warning: non-finite loss at {where}: step skipped")
-                optimizer.zero_grad(set_to_none=True)
+            pending.append(_StepOnDevice(step, step_in_epoch, lr, loss_sum, correct, n, skipped))
             state.global_step, state.step_in_epoch = step + 1, step_in_epoch + 1
             images_seen += n
-            if tracker is not None:  # this process's loss; the main process's tracker writes
-                tracker.log_step(state.global_step, {"loss": loss_sum / max(n, 1), "lr": lr,
-                                                     "img_per_s": n * world / max(time.time() - t_step, 1e-9)})
-            if bar.n % 10 == 0 or step_in_epoch + 1 == n_batches:
-                bar.set_postfix(loss=f"{loss_sum / max(n, 1):.4f}", lr=f"{lr:.2e}",
-                                img_s=f"{images_seen * world / max(time.time() - t_train, 1e-9):.0f}", refresh=False)
+            last = step_in_epoch + 1 == n_batches
+            stops = not last and settings.stops_at(state.global_step)
+            saves = not last and bool(settings.save_every) and state.global_step % settings.save_every == 0
+            if last or stops or saves or len(pending) >= SYNC_EVERY:
+                settle(time.time() - t_settled)
+                t_settled = time.time()
             bar.update(1)
-            if step_in_epoch + 1 < n_batches:  # the epoch's last step is checkpointed after evaluation
-                if settings.stops_at(state.global_step):
-                    return None
-                if settings.save_every and state.global_step % settings.save_every == 0:
-                    checkpointer.save(state, mid_epoch=True)
+            if stops:  # the epoch's last step is checkpointed after evaluation
+                return None
+            if saves:
+                checkpointer.save(state, mid_epoch=True)
+                t_settled = time.time()  # the next steps' img/s without the checkpoint's time
     train_seconds = time.time() - t_train
     loss_sum, correct, n = all_reduce_sums(state.sums)
     return {"train_loss": loss_sum / max(n, 1), "train_top1": 100.0 * correct / max(n, 1), "lr": lr,
             "img_per_s": images_seen * world / max(train_seconds, 1e-9)}
 
 
+def _settle(pending: list[_StepOnDevice], state: TrainState, settings: StepSettings, data: EpochData, world: int,
+            tracker: Tracker | None, bar, seconds: float) -> None:
+    """Read the pending steps' numbers from the device at once (the host's one wait in SYNC_EVERY steps) and
+    account for them in order: non-finite steps raise or are recorded, the others join the running sums;
+    the tracker gets each step (img/s: the mean over the steps read, which took `seconds`)."""
+    if not pending:
+        return
+    numbers = torch.stack([torch.stack([p.loss_sum.float(), p.correct.float(), p.skipped])
+                           for p in pending]).tolist()
+    img_per_s = sum(p.images for p in pending) * world / max(seconds, 1e-9)
+    for p, (loss_sum, correct, skipped) in zip(pending, numbers):
+        if skipped:
+            where = f"step {p.step} (epoch {data.epoch + 1}, batch {p.step_in_epoch + 1}/{len(data.batch_sizes)})"
+            if not settings.skip_nonfinite:
+                raise NonFiniteLossError(f"non-finite loss at {where}; lower --lr, or pass --skip-nonfinite")
+            state.nonfinite_steps.append(p.step)
+            _warn(f"warning: non-finite loss at {where}: step skipped")
+        else:
+            state.add_to_sums(loss_sum, correct, p.images)
+        if tracker is not None:  # this process's loss; the main process's tracker writes
+            tracker.log_step(p.step + 1, {"loss": loss_sum / max(p.images, 1), "lr": p.lr, "img_per_s": img_per_s})
+    last, last_loss = pending[-1], numbers[-1][0]
+    bar.set_postfix(loss=f"{last_loss / max(last.images, 1):.4f}", lr=f"{last.lr:.2e}", img_s=f"{img_per_s:.0f}",
+                    refresh=False)
+    pending.clear()
+
+
+def micro_batch_loss(net: nn.Module, x: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor,
+                     noise: torch.Tensor | None, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of one micro-batch: (summed per-sample cross-entropy against soft targets (B, classes),
+    top-1 hits against labels (B,)), both 0-d tensors on the device. One graph under torch.compile: the
+    stochastic-depth noise (B, L) is an input (see `drop_path_noise`)."""
+    with runtime.autocast():
+        logits = net(x) if noise is None else net(x, drop_path_noise=noise)
+    per_sample = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+    return per_sample.sum(), (logits.argmax(-1) == labels).sum()
+
+
 def _accumulate_gradients(net: nn.Module, data: EpochData, step_in_epoch: int, step: int, seed: int,
-                          runtime: Runtime, state: TrainState) -> tuple[float, float, float]:
+                          runtime: Runtime, state: TrainState, streams: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Forward and backward over this process's micro-batches of global batch `step_in_epoch`: the
-    gradients become those of the global batch's mean loss. Returns (summed loss, top-1 hits, images) of
-    this process."""
+    gradients become those of the global batch's mean loss (under DDP reduced once, in the last micro-batch's
+    backward). Returns (summed loss, top-1 hits) of this process as 0-d tensors on the device, and its
+    images. `streams`: the columns of the model's drop_path_noise (0: none)."""
     _, world = rank_and_world()
     batch_size = data.batch_sizes[step_in_epoch]
-    loss_sum = correct = n = 0.0
-    for _ in range(data.micro_counts[step_in_epoch]):
+    micro_batches = data.micro_counts[step_in_epoch]
+    loss_sum, correct, n = torch.zeros((), device=runtime.device), torch.zeros((), device=runtime.device), 0
+    for i in range(micro_batches):
         batch = next(data.batches)
         if batch.failed:
             _note_skipped(state, batch.failures)
         if len(batch.labels) == 0 and world == 1:  # across processes every forward is collective
             continue
-        x, targets = data.inputs(batch)
-        x, targets = runtime.inputs(x), runtime.to_device(targets)
-        # Stochastic depth masks keyed by (seed, step, sample): the same whatever process or
-        # micro-batch a sample lands in; backward too, where checkpointing recomputes them.
-        noise = partial(_drop_path_uniforms, seed, step, batch.indices)
-        with drop_path_noise(noise):
-            with runtime.autocast():
-                logits = net(x)
-            per_sample = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+        x, targets, labels = data.inputs(batch)
+        noise = runtime.to_device(drop_path_noise(seed, step, batch.indices, streams)) if streams else None
+        with gradient_sync(net, i + 1 == micro_batches):
+            loss, hits = micro_batch_loss(net, x, targets, labels, noise, runtime)
             # Sum over the global batch divided by its size; DDP averages over ranks, hence * world.
-            (per_sample.sum() * (world / batch_size)).backward()
-        loss_sum += per_sample.sum().item()
-        correct += (logits.argmax(-1).cpu() == batch.labels).sum().item()
+            (loss * (world / batch_size)).backward()
+        loss_sum += loss.detach()
+        correct += hits
         n += len(batch.labels)
     return loss_sum, correct, n
-
-
-def _finite_everywhere(loss_sum: float, world: int) -> bool:
-    """Whether the step's loss is finite on every process (all must take the same decision)."""
-    finite = math.isfinite(loss_sum)
-    if world > 1:
-        finite = all_reduce_sums([0.0 if finite else 1.0])[0] == 0.0
-    return finite
 
 
 # -- the run -------------------------------------------------------------------------------------------------
@@ -384,7 +452,7 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
 
     for epoch in range(state.epoch, cfg.epochs):
         t_epoch = time.time()
-        stats = train_one_epoch(net, model, optimizer, ema, _epoch_data(cfg, data, epoch, state.step_in_epoch),
+        stats = train_one_epoch(net, model, optimizer, ema, _epoch_data(cfg, data, epoch, state.step_in_epoch, runtime),
                                 state, settings, runtime, checkpointer, tracker)
         if stats is None:  # stopped at cfg.stop_at_step
             checkpointer.save(state, mid_epoch=True)
@@ -572,11 +640,14 @@ def _recorded_total_steps(out: Path) -> int | None:
 
 
 # -- per epoch -----------------------------------------------------------------------------------------------
-def _epoch_data(cfg: TrainConfig, data: _Data, epoch: int, start: int) -> EpochData:
+_HOST = Runtime(torch.device("cpu"), "fp32", channels_last=False, compile=False)
+
+
+def _epoch_data(cfg: TrainConfig, data: _Data, epoch: int, start: int, runtime: Runtime = _HOST) -> EpochData:
     """Epoch `epoch`'s global batches (a permutation of the training indices, a function of seed and epoch;
     with data.repeats > 1 that many permutations, each repeat r's indices shifted by r * len(source) so that
     its augmentation is drawn anew, see data/datasets.py) as this process's micro-batches, from global batch
-    `start` on."""
+    `start` on, made into inputs on `runtime`'s device."""
     rank, world = rank_and_world()
     n, k = len(data.train_idx), data.repeats
     order = torch.cat([data.train_idx[permutation(cfg.seed, epoch * k + r, n)] + r * len(data.train_src)
@@ -589,9 +660,9 @@ def _epoch_data(cfg: TrainConfig, data: _Data, epoch: int, start: int) -> EpochD
             if getattr(data.train_src, "streams", False) else {})
     aug = augment_config(cfg)
     batches = data.train_src.batches([m for p in parts[start:] for m in p], data.spec, True, aug, cfg.seed, epoch,
-                                     data.workers, cfg.strict, **skip)
-    inputs = partial(_train_inputs, aug=aug, spec=data.spec, num_classes=len(data.spec.classes), seed=cfg.seed,
-                     epoch=epoch)
+                                     data.workers, cfg.strict, device=runtime.device, **skip)
+    inputs = partial(train_inputs, aug=aug, spec=data.spec, num_classes=len(data.spec.classes), seed=cfg.seed,
+                     epoch=epoch, runtime=runtime)
     return EpochData(epoch, [len(gb) for gb in global_batches], [len(p) for p in parts], start, batches, inputs)
 
 

@@ -68,11 +68,11 @@ def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, ru
     k = min(5, len(spec.classes))
     loss_sum = correct1 = correct5 = n = 0.0
     skipped: dict[str, str] = {}
-    for batch in source.batches(batches, spec, False, NO_AUGMENT, 0, 0, workers, strict):
+    for batch in source.batches(batches, spec, False, NO_AUGMENT, 0, 0, workers, strict, device=runtime.device):
         skipped.update(batch.failures)
         if len(batch.labels) == 0 and not is_sharded(model):  # a sharded forward is collective
             continue
-        x = runtime.inputs(normalize(batch.images, spec.mean, spec.std))
+        x = normalize(runtime.inputs(batch.images), spec.mean, spec.std)  # uint8 crosses to the device
         y = batch.labels.to(runtime.device)
         with runtime.autocast():
             logits = model(x)

@@ -41,6 +41,24 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
                              **({"fused": True} if fused else {"foreach": True}))
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` can be told to skip on the device (`step(optimizer, skip=...)`): torch's fused
+    AdamW reads a `found_inf` tensor, as torch.amp.GradScaler uses it, and leaves parameters, moments and step
+    counts untouched where it is 1, without the host reading it. The foreach path cannot. Asked of the groups,
+    not the defaults: a loaded state dict brings its groups' settings (a checkpoint of an FSDP run: foreach)."""
+    return all(group.get("fused") for group in optimizer.param_groups)
+
+
+def step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step(), skipped on the device where `skip` (a 0/1 float tensor) is 1 (needs
+    `skips_on_device(optimizer)`)."""
+    optimizer.found_inf = skip
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
 class WeightEMA:
     """Exponential moving average of a model's parameters and buffers: ema <- d * ema + (1 - d) * w.
     Buffers (BatchNorm statistics) are copied, not averaged. With `warmup`, d at step t is
@@ -57,11 +75,16 @@ class WeightEMA:
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int = 0) -> None:
+    def update(self, model: nn.Module, step: int = 0, skip: torch.Tensor | None = None) -> None:
+        """One update with the decay of optimizer step `step` (decay_at); none where `skip` (a 0/1 float tensor on
+        the device, see `step`) is 1."""
         params = dict(model.named_parameters())
         decay = self.decay_at(step)
+        weight = (1 - decay) if skip is None else (1 - decay) * (1 - skip)
         for k, v in model.state_dict().items():
             if k in params and v.is_floating_point():
-                self.state[k].lerp_(v.detach(), 1 - decay)
-            else:
+                self.state[k].lerp_(v.detach(), weight if skip is None else weight.to(v.dtype))
+            elif skip is None:
                 self.state[k].copy_(v)
+            else:
+                self.state[k].copy_(torch.where(skip.to(torch.bool), self.state[k], v))

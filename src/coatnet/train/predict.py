@@ -44,7 +44,7 @@ def iter_predictions(model: torch.nn.Module, spec, files: Sequence[str], top_k: 
         for wanted, batch in zip(index_batches, batches):
             found = {}
             if len(batch.labels):
-                x = normalize(batch.images, spec.mean, spec.std).to(device)
+                x = normalize(batch.images.to(device), spec.mean, spec.std)
                 probs = model(x).float().softmax(-1)
                 if flip:
                     probs = (probs + model(x.flip(-1)).float().softmax(-1)) / 2

@@ -52,11 +52,11 @@ def recalibrate_batchnorm(model: nn.Module, source, indices: torch.Tensor, spec:
     batches = [shard(b, rank, world) if synced else b for b in indices.split(batch_size)]
     n, completed = 0, False
     try:
-        for batch in source.batches(batches, spec, False, NO_AUGMENT, 0, 0, workers, strict):
+        for batch in source.batches(batches, spec, False, NO_AUGMENT, 0, 0, workers, strict, device=runtime.device):
             if len(batch.labels) == 0 and not synced:  # a synchronized rank takes part even with no images
                 continue
             with runtime.autocast():
-                model(runtime.inputs(normalize(batch.images, spec.mean, spec.std)))
+                model(normalize(runtime.inputs(batch.images), spec.mean, spec.std))
             n += len(batch.labels)
         completed = True
     finally:

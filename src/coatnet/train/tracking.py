@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from ..data.datasets import NO_AUGMENT
-from ..data.transforms import normalize
-from .config import parse_log
+from ..data.transforms import normalize, to_unit_range
 from ..utils import figure
+from .config import parse_log
 from .distributed import is_main
 
 
@@ -168,7 +168,8 @@ def sample_predictions(model: torch.nn.Module, source, indices: torch.Tensor, sp
     logits = model(normalize(batch.images, spec.mean, spec.std).to(device))
     model.train(was_training)
     names = spec.classes
-    return (batch.images, [names[int(i)] for i in batch.labels], [names[int(i)] for i in logits.argmax(-1).cpu()])
+    return (to_unit_range(batch.images), [names[int(i)] for i in batch.labels],
+            [names[int(i)] for i in logits.argmax(-1).cpu()])
 
 
 def _hwc(image: torch.Tensor):

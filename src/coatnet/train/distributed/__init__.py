@@ -12,19 +12,21 @@ Why N processes reproduce one process with the same global batch B:
 - BatchNorm statistics are those of the global batch (`SyncBatchNorm`, also on CPU with gloo).
 What remains is floating-point reordering of sums (relative differences ~1e-6 per step).
 """
-from ...process_group import (DistributedEnv, all_reduce_sums, barrier, broadcast_object, current_env,
+from ...process_group import (DistributedEnv, all_reduce_sums, any_rank, barrier, broadcast_object, current_env,
                               destroy_distributed, init_distributed, is_main, local_threads, rank_and_world)
 from .batches import loss_scale, rank_slice, shard, split_micro_batches
 from .data_parallel import (apply_fsdp, broadcast_module_state, full_model_state, full_optimizer_state_dict,
-                            is_sharded, load_full_state, shard_optimizer_state_dict, unwrap, wrap_ddp, wrap_model)
+                            gradient_sync, is_sharded, load_full_state, shard_optimizer_state_dict, unwrap, wrap_ddp,
+                            wrap_model)
 from .sync_batchnorm import (SyncBatchNorm, SyncBatchNormChannelsLast, TorchSyncBatchNorm, TorchSyncBatchNormChannelsLast,
                              convert_sync_batchnorm)
 
 __all__ = [
-    "DistributedEnv", "all_reduce_sums", "barrier", "broadcast_object", "current_env", "destroy_distributed",
-    "init_distributed", "is_main", "local_threads", "rank_and_world", "loss_scale", "rank_slice", "shard",
-    "split_micro_batches", "apply_fsdp", "broadcast_module_state", "full_model_state", "full_optimizer_state_dict",
-    "is_sharded", "load_full_state", "shard_optimizer_state_dict", "unwrap", "wrap_ddp", "wrap_model",
+    "DistributedEnv", "all_reduce_sums", "any_rank", "barrier", "broadcast_object", "current_env",
+    "destroy_distributed", "init_distributed", "is_main", "local_threads", "rank_and_world", "loss_scale", "rank_slice",
+    "shard", "split_micro_batches", "apply_fsdp", "broadcast_module_state", "full_model_state",
+    "full_optimizer_state_dict", "gradient_sync", "is_sharded", "load_full_state", "shard_optimizer_state_dict",
+    "unwrap", "wrap_ddp", "wrap_model",
     "SyncBatchNorm", "SyncBatchNormChannelsLast", "TorchSyncBatchNorm", "TorchSyncBatchNormChannelsLast",
     "convert_sync_batchnorm",
 ]

@@ -11,6 +11,7 @@ importing them costs about a second, and only FSDP runs use them.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 
@@ -77,6 +78,17 @@ def apply_fsdp(model: nn.Module, grad_checkpointing: bool = True,
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def gradient_sync(net: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    """The context of one micro-batch's backward: under DDP, `no_sync()` unless `enabled`, so that the
+    gradients of a step's micro-batches accumulate locally and are averaged over processes once, in the last
+    micro-batch's backward (the same sums: averaging is linear). `net` may be the compiled DDP module.
+    Anything else (one process, FSDP) reduces as it always does."""
+    ddp = getattr(net, "_orig_mod", net)  # torch.compile's wrapper keeps the module as _orig_mod
+    if enabled or not isinstance(ddp, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
