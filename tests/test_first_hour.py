@@ -250,12 +250,11 @@ def test_unknown_model_names_and_fields_get_a_suggestion():
 
 
 def test_curves_have_whole_epoch_ticks_a_title_and_say_what_they_measure(monkeypatch, tmp_path):
-    import matplotlib.pyplot as plt
-
+    from coatnet.train import metrics
     from coatnet.train.metrics import plot_curves
 
-    figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
+    figures, real = [], metrics.figure
+    monkeypatch.setattr(metrics, "figure", lambda **kw: figures.append(real(**kw)) or figures[-1])
     records = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_top1": 50 + e, "val_top1": 49 + e}
                for e in (1, 2, 3)]
     plot_curves(records, tmp_path / "curves.png", title="run: coatnet_nano on fashion-mnist")
