@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -230,8 +229,7 @@ def build_config(args: argparse.Namespace, existing_run: bool | None = None):
             # The command line is the whole story of a restart: what it leaves out of the settings a resume may
             # change takes the recipe's value, not the earlier start's (e.g. an earlier --stop-at-step).
             fresh = TrainConfig().replace(**get_recipe(recipe or cfg.recipe or "default")).replace(**flags)
-            # (dataclasses.replace: TrainConfig.replace ignores None, and None is a value here: no --stop-at-step)
-            return dataclasses.replace(cfg, **{k: getattr(fresh, k) for k in _RESUME_CHANGEABLE if k not in flags})
+            return cfg.replace(**{k: getattr(fresh, k) for k in _RESUME_CHANGEABLE if k not in flags})
     elif hasattr(args, "resume"):
         if hasattr(args, "recipe"):
             raise CliError("--resume takes the settings of the run; drop --recipe")

@@ -133,14 +133,14 @@ class TrainConfig:
         return self.tta_flip and self.augment and self.hflip > 0
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        """A copy with fields changed; None values are ignored; unknown names raise ValueError."""
+        """A copy with fields changed (None sets None: clip_grad=None turns clipping off; lists become tuples);
+        unknown names raise ValueError."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
             raise ValueError(f"unknown training setting(s): {', '.join(unknown)}"
                              f"{did_you_mean(unknown[0], sorted(known)) if len(unknown) == 1 else ''}")
-        changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items() if v is not None}
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items()})
 
     def validate(self) -> "TrainConfig":
         self._check_types()
@@ -208,7 +208,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The settings of a config.json (a saved None is None: clip_grad None, no clipping); names this version
+        does not know are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
-        # Not replace(): a saved None is a setting (clip_grad None: no clipping), not "keep the default".
-        return dataclasses.replace(cls(), **{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
-                                             if k in known})
+        return cls().replace(**{k: v for k, v in d.items() if k in known})
