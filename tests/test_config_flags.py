@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 
 import pytest
 
@@ -12,6 +13,7 @@ import coatnet.cli.config_flags
 import coatnet.train.config
 from coatnet.cli import build_parser
 from coatnet.cli.train import build_config
+from coatnet.publish import train_command
 from coatnet.train.config import TrainConfig, setting
 from coatnet.train.runtime import PRECISIONS
 from coatnet.train.schedule import SCHEDULES
@@ -156,3 +158,16 @@ def test_randaugment_ops_must_be_a_whole_number(capsys):
     with pytest.raises(SystemExit) as e:
         build_parser("train").parse_args(["train", "--randaugment", "1.5", "9"])
     assert e.value.code == 2 and "invalid int value: '1.5'" in capsys.readouterr().err
+
+
+def test_a_runs_command_sets_back_every_flagged_setting():
+    cfg = TrainConfig(tta_flip=False, channels_last=False, ema_warmup=True, fsdp=True, sync_bn=False, augment=False,
+                      clip_grad=None, randaugment_n=2, randaugment_m=9.0, crop_scale=(0.5, 1.0), strict=True,
+                      stop_at_step=9, schedule="linear", out="runs/x", eval_batch_size=100)
+    command = train_command(cfg.to_dict())
+    words = shlex.split(command)
+    assert "--eval-batch-size" not in words  # no such flag: left out, not written as one that does not parse
+    again = build_config(build_parser("train").parse_args(words[1:]))
+    flagless = set(FLAGLESS) | {"progress", "quiet"}
+    assert {k: v for k, v in again.to_dict().items() if k not in flagless} == {
+        k: v for k, v in cfg.to_dict().items() if k not in flagless}
