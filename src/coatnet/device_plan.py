@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SYNC_BATCHNORM_KINDS = ("torch", "coatnet")
+PRECISIONS = ("auto", "fp32", "bf16")  # what a run may ask for; "auto" takes the plan's auto_precision
 
 
 @dataclass(frozen=True)

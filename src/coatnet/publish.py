@@ -210,28 +210,33 @@ def train_command(run: dict) -> str:
         recipe = run.get("recipe") if run.get("recipe") in RECIPES else None
         words = ["coatnet", "train"] + (["--recipe", recipe] if recipe and recipe != "default" else [])
         base = TrainConfig().replace(**(RECIPES[recipe]() if recipe else {}))
+    spelled = set()
     for name, value in settings.to_dict().items():
         if name in _NOT_IN_COMMAND or value == getattr(base, name):
             continue
-        words += _flag(name, value)
-    if (settings.randaugment_n, settings.randaugment_m) != (base.randaugment_n, base.randaugment_m):
-        words += ["--randaugment", str(settings.randaugment_n), str(settings.randaugment_m)]
+        words += _flag_words(settings, name, spelled)
     return " ".join(shlex.quote(w) for w in words)
 
 
-def _flag(name: str, value) -> list[str]:
-    """The command-line words that set TrainConfig field `name` to `value`."""
-    flag = "--" + name.replace("_", "-")
-    if name in ("randaugment_n", "randaugment_m"):
-        return []  # one flag for both: --randaugment N M
-    if isinstance(value, bool):
-        negative = {"augment": "--no-augment", "sync_bn": "--no-sync-bn", "fsdp": "--no-fsdp"}
-        return [flag] if value else ([negative[name]] if name in negative else [])
+def _flag_words(cfg: TrainConfig, name: str, spelled: set) -> list[str]:
+    """The command-line words that set TrainConfig field `name` to its value in `cfg` (the flags in the field's
+    Setting); [] for a field without a flag, or a value its flag cannot give. `spelled`: the flags already
+    written (a flag that sets several fields, --randaugment N M, is written once)."""
+    settings = TrainConfig.settings()
+    s, value = settings[name], getattr(cfg, name)
+    if not s.flags or s.flags in spelled:
+        return []
+    spelled.add(s.flags)
+    joint = [f for f, t in settings.items() if t.flags == s.flags]
+    if len(joint) > 1:
+        return [s.flags[0], *(str(getattr(cfg, f)) for f in joint)]
+    if isinstance(value, bool):  # "--x" sets True, "--no-x" False
+        return [f for f in s.flags if f.startswith("--no-") != value][:1]
     if value is None:
-        return ["--clip-grad", "0"] if name == "clip_grad" else []
+        return [s.flags[0], f"{s.none_as:g}"] if s.none_as is not None else []
     if isinstance(value, (tuple, list)):
-        return [flag, *map(str, value)]
-    return [flag, str(value)]
+        return [s.flags[0], *map(str, value)]
+    return [s.flags[0], str(value)]
 
 
 def _read_json(path: Path) -> dict:

@@ -73,24 +73,6 @@ def _did_you_mean(message: str, parser: argparse.ArgumentParser) -> str:
     return did_you_mean(word, options)
 
 
-def state_defaults(parser: argparse.ArgumentParser, defaults: dict, none_means: dict[str, str]) -> None:
-    """Append "(default: X)" to the help of flags whose default argparse does not know (default=SUPPRESS: the
-    value comes from a recipe or a checkpoint): X from `defaults` (field -> value), or `none_means` for a
-    field whose default None means something ("all", "the checkpoint's")."""
-    for action in parser._actions:
-        if (action.default is not argparse.SUPPRESS or not action.option_strings or action.nargs == 0
-                or "default" in (action.help or "").lower()):
-            continue
-        field = {"randaugment": "randaugment_n"}.get(action.dest, action.dest)
-        value = none_means.get(field, defaults.get(field))
-        if field == "randaugment_n" and field not in none_means:
-            value = f"{defaults['randaugment_n']} {defaults['randaugment_m']:g}"
-        if isinstance(value, tuple):
-            value = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-        if value is not None:
-            action.help = f"{action.help or ''} (default: {value})".strip()
-
-
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `coatnet` parser. With `command`, only that command's flags are built (the others are listed with
     their one-line help: `coatnet --help` and a command's start-up import nothing else); None: all of them."""

@@ -2,27 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
 
-from . import CliError, state_defaults
+from . import CliError
+from .config_flags import add_config_flags, flag_names
 
 # Settings that may change when resuming a run (the rest would change what is being resumed).
 _RESUME_CHANGEABLE = {"epochs", "device", "threads", "workers", "progress", "quiet", "stop_at_step", "save_every",
                       "eval_batch_size", "strict", "skip_nonfinite", "fsdp", "log"}
-_TRAIN_FLAGS: dict[str, str] = {}  # TrainConfig field -> its flag(s) in `coatnet train`, filled by register()
-
-# What TrainConfig's None defaults mean, for --help.
-TRAIN_NONE_MEANS = {
-    "resume": "a new run", "data_dir": "/usr/share/datasets/fashion-mnist", "train_subset": "all",
-    "val_subset": "all",
-    "img_size": "32 for Fashion-MNIST; for a folder the images' median side, rounded to one the model takes",
-    "crop_fraction": "1.0 for Fashion-MNIST, 0.875 for folders", "workers": "min(4, CPUs)",
-    "layout": "the model's", "micro_batch_size": "--batch-size", "threads": "all CPUs",
-    "stop_at_step": "none", "log": "none", "out": "runs/<recipe>-<time>",
-}
+# Settings of fine-tuning: `coatnet finetune` has their flags (a model trained from its random start has no
+# earlier layers to decay or freeze, no statistics to recalibrate).
+_FINETUNE_ONLY = ("layer_decay", "freeze_stages", "recalibrate_bn")
 
 COMMANDS = {  # command: its line in `coatnet --help`
     "train": "train a model (default: the small preset on Fashion-MNIST)",
@@ -31,117 +23,25 @@ COMMANDS = {  # command: its line in `coatnet --help`
 }
 
 
-def _flags(fields) -> str:
-    """The `coatnet train` flags of TrainConfig fields, as a user types them (fields without a flag left out)."""
-    return ", ".join(sorted({_TRAIN_FLAGS[f] for f in fields if f in _TRAIN_FLAGS}))
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     from ..train.config import TrainConfig
     from ..train.recipes import get_recipe
 
-    d = TrainConfig()
     S = argparse.SUPPRESS
     p = sub.add_parser("train", help=COMMANDS["train"],
-                       description="Train a CoAtNet. With no arguments: coatnet_nano on Fashion-MNIST, evaluated on "
+                       description="Train a CoAtNet. With no arguments: coatnet_micro on Fashion-MNIST, evaluated on "
                                    "its 10,000 test images. Flags override the recipe's settings.")
     p.add_argument("--recipe", default=S, help="named settings (see --list-recipes); default: 'default'")
     p.add_argument("--list-recipes", action="store_true", help="print the recipes and exit")
-    p.add_argument("--resume", metavar="DIR", default=S, help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="DIR", default=S, help="continue the run in DIR from its last checkpoint "
+                                                                "(default: a new run)")
     p.add_argument("--auto-resume", action="store_true",
                    help="with --out DIR: start a run in DIR, or continue the one there (the same command line "
                         "restarted, e.g. by torchrun --max-restarts, carries on where it stopped)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=S, help=f"'fashion-mnist' or an ImageFolder root (default {d.data})")
-    g.add_argument("--data-dir", default=S, help="folder of the Fashion-MNIST IDX files")
-    g.add_argument("--val-fraction", type=float, default=S, help=f"held-out share of a folder without val/ ({d.val_fraction})")
-    g.add_argument("--train-subset", type=int, default=S, metavar="N", help="train on a seeded subset of N images")
-    g.add_argument("--val-subset", type=int, default=S, metavar="N", help="evaluate on a seeded subset of N images")
-    g.add_argument("--img-size", type=int, default=S,
-                   help="input side, a multiple of the model's total stride (32; 8 for coatnet_micro)")
-    g.add_argument("--crop-fraction", type=float, default=S, help="eval centre-crop fraction (1.0 / 0.875)")
-    g.add_argument("--workers", type=int, default=S, help="DataLoader workers for image folders")
-    g.add_argument("--strict", action="store_const", const=True, default=S, help="fail on an unreadable image")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=S, help=f"registered variant (default {d.model}); see `coatnet models`")
-    g.add_argument("--layout", default=S, help="block types of S1..S4 instead of the model's, e.g. C-T-T-T "
-                                               "(C: MBConv, T: Transformer)")
-    g.add_argument("--drop-path", type=float, default=S, help="stochastic depth rate")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=S, help=f"default {d.epochs}")
-    g.add_argument("--min-epoch-images", type=int, default=S, metavar="N",
-                   help="repeat a smaller training set within each epoch (reshuffled, augmented anew) until an "
-                        f"epoch holds N images (default {d.min_epoch_images}; 0: one pass)")
-    g.add_argument("--batch-size", type=int, default=S, help=f"global batch per optimizer step (default {d.batch_size})")
-    g.add_argument("--micro-batch-size", type=int, default=S,
-                   help="images per forward/backward: gradients accumulate to --batch-size")
-    g.add_argument("--lr", type=float, default=S, help=f"peak learning rate (default {d.lr})")
-    g.add_argument("--min-lr", type=float, default=S, help=f"floor of the decay (default {d.min_lr})")
-    g.add_argument("--warmup-epochs", type=float, default=S, help=f"linear warmup (default {d.warmup_epochs})")
-    g.add_argument("--schedule", choices=("cosine", "linear", "constant"), default=S,
-                   help="after warmup: decay to --min-lr, or constant")
-    g.add_argument("--weight-decay", type=float, default=S, help=f"AdamW decay (default {d.weight_decay})")
-    g.add_argument("--clip-grad", type=float, default=S, help="max gradient norm (0: off)")
-    g.add_argument("--ema-decay", type=float, default=S, help="EMA of weights per step (0: off)")
-    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=S,
-                   help="EMA decay min(--ema-decay, (1+t)/(10+t)) at step t, so that a short run's average moves "
-                        f"(default {'on' if d.ema_warmup else 'off'})")
-    g = p.add_argument_group("augmentation")
-    g.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=S,
-                   help="no random augmentation at all")
-    g.add_argument("--crop-scale", type=float, nargs=2, metavar=("LO", "HI"), default=S,
-                   help=f"random resized crop area range (default {d.crop_scale[0]} {d.crop_scale[1]})")
-    g.add_argument("--hflip", type=float, default=S, help="horizontal flip probability")
-    g.add_argument("--randaugment", type=float, nargs=2, metavar=("N", "M"), default=S,
-                   help="RandAugment ops per image and magnitude 0..30 (paper: 2 15)")
-    g.add_argument("--mixup", type=float, default=S, help="Mixup alpha (paper 0.8)")
-    g.add_argument("--cutmix", type=float, default=S, help="CutMix alpha")
-    g.add_argument("--label-smoothing", type=float, default=S, help="(paper 0.1)")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--no-tta", dest="tta_flip", action="store_const", const=False, default=S,
-                   help="score images alone (default: averaged with their mirror image when training flips)")
-    g.add_argument("--precise-bn", type=int, default=S, metavar="N",
-                   help="re-estimate BatchNorm statistics on N training images before each evaluation and "
-                        f"checkpoint (default {d.precise_bn}; 0: off)")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=S,
-                   help="auto (default): bf16 autocast where the hardware has bf16 (CUDA, CPUs with AVX512-BF16 or AMX), "
-                        "else fp32")
-    g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=S,
-                   help=f"NHWC memory format for the convolutions (default {'on' if d.channels_last else 'off'})")
-    g.add_argument("--compile", action="store_const", const=True, default=S, help="torch.compile the model")
-    g.add_argument("--threads", type=int, default=S, help="CPU threads (default: all)")
-    g.add_argument("--fsdp", action="store_const", const=True, default=S,
-                   help="under torchrun: shard weights, gradients and optimizer states, recompute activations")
-    g.add_argument("--no-fsdp", dest="fsdp", action="store_const", const=False, default=S,
-                   help="replicate the model (DDP): e.g. to resume an --fsdp run in fewer processes")
-    g.add_argument("--no-sync-bn", dest="sync_bn", action="store_const", const=False, default=S,
-                   help="under torchrun: BatchNorm statistics of each process's slice only")
-    g.add_argument("--seed", type=int, default=S)
-    g.add_argument("--deterministic", action="store_const", const=True, default=S,
-                   help="deterministic kernels (resumed == uninterrupted)")
-    g = p.add_argument_group("run folder")
-    g.add_argument("--out", default=S, help="run folder (default runs/<recipe>-<time>)")
-    g.add_argument("--save-every", type=int, default=S, metavar="STEPS", help="also checkpoint every STEPS steps")
-    g.add_argument("--stop-at-step", type=int, default=S, help="stop (checkpointed) after this many steps")
-    g.add_argument("--eval-train", action="store_const", const=True, default=S,
-                   help="also evaluate the training set (eval mode, no augmentation) each epoch")
-    g.add_argument("--skip-nonfinite", action="store_const", const=True, default=S,
-                   help="skip steps with a NaN/inf loss instead of stopping")
-    g.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=S,
-                   help="no progress bar (there is none when stderr is not a terminal)")
-    g.add_argument("--quiet", action="store_const", const=True, default=S, help="no per-epoch lines")
-    g.add_argument("--log", default=S, metavar="TRACKER",
-                   help="also log to tensorboard (event files in DIR/tensorboard) or wandb (Weights & Biases; "
-                        "WANDB_MODE=offline keeps it local), or 'tensorboard,wandb': loss, lr, img/s per step, "
-                        "val metrics and a few predicted images per epoch")
+    flags = [f for f, s in TrainConfig.settings().items() if s.flags and f not in _FINETUNE_ONLY]
+    add_config_flags(p, flags, {**TrainConfig().to_dict(), **get_recipe("default")},
+                     shown={"out": "runs/<recipe>-<time>"})
     p.set_defaults(func=run_train)
-    state_defaults(p, {**d.to_dict(), **get_recipe("default")}, TRAIN_NONE_MEANS)
-    for action in p._actions:
-        if action.option_strings and action.dest not in ("help", "recipe", "list_recipes", "resume"):
-            for field in {"randaugment": ("randaugment_n", "randaugment_m")}.get(action.dest, (action.dest,)):
-                _TRAIN_FLAGS[field] = "/".join(filter(None, (_TRAIN_FLAGS.get(field), action.option_strings[0])))
 
     e = sub.add_parser("eval", help=COMMANDS["eval"])
     e.add_argument("--checkpoint", required=True,
@@ -198,16 +98,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _flag_values(args: argparse.Namespace) -> dict:
     """The TrainConfig settings given on the command line."""
-    values = {k: v for k, v in vars(args).items()
-              if k not in ("command", "func", "debug", "recipe", "list_recipes", "resume", "auto_resume")}
-    if "randaugment" in values:
-        n, m = values.pop("randaugment")
-        if n != int(n) or n < 0:
-            raise CliError(f"--randaugment N must be a non-negative integer, got {n}")
-        values.update(randaugment_n=int(n), randaugment_m=m)
-    if values.get("clip_grad") == 0:
-        values["clip_grad"] = None
-    return values
+    return {k: v for k, v in vars(args).items()
+            if k not in ("command", "func", "debug", "recipe", "list_recipes", "resume", "auto_resume")}
 
 
 def build_config(args: argparse.Namespace, existing_run: bool | None = None):
@@ -230,8 +122,7 @@ def build_config(args: argparse.Namespace, existing_run: bool | None = None):
             # The command line is the whole story of a restart: what it leaves out of the settings a resume may
             # change takes the recipe's value, not the earlier start's (e.g. an earlier --stop-at-step).
             fresh = TrainConfig().replace(**get_recipe(recipe or cfg.recipe or "default")).replace(**flags)
-            # (dataclasses.replace: TrainConfig.replace ignores None, and None is a value here: no --stop-at-step)
-            return dataclasses.replace(cfg, **{k: getattr(fresh, k) for k in _RESUME_CHANGEABLE if k not in flags})
+            return cfg.replace(**{k: getattr(fresh, k) for k in _RESUME_CHANGEABLE if k not in flags})
     elif hasattr(args, "resume"):
         if hasattr(args, "recipe"):
             raise CliError("--resume takes the settings of the run; drop --recipe")
@@ -261,8 +152,8 @@ def _resumed_config(run_dir: Path, flags: dict, recipe: str | None, how: str):
         raise CliError(f"{how}: {run_dir} holds a run of recipe {cfg.recipe!r}, not {recipe!r}")
     fixed = sorted(k for k, v in flags.items() if k not in _RESUME_CHANGEABLE and getattr(cfg, k) != v)
     if fixed:
-        raise CliError(f"cannot change {_flags(fixed)} when resuming {run_dir} (these may change: "
-                       f"{_flags(_RESUME_CHANGEABLE)})")
+        raise CliError(f"cannot change {flag_names(fixed)} when resuming {run_dir} (these may change: "
+                       f"{flag_names(_RESUME_CHANGEABLE)})")
     return cfg.replace(**flags, out=str(run_dir), resume=True)
 
 

@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..device_plan import PRECISIONS
 from ..utils import data_folder_error, did_you_mean
 from .schedule import SCHEDULES
 
@@ -45,87 +46,182 @@ def _is_a(value: Any, hint: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class Setting:
+    """What a TrainConfig field means and how the command line sets it (`coatnet train`, `coatnet finetune`:
+    the CLI builds its flags from these, so a setting's default, help, choices and flag live in one place)."""
+
+    help: str  # the meaning, as --help shows it (the CLI appends the default)
+    flags: tuple[str, ...]  # the spellings; (): no flag (the help says how it is set). A bool field's "--x" sets
+    #                         True and "--no-x" sets False; both: a pair. Fields sharing a flag each take one of
+    #                         its values, in field order (--randaugment N M)
+    metavar: str | tuple[str, ...] | None = None  # the value's name in --help (None: the field's, in capitals)
+    choices: Optional[tuple[str, ...]] = None  # the values allowed (validate() checks them too)
+    none: Optional[str] = None  # what a default of None means, shown as the default in --help
+    none_as: Optional[float] = None  # a value that also means None, and is stored as None (clip_grad 0: off)
+    section: str = ""  # the group of --help it is shown in
+
+
+def setting(default: Any, flags: str | tuple[str, ...] | None, help: str, *,
+            metavar: str | tuple[str, ...] | None = None,
+            choices: tuple[str, ...] | None = None, none: str | None = None, none_as: float | None = None,
+            section: str = "") -> Any:
+    """A TrainConfig field: its default, its flag(s) (None: none), its help, and how the help shows it.
+    `section` names the --help group that this field starts; the fields after it belong to it too."""
+    flags = () if flags is None else (flags,) if isinstance(flags, str) else tuple(flags)
+    return dataclasses.field(default=default, metadata={"setting": Setting(help, flags, metavar, choices, none,
+                                                                           none_as, section)})
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """All settings of `coatnet.train.train`. The defaults are the `default` recipe (train/recipes.py):
-    coatnet_micro on Fashion-MNIST, 92% test top-1 in under 10 minutes on 2 CPU cores."""
+    coatnet_micro on Fashion-MNIST, 92% test top-1 in under 10 minutes on 2 CPU cores.
 
-    # -- data --
-    data: str = "fashion-mnist"  # "fashion-mnist" or an ImageFolder root (train/ and val/, or class folders)
-    data_dir: Optional[str] = None  # Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)
-    val_fraction: float = 0.1  # share of each class held out when a folder has no train/ and val/
-    train_subset: Optional[int] = None  # train on a seeded subset of this many images (None: all)
-    val_subset: Optional[int] = None  # evaluate on a seeded subset of this many val images (None: all)
-    img_size: Optional[int] = None  # input side, a multiple of the model's total stride (32; 8 for coatnet_micro)
-    #                                 (None: 32 for Fashion-MNIST; for folders the images' median side, rounded)
-    crop_fraction: Optional[float] = None  # eval centre crop (None: 1.0 for Fashion-MNIST, 0.875 for folders)
-    workers: Optional[int] = None  # DataLoader worker processes for folders (None: min(4, CPUs))
-    strict: bool = False  # fail on an unreadable image instead of skipping it (and naming it in the log)
-    # -- model --
-    model: str = "coatnet_micro"  # registered variant (coatnet.list_models())
-    layout: Optional[str] = None  # block types of S1..S4 replacing the variant's, e.g. "C-T-T-T" (None: its own)
-    drop_path: float = 0.0  # stochastic depth: maximum rate, reached at the last block
-    pretrained: Optional[str] = None  # start from these weights (ours, timm's, or a tag): fine-tuning; a head
-    #                                   for another class count is replaced, tables are resized to img_size
-    layer_decay: float = 1.0  # layer-wise lr decay: block d of D (stem 0, head D) trains at lr * layer_decay^(D-d)
-    freeze_stages: int = 0  # keep the stem and the first N built stages fixed (weights and BatchNorm statistics)
-    eval_before: bool = False  # evaluate once before the first step (fine-tuning: the accuracy it starts from)
-    recalibrate_bn: int = 0  # before the first step (and before freezing stages): re-estimate every BatchNorm's
-    #                          running statistics on this many training images at img_size, eval transform,
-    #                          no labels (train.recalibrate); 0: off
-    # -- optimisation --
-    epochs: int = 7  # passes over the training set (each of at least min_epoch_images images)
-    min_epoch_images: int = 0  # a smaller training set is repeated within each epoch (each repeat reshuffled and
-    #                            augmented anew) until the epoch holds at least this many images, so that `epochs`
-    #                            gives enough optimizer steps at any data size; 0: one pass per epoch
-    batch_size: int = 256  # global batch per optimizer step (all processes and accumulation together)
-    micro_batch_size: Optional[int] = None  # images per forward/backward; smaller accumulates gradients
-    lr: float = 3e-3  # peak learning rate (AdamW)
-    min_lr: float = 1e-5  # floor the schedule decays to
-    warmup_epochs: float = 0.3  # linear warmup from 0 (fractions of an epoch allowed)
-    schedule: str = "cosine"  # after warmup: "cosine" or "linear" decay to min_lr, or "constant" (fine-tuning)
-    weight_decay: float = 0.05  # AdamW decoupled decay; never on norms, biases, bias tables
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    clip_grad: Optional[float] = 1.0  # clip the global gradient norm to this (None: off)
-    ema_decay: float = 0.0  # exponential moving average of weights per step (0: off); evaluation uses it
-    ema_warmup: bool = False  # decay min(ema_decay, (1 + t) / (10 + t)) at step t (TensorFlow's num_updates rule):
-    #                           the average follows the weights within a short run instead of holding the first ones
-    # -- augmentation --
-    augment: bool = True  # False: no random augmentation at all (train images get the eval transform)
-    crop_scale: tuple[float, float] = (1.0, 1.0)  # random resized crop area range (paper/ImageNet: 0.08..1)
-    hflip: float = 0.5  # horizontal flip probability
-    randaugment_n: int = 0  # RandAugment ops per image (paper: 2); 0: off
-    randaugment_m: float = 15.0  # RandAugment magnitude, 0..30 (paper: 15)
-    mixup: float = 0.0  # Mixup Beta alpha (paper: 0.8); 0: off
-    cutmix: float = 0.0  # CutMix Beta alpha; 0: off
-    label_smoothing: float = 0.1  # (paper: 0.1)
-    # -- runtime --
-    precision: str = "auto"  # "fp32", "bf16" (autocast on CPU and GPU), or "auto": bf16 where the hardware has it
-    #                          natively (CUDA; CPUs with AVX512-BF16 or AMX), fp32 elsewhere (train.runtime)
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    channels_last: bool = True  # NHWC memory format for the convolutions (2-core CPU: 1.6x NCHW's img/s)
-    compile: bool = False  # torch.compile the model
-    threads: Optional[int] = None  # CPU threads for torch (None: all CPUs, shared by torchrun's local processes)
-    fsdp: bool = False  # under torchrun: shard weights, gradients, AdamW states (FSDP2) + activation checkpointing
-    sync_bn: bool = True  # under torchrun: BatchNorm statistics over the global batch, not each process's slice
-    seed: int = 0  # model init, data order, subsets, augmentation
-    deterministic: bool = False  # deterministic kernels: a resumed run then equals an uninterrupted one
-    eval_batch_size: int = 500  # images per evaluation forward
-    tta_flip: bool = True  # evaluate on each image and its mirror image, averaging the probabilities (only when
-    #                        training flips images, hflip > 0: a model that never saw mirrors is not asked to judge them)
-    precise_bn: int = 2048  # before each evaluation and checkpoint, re-estimate every BatchNorm's running statistics
-    #                         on this many training images (eval transform, train/recalibrate.py), so no checkpoint
-    #                         carries statistics that lag its weights (they trail by ~1/momentum steps); 0: off
-    # -- run folder --
-    out: Optional[str] = None  # run folder (None: nothing written)
-    resume: bool = False  # continue from out/checkpoint-last.* (from the start when none exists)
-    save_every: int = 0  # also checkpoint every this many optimizer steps (0: at epoch ends only)
-    stop_at_step: Optional[int] = None  # stop (after checkpointing) once this many steps are done
-    eval_train: bool = False  # also evaluate the (subset of the) training set, eval mode and no augmentation
-    skip_nonfinite: bool = False  # skip an optimizer step whose loss is NaN/inf instead of stopping
-    progress: bool = True  # tqdm progress bar per epoch (stderr)
-    quiet: bool = False  # no per-epoch summary lines
-    recipe: Optional[str] = None  # the recipe these settings came from (recorded only)
-    log: Optional[str] = None  # experiment tracking into the run folder: "tensorboard", "wandb" or both, comma-separated
+    Each field: its default, its flag in `coatnet train`/`coatnet finetune` (None: no flag), its help, and for a
+    field that may be None what None means (`none`); `replace(x=None)` sets None."""
+
+    data: str = setting("fashion-mnist", "--data", "'fashion-mnist' or an ImageFolder root (train/ and val/, "
+                        "or class folders)", section="data")
+    data_dir: Optional[str] = setting(None, "--data-dir", "folder of the Fashion-MNIST IDX files",
+                                      none="/usr/share/datasets/fashion-mnist")
+    val_fraction: float = setting(0.1, "--val-fraction", "held-out share of each class when a folder has no "
+                                  "train/ and val/")
+    train_subset: Optional[int] = setting(None, "--train-subset", "train on a seeded subset of N images",
+                                          metavar="N", none="all")
+    val_subset: Optional[int] = setting(None, "--val-subset", "evaluate on a seeded subset of N val images",
+                                        metavar="N", none="all")
+    img_size: Optional[int] = setting(None, "--img-size", "input side, a multiple of the model's total stride "
+                                      "(32; 8 for coatnet_micro)", none="32 for Fashion-MNIST; for a folder the "
+                                      "images' median side, rounded to one the model takes")
+    crop_fraction: Optional[float] = setting(None, "--crop-fraction", "eval centre-crop fraction",
+                                             none="1.0 for Fashion-MNIST, 0.875 for folders")
+    workers: Optional[int] = setting(None, "--workers", "DataLoader worker processes for image folders",
+                                     none="min(4, CPUs)")
+    strict: bool = setting(False, "--strict", "fail on an unreadable image instead of skipping it (and naming "
+                           "it in the log)")
+
+    model: str = setting("coatnet_micro", "--model", "registered variant (see `coatnet models`)", section="model")
+    layout: Optional[str] = setting(None, "--layout", "block types of S1..S4 instead of the model's, e.g. "
+                                    "C-T-T-T (C: MBConv, T: Transformer)", none="the model's")
+    drop_path: float = setting(0.0, "--drop-path", "stochastic depth: the maximum rate, reached at the last "
+                               "block")
+    pretrained: Optional[str] = setting(None, None, "start from these weights (ours, timm's, or a tag): "
+                                        "fine-tuning, set by `coatnet finetune --checkpoint`; a head for another "
+                                        "class count is replaced, tables are resized to img_size", none="random "
+                                        "initialisation")
+    layer_decay: float = setting(1.0, "--layer-decay", "layer-wise lr decay: block d of D (stem 0, head D) "
+                                 "trains at lr * layer_decay^(D-d) (1: off)")
+    freeze_stages: int = setting(0, "--freeze-stages", "keep the stem and the first N built stages fixed "
+                                 "(weights and BatchNorm statistics)", metavar="N")
+    eval_before: bool = setting(False, None, "evaluate once before the first step (`coatnet finetune` does: the "
+                                "accuracy it starts from)")
+    recalibrate_bn: int = setting(0, "--recalibrate-bn", "before the first step (and before freezing stages): "
+                                  "re-estimate the BatchNorm statistics on N training images at the input size "
+                                  "(eval transform, no labels; train.recalibrate); 0: off", metavar="N")
+
+    epochs: int = setting(7, "--epochs", "passes over the training set (each of at least --min-epoch-images "
+                          "images)", section="optimisation")
+    min_epoch_images: int = setting(0, "--min-epoch-images", "repeat a smaller training set within each epoch "
+                                    "(reshuffled, augmented anew) until an epoch holds N images, so that --epochs "
+                                    "gives enough optimizer steps at any data size; 0: one pass", metavar="N")
+    batch_size: int = setting(256, "--batch-size", "global batch per optimizer step (all processes and "
+                              "accumulation together)")
+    micro_batch_size: Optional[int] = setting(None, "--micro-batch-size", "images per forward/backward: "
+                                              "gradients accumulate to --batch-size", none="--batch-size")
+    lr: float = setting(3e-3, "--lr", "peak learning rate (AdamW)")
+    min_lr: float = setting(1e-5, "--min-lr", "floor the schedule decays to")
+    warmup_epochs: float = setting(0.3, "--warmup-epochs", "linear warmup from 0, in epochs (fractions allowed)")
+    schedule: str = setting("cosine", "--schedule", "after warmup: cosine or linear decay to --min-lr, or "
+                            "constant (fine-tuning)", choices=SCHEDULES)
+    weight_decay: float = setting(0.05, "--weight-decay", "AdamW decoupled decay (never on norms, biases, bias "
+                                  "tables)")
+    betas: tuple[float, float] = setting((0.9, 0.999), None, "AdamW betas (Python and config.json only)")
+    clip_grad: Optional[float] = setting(1.0, "--clip-grad", "clip the global gradient norm to this (0: off)",
+                                         none="off", none_as=0)
+    ema_decay: float = setting(0.0, "--ema-decay", "exponential moving average of the weights per step, "
+                               "evaluated and saved (0: off)")
+    ema_warmup: bool = setting(False, ("--ema-warmup", "--no-ema-warmup"), "EMA decay min(--ema-decay, "
+                               "(1+t)/(10+t)) at step t (TensorFlow's num_updates rule), so that a short run's "
+                               "average follows the weights instead of holding the first ones")
+
+    augment: bool = setting(True, "--no-augment", "no random augmentation at all (training images get the eval "
+                            "transform)", section="augmentation")
+    crop_scale: tuple[float, float] = setting((1.0, 1.0), "--crop-scale", "random resized crop area range "
+                                              "(paper/ImageNet: 0.08 1)", metavar=("LO", "HI"))
+    hflip: float = setting(0.5, "--hflip", "horizontal flip probability")
+    randaugment_n: int = setting(0, "--randaugment", "RandAugment ops per image and magnitude 0..30 (paper: 2 "
+                                 "15); 0 ops: off", metavar="N")
+    randaugment_m: float = setting(15.0, "--randaugment", "RandAugment magnitude 0..30 (paper: 15)", metavar="M")
+    mixup: float = setting(0.0, "--mixup", "Mixup Beta alpha (paper: 0.8); 0: off")
+    cutmix: float = setting(0.0, "--cutmix", "CutMix Beta alpha; 0: off")
+    label_smoothing: float = setting(0.1, "--label-smoothing", "label smoothing (paper: 0.1)")
+
+    eval_batch_size: int = setting(500, None, "images per evaluation forward (Python and config.json only)",
+                                   section="evaluation")
+    # Flip averaging only when training flips images (hflip > 0): a model that never saw mirrors is not asked to
+    # judge them (eval_flip).
+    tta_flip: bool = setting(True, "--no-tta", "score images alone (default: averaged with their mirror image "
+                             "when training flips)")
+    # Statistics re-estimated so that no checkpoint carries ones that lag its weights (they trail by ~1/momentum
+    # steps).
+    precise_bn: int = setting(2048, "--precise-bn", "re-estimate BatchNorm statistics on N training images "
+                              "(eval transform, train/recalibrate.py) before each evaluation and checkpoint; "
+                              "0: off", metavar="N")
+
+    precision: str = setting("auto", "--precision", "bf16 (autocast on CPU and GPU), fp32, or auto: bf16 where "
+                             "the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX), else fp32 "
+                             "(train.runtime)", choices=PRECISIONS, section="runtime")
+    device: str = setting("auto", "--device", "auto (cuda if available), cpu, cuda, cuda:N, ...")
+    channels_last: bool = setting(True, ("--channels-last", "--no-channels-last"), "NHWC memory format for the "
+                                  "convolutions (2-core CPU: 1.6x NCHW's img/s)")
+    compile: bool = setting(False, "--compile", "torch.compile the model")
+    threads: Optional[int] = setting(None, "--threads", "CPU threads for torch (shared by torchrun's local "
+                                     "processes)", none="all CPUs")
+    fsdp: bool = setting(False, ("--fsdp", "--no-fsdp"), "under torchrun: shard weights, gradients and AdamW "
+                         "states (FSDP2) and recompute activations; --no-fsdp replicates the model (DDP), e.g. to "
+                         "resume an --fsdp run in fewer processes")
+    sync_bn: bool = setting(True, "--no-sync-bn", "under torchrun: BatchNorm statistics of each process's slice "
+                            "only (default: over the global batch)")
+    seed: int = setting(0, "--seed", "model init, data order, subsets, augmentation")
+    deterministic: bool = setting(False, "--deterministic", "deterministic kernels (a resumed run then equals "
+                                  "an uninterrupted one)")
+
+    out: Optional[str] = setting(None, "--out", "run folder", none="none, nothing written", section="run folder")
+    resume: bool = setting(False, None, "continue from out/checkpoint-last.* (from the start when none exists); "
+                           "`coatnet train --resume DIR` sets it with out")
+    save_every: int = setting(0, "--save-every", "also checkpoint every STEPS optimizer steps (0: at epoch ends "
+                              "only)", metavar="STEPS")
+    stop_at_step: Optional[int] = setting(None, "--stop-at-step", "stop (after checkpointing) once this many "
+                                          "steps are done", none="none")
+    eval_train: bool = setting(False, "--eval-train", "also evaluate the (subset of the) training set each "
+                               "epoch (eval mode, no augmentation)")
+    skip_nonfinite: bool = setting(False, "--skip-nonfinite", "skip an optimizer step whose loss is NaN/inf "
+                                   "instead of stopping")
+    progress: bool = setting(True, "--no-progress", "no progress bar (there is none when stderr is not a "
+                             "terminal)")
+    quiet: bool = setting(False, "--quiet", "no per-epoch summary lines")
+    recipe: Optional[str] = setting(None, None, "the recipe these settings came from (recorded only; `coatnet "
+                                    "train --recipe NAME` applies one)")
+    log: Optional[str] = setting(None, "--log", "also log to tensorboard (event files in OUT/tensorboard) or "
+                                 "wandb (Weights & Biases; WANDB_MODE=offline keeps it local), or "
+                                 "'tensorboard,wandb': loss, lr, img/s per step, val metrics and a few predicted "
+                                 "images per epoch", metavar="TRACKER", none="none")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # clip_grad 0 (the command line's "off") is stored as None
+            off, value = f.metadata["setting"].none_as, getattr(self, f.name)
+            if off is not None and value == off and not isinstance(value, bool):
+                object.__setattr__(self, f.name, None)
+
+    @classmethod
+    def settings(cls) -> dict[str, Setting]:
+        """Field name -> its Setting, in field order, each with its --help section filled in."""
+        out, section = {}, ""
+        for f in dataclasses.fields(cls):
+            s = f.metadata["setting"]
+            section = s.section or section
+            out[f.name] = dataclasses.replace(s, section=section)
+        return out
 
     @property
     def eval_flip(self) -> bool:
@@ -133,14 +229,14 @@ class TrainConfig:
         return self.tta_flip and self.augment and self.hflip > 0
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        """A copy with fields changed; None values are ignored; unknown names raise ValueError."""
+        """A copy with fields changed (None sets None: clip_grad=None turns clipping off; lists become tuples);
+        unknown names raise ValueError."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
             raise ValueError(f"unknown training setting(s): {', '.join(unknown)}"
                              f"{did_you_mean(unknown[0], sorted(known)) if len(unknown) == 1 else ''}")
-        changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items() if v is not None}
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items()})
 
     def validate(self) -> "TrainConfig":
         self._check_types()
@@ -168,10 +264,9 @@ class TrainConfig:
                 raise ValueError(f"{name}={v!r} must be a non-negative integer")
         if self.micro_batch_size and self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} exceeds batch_size={self.batch_size}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} must be one of {', '.join(map(repr, SCHEDULES))}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision={self.precision!r} must be 'auto', 'fp32' or 'bf16'")
+        for name, s in self.settings().items():
+            if s.choices is not None and getattr(self, name) not in s.choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {', '.join(map(repr, s.choices))}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
         if not 0 <= self.label_smoothing < 1:
@@ -208,7 +303,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The settings of a config.json (a saved None is None: clip_grad None, no clipping); names this version
+        does not know are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
-        # Not replace(): a saved None is a setting (clip_grad None: no clipping), not "keep the default".
-        return dataclasses.replace(cls(), **{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
-                                             if k in known})
+        return cls().replace(**{k: v for k, v in d.items() if k in known})

@@ -37,11 +37,13 @@ def checkpoint_model_name(checkpoint: str) -> str | None:
 def finetune_config(checkpoint: str, model: str | None = None, num_classes: int | None = None,
                     **settings: Any) -> TrainConfig:
     """TrainConfig that fine-tunes `checkpoint` (ours, timm's, or a tag from `coatnet weights`):
-    FINETUNE_RECIPE, then `settings` (TrainConfig fields; None ignored). The model is the one recorded
-    in the checkpoint, or `model` (needed for files without our metadata). Without `data`, one of our
-    checkpoints continues on the data it was trained on (its data, data_dir and val_fraction) and, without
-    `img_size`, at its size. `num_classes`, when given,
-    must be the data's class count (a new head is made whenever it differs from the checkpoint's)."""
+    FINETUNE_RECIPE, then `settings` (TrainConfig fields). Here, as for `model` and `num_classes`, None means
+    "not given": the recipe's or the checkpoint's value (TrainConfig.replace sets a None). The model is the
+    one recorded in the checkpoint, or `model` (needed for files without our metadata). Without `data`, one of
+    our checkpoints continues on the data it was trained on (its data, data_dir and val_fraction) and, without
+    `img_size`, at its size. `num_classes`, when given, must be the data's class count (a new head is made
+    whenever it differs from the checkpoint's)."""
+    settings = {k: v for k, v in settings.items() if v is not None}
     run = checkpoint_run(checkpoint)
     published = weights_of(checkpoint)  # a tag, or a file named after one: its model is known
     if not (run or published or is_hub_id(checkpoint) or os.path.exists(checkpoint)):

@@ -10,12 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..device_plan import DevicePlan, device_plan
+from ..device_plan import PRECISIONS, DevicePlan, device_plan
 from ..layers import bf16_cpu
 from ..models.inference import onednn_fusion_available
 from ..process_group import broadcast_object
 
-PRECISIONS = ("auto", "fp32", "bf16")
 MIN_BF16_SPEEDUP = 1.1  # "auto" takes bf16 on a CPU whose bf16 matrix products are at least this much faster
 # What "auto" takes on a CPU, instead of deciding from the hardware: "fp32" or "bf16". The test suite runs as
 # each kind of CPU would with it (docs/architecture.md, "Testing as every kind of CPU"): bf16 where auto would
