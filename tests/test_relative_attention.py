@@ -193,3 +193,32 @@ def test_an_empty_batch_gives_the_bias_a_zero_gradient():
     attn = RelativeAttention2d(32, 32, 16, (4, 4))
     attn(torch.randn(0, 4, 4, 32)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in attn.parameters())
+
+
+def test_a_learned_bias_in_bf16_on_a_cpu_takes_the_written_out_equation(monkeypatch):
+    """Training in bf16 on a CPU (the bias needs a gradient): torch's dispatcher would run its unfused math kernel,
+    slower than eq. 3 written out, so the layer computes eq. 3 itself; without a gradient (inference) or in fp32
+    it calls the fused kernel. Both give the fused kernel's output to bf16's precision."""
+    import torch.nn.functional as F
+
+    from coatnet.layers import relative_attention as ra
+
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(ra.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    layer = ra.RelativeAttention2d(32, 32, head_dim=8, feature_size=(4, 4))
+    with torch.no_grad():
+        layer.position_bias.relative_bias_table.normal_()
+    x = torch.randn(2, 4, 4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = layer(x)
+    assert calls == []  # bf16, bias with a gradient: eq. 3 written out
+    trained.float().sum().backward()
+    assert layer.position_bias.relative_bias_table.grad.abs().sum() > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = layer(x)
+    assert calls == [1]  # no gradient: the fused kernel
+    torch.testing.assert_close(trained.float(), fused.float(), rtol=0.05, atol=0.05)
+    layer(x)  # fp32 with a gradient: the fused kernel (within 15% of the written-out form there either way)
+    assert calls == [1, 1]
