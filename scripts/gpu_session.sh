@@ -12,18 +12,19 @@
 # 2. the study campaign: every row of `coatnet study all` not yet in docs/results (the rows already recorded
 #    travel with the checkout and are skipped), PARALLEL rows at a time on the one GPU, each in its own process,
 #    until TOTAL seconds from the start; each finished row is written at once to $OUT/<study>.json.
+# 3. with the time left, the device check: C-C-T-T at 1,000 and 4,000 images, three seeds, in exact fp32.
 # Everything lands under $OUT (8 files at most come back): gpu_check.json, gpu_check.md, the studies' JSON files
-# (layouts, attention, norms, norms.speed) and session.log. Merge the rows here with scripts/merge_rows.py.
+# (layouts, attention, norms, norms.speed), device-check.json and session.log. Merge the rows here with scripts/merge_rows.py.
 set -u
 cd "$(dirname "$0")/.."
 TOTAL=${TOTAL:-545}          # seconds for everything (the call's limit is 590 s)
-CHECK_BUDGET=${CHECK_BUDGET:-150}
-CHECK_PARTS=${CHECK_PARTS:-env,parity,speed_eager}
+CHECK_BUDGET=${CHECK_BUDGET:-240}
+CHECK_PARTS=${CHECK_PARTS:-env,sync_debug,pipeline,speed_eager}
 PARALLEL=${PARALLEL:-12}
 DEVICE=cuda
 EXTRA=()
 if [ "${1:-}" = "--tiny" ]; then  # the CPU rehearsal: tiny sizes, two rows at a time
-    TOTAL=${TOTAL_TINY:-240} CHECK_BUDGET=60 PARALLEL=2 DEVICE=cpu EXTRA=(--quick)
+    TOTAL=${TOTAL_TINY:-300} CHECK_BUDGET=120 PARALLEL=2 DEVICE=cpu EXTRA=(--quick)
 fi
 START=$(date +%s)
 OUT="${OUT:-$PWD/gpu_session_out}"
@@ -70,4 +71,16 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
         new = [r for r in rows if isinstance(r, dict) and r.get("device") == "cuda"]
         print(f"{p.name}: {len(rows)} rows, {len(new)} from this device")
 EOF
+
+# 3. the device check, with what is left: C-C-T-T's small cells in exact fp32 (--deterministic: no TF32), to
+# compare with the campaign's TF32 rows and the CPU's (docs/results/device-check.json, layouts.notes.md)
+LEFT=$((TOTAL - ($(date +%s) - START) - 10))
+if [ "$LEFT" -gt 60 ]; then
+    sizes=(1000 4000); [ "$DEVICE" = cpu ] && sizes=(64)
+    echo "device check: $LEFT s" | tee -a "$LOG"
+    timeout -k 10 $((LEFT + 20)) python3 -m coatnet study layouts --variants C-C-T-T --sizes "${sizes[@]}" --seeds 0 1 2 \
+        --device "$DEVICE" --deterministic --parallel 6 --threads 2 --time-limit "$LEFT" --out "$WORK/devcheck" \
+        --no-report "${EXTRA[@]}" "${DATA[@]}" 2>&1 | tee -a "$LOG" | tail -8
+    [ -f "$WORK/devcheck/layouts.json" ] && cp "$WORK/devcheck/layouts.json" "$OUT/device-check.json"
+fi
 echo "total $(($(date +%s) - START)) s" | tee -a "$LOG"

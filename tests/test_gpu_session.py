@@ -17,16 +17,19 @@ pytestmark = [pytest.mark.slow,
 
 def test_the_session_script_runs_the_check_and_the_campaign_on_the_cpu(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "TOTAL_TINY": "150"}
+    env = {**os.environ, "OUT": str(out), "TOTAL_TINY": "300"}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), "--tiny"], env=env, capture_output=True,
-                          text=True, timeout=400, cwd=tmp_path)
+                          text=True, timeout=500, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = {p.name for p in out.iterdir()}
     assert {"gpu_check.json", "gpu_check.md", "session.log", "layouts.json", "norms.json"} <= files
     assert len(files) <= 8  # what one device call can bring back
     check = json.loads((out / "gpu_check.json").read_text())
-    assert {p: v["status"] for p, v in check["parts"].items()} == {"env": "ok", "parity": "ok", "speed_eager": "ok"}
+    assert {p: v["status"] for p, v in check["parts"].items()} == {p: "ok" for p in ("env", "sync_debug", "pipeline",
+                                                                                   "speed_eager")}
     rows = json.loads((out / "layouts.json").read_text())
     assert rows and all(r["device"] == "cpu" and r["recipe"]["epochs"] == 2 for r in rows)  # the --quick recipe
     log = (out / "session.log").read_text()
     assert "campaign exit 0" in log and "from this device" in log
+    check_rows = json.loads((out / "device-check.json").read_text())  # the exact-fp32 device check ran too
+    assert check_rows and all(r["deterministic"] and r["variant"] == "C-C-T-T" for r in check_rows)

@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no row that would end later; stop the running ones then (not recorded; "
                         "default: no limit)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels, and on a GPU no TF32 (exact fp32): rows to compare across devices")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: coatnet's default)")
     p.add_argument("--plan", action="store_true",
                    help="print every row with its estimated cost here (measured img/s x images) and the total")
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     specs = {s.name: plan(s, seeds, sizes, tuple(v for v in variants if v in s.variant_names) if variants else None)
              for s in studies}  # the cheap mistakes first: sizes are validated
     options = RunOptions(device=args.device, threads=args.threads, data_dir=args.data_dir, parallel=args.parallel,
-                         time_limit=args.time_limit, out=args.out)
+                         time_limit=args.time_limit, out=args.out, deterministic=args.deterministic)
     if args.plan:
         return _print_plan(studies, specs, out, options)
     if args.speed_only:

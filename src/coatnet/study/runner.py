@@ -72,6 +72,7 @@ class RunOptions:
     parallel: int = 1  # rows at a time, each in its own process (1: in this process)
     time_limit: Optional[float] = None  # seconds from the start: no row starts that would end later
     out: Optional[str] = None  # the --out the rows' commands name (None: docs/results, left out)
+    deterministic: bool = False  # deterministic kernels, and on a GPU no TF32: exact fp32 (device checks)
 
     def row_threads(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // max(1, self.parallel))
@@ -141,7 +142,7 @@ def row_command(study: str, spec: RowSpec, options: RunOptions) -> str:
     out = options.out if options.out not in (None, "docs/results") else "runs/study-rerun"
     return " ".join(["coatnet", "study", study, "--variants", shlex.quote(spec.variant.name), "--sizes",
                      str(spec.train_size), "--seeds", str(spec.seed), "--device", torch.device(options.device).type,
-                     "--out", shlex.quote(out)])
+                     *(["--deterministic"] if options.deterministic else []), "--out", shlex.quote(out)])
 
 
 def study_of_rows(name: str, rows: list[dict]) -> tuple[Study, bool]:
@@ -207,7 +208,8 @@ def train_config(spec: RowSpec, recipe: Recipe, run_dir: str | os.PathLike, opti
         batch_size=recipe.batch_size, lr=recipe.lr, min_lr=recipe.min_lr, warmup_epochs=recipe.warmup_epochs,
         weight_decay=recipe.weight_decay, clip_grad=recipe.clip_grad, label_smoothing=recipe.label_smoothing,
         hflip=recipe.hflip, drop_path=0.0, precision=recipe.precision, device=options.device,
-        threads=options.row_threads(), seed=spec.seed, out=str(run_dir), progress=False, quiet=True,
+        threads=options.row_threads(), seed=spec.seed, deterministic=options.deterministic, out=str(run_dir),
+        progress=False, quiet=True,
         **_engine_model(spec.variant))
 
 
@@ -216,7 +218,8 @@ def evaluate_run(run_dir: str | os.PathLike, recipe: Recipe, train_size: int, se
     """Eval-mode loss / top-1 / top-5 of the run's last checkpoint on a sample of its own training images
     (prefix train_, one view) and on the test images (prefix test_, averaged with the mirror image as the
     main job scores)."""
-    runtime = setup_runtime(options.device, recipe.precision, threads=options.row_threads())
+    runtime = setup_runtime(options.device, recipe.precision, threads=options.row_threads(),
+                            deterministic=options.deterministic)
     model, spec, _ = load_model(weights_path(run_dir, "last"), runtime.device)
     runtime.prepare(model)
     train_src, test_src, _ = build_data(recipe.data, options.data_dir, 0.1, spec.img_size, spec.crop_fraction, seed)
@@ -274,6 +277,7 @@ def run_row(study: Study, spec: RowSpec, options: RunOptions = RunOptions(), tra
         "base_model": BASE_MODEL, "recipe": dataclasses.asdict(recipe), "recipe_id": recipe_id(recipe),
         "run_key": spec.key, "device": torch.device(options.device).type, "device_name": device_name(options.device),
         "precision": res.get("precision", recipe.precision), "parallel": options.parallel,
+        "deterministic": options.deterministic,
         "threads": options.row_threads(), "machine": machine_description(options.device), **machine_load(),
         "command": row_command(study.name, spec, options),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
