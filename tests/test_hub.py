@@ -84,7 +84,7 @@ def test_commands_of_recipes_and_finetuning_name_only_what_differs():
     assert cmd.startswith("coatnet train --recipe fashion-mnist-full ")
     words = shlex.split(cmd)
     assert "--epochs" in words and words[words.index("--epochs") + 1] == "5"
-    assert "--randaugment" in words and words[words.index("--randaugment") + 1:][:2] == ["2", "6.0"]
+    assert "--randaugment" in words and words[words.index("--randaugment") + 1:][:2] == ["2", "15.0"]
     assert "--no-augment" in words and words[words.index("--clip-grad") + 1] == "0"
     assert "--model" not in words  # the recipe's own model
     ft = TrainConfig(recipe="finetune", pretrained="runs/a/checkpoint-best.safetensors", model="coatnet_nano",
