@@ -58,7 +58,7 @@ def test_the_presets_descriptions_give_the_counts_of_both_shapes():
 
     # (name, 1 channel and 10 classes, 3 channels and 1,000 classes, at which size); micro said 0.72M (issue 25, 9)
     for name, grey, rgb, size in (("coatnet_nano", "0.96M", "1.2M", 224), ("coatnet_pico", "4.9M", "5.3M", 224),
-                                  ("coatnet_micro", "0.48M", "0.61M", 32)):
+                                  ("coatnet_micro", "0.48M", "0.61M", 32), ("coatnet_mini", "1.55M", "1.7M", 32)):
         fm, _ = model_counts(get_config(name, in_chans=1, num_classes=10))
         imagenet, _ = model_counts(get_config(name, img_size=size))
         assert f"{fm / 1e6:.2f}M".startswith(grey[:-1]) or f"{fm / 1e6:.1f}M" == grey

@@ -85,7 +85,8 @@ def coatnet_micro() -> CoAtNetConfig:
 
 
 @register("coatnet_mini", "coatnet_micro's shape, wider and deeper, S1 at half the input size: the long "
-                          "Fashion-MNIST recipe's model (1.55M parameters with 1 channel and 10 classes, at 32 px)")
+                          "Fashion-MNIST recipe's model (1.55M parameters with 1 channel and 10 classes, 1.7M with 3 and 1,000, "
+                          "at 32 px)")
 def coatnet_mini() -> CoAtNetConfig:
     # NOTE: not a paper variant. For 28-32 px images: S1 keeps the stem's 16x16 map (stride 1), S2 halves it
     # to 8x8 and the Transformer stages S3 and S4 attend over 4x4 maps, at 1.5x coatnet_micro's widths with
