@@ -162,14 +162,14 @@ def _jpeg_folder(args) -> Path:
 def part_sync_debug(args) -> dict:
     """20 training steps under torch.cuda.set_sync_debug_mode("warn"), each synchronising call recorded with
     the Python line that made it ("error" would stop at the first; this lists them all). The host's read of
-    the device's numbers (engine._settle, every SYNC_EVERY steps) runs with the mode off: it is the one read
+    the device's numbers (epoch._settle, every SYNC_EVERY steps) runs with the mode off: it is the one read
     meant to be there."""
     import traceback as tb
     import warnings
 
     import torch
 
-    from coatnet.train import engine, train
+    from coatnet.train import engine, epoch, train
 
     dev = _device(args)
     steps = 20
@@ -187,7 +187,7 @@ def part_sync_debug(args) -> dict:
             where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[::-1][:4])
             syncs[where or f"{filename}:{lineno}"] = syncs.get(where or f"{filename}:{lineno}", 0) + 1
 
-    real_epoch, real_settle = engine.train_one_epoch, engine._settle
+    real_epoch, real_settle = engine.train_one_epoch, epoch._settle
 
     def watched_epoch(*a, **k):
         mode("warn")
@@ -203,7 +203,7 @@ def part_sync_debug(args) -> dict:
         finally:
             mode("warn")
 
-    engine.train_one_epoch, engine._settle = watched_epoch, unwatched_settle
+    engine.train_one_epoch, epoch._settle = watched_epoch, unwatched_settle
     t0 = time.time()
     try:
         with warnings.catch_warnings():  # restores the filters and showwarning after
@@ -211,7 +211,7 @@ def part_sync_debug(args) -> dict:
             warnings.showwarning = record
             res = train(cfg)
     finally:
-        engine.train_one_epoch, engine._settle = real_epoch, real_settle
+        engine.train_one_epoch, epoch._settle = real_epoch, real_settle
     out = {"steps": res["steps"], "seconds": round(time.time() - t0, 1), "syncs": syncs,
            "pass": cuda and not syncs and res["steps"] == steps, "model": args.model, "img_size": args.img_size,
            "batch": args.train_batch}
@@ -232,7 +232,7 @@ class DeviceBatches:
     def __len__(self) -> int:
         return self.length
 
-    def batches(self, index_batches, spec, train, aug, seed, epoch, workers=0, strict=False, device=None, **_):
+    def batches(self, index_batches, spec, **_):
         from coatnet.data.datasets import Batch
 
         for idx in index_batches:
@@ -245,8 +245,7 @@ def part_pipeline(args) -> dict:
     import torch
 
     from coatnet.data import build_data
-    from coatnet.data.datasets import NO_AUGMENT
-    from coatnet.train import engine, train
+    from coatnet.train import run_data, train
 
     dev = _device(args)
     steps = 4 if args.tiny else 24
@@ -257,14 +256,14 @@ def part_pipeline(args) -> dict:
     t0 = time.time()
     runs["jpeg_folder"] = train(cfg)
     train_src, val_src, spec = build_data(str(folder), val_fraction=0.25, img_size=args.img_size)
-    first = next(train_src.batches([torch.arange(args.train_batch) % len(train_src)], spec, False, NO_AUGMENT, 0, 0))
+    first = next(train_src.batches([torch.arange(args.train_batch) % len(train_src)], spec))
     on_device = DeviceBatches(first.images.to(dev), first.labels.to(dev), len(train_src))
-    real_build = engine.build_data
-    engine.build_data = lambda *a, **k: (on_device, *real_build(*a, **k)[1:])
+    real_build = run_data.build_data
+    run_data.build_data = lambda *a, **k: (on_device, *real_build(*a, **k)[1:])
     try:
         runs["on_device"] = train(cfg)
     finally:
-        engine.build_data = real_build
+        run_data.build_data = real_build
     rates = {name: r["img_per_s"] for name, r in runs.items()}  # the last (second) epoch's
     ratio = rates["jpeg_folder"] / rates["on_device"]
     return {"img_per_s": rates, "ratio": ratio, "goal": PIPELINE_GOAL, "met": ratio >= PIPELINE_GOAL,

@@ -26,14 +26,7 @@ fi
 
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
-SITE=""
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && SITE=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-DATA=()
-[ -d .fmnist ] && DATA=(--data-dir "$PWD/.fmnist")
+source scripts/device_env.sh  # the carried wheels on PYTHONPATH; DATA=(--data-dir .fmnist)
 { nvidia-smi -L 2>&1; python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'; } \
     | tee -a "$OUT/gpu_check.log"
 # The script keeps to its --budget (450 s by default); the outer limit only guards against a hang in between.

@@ -31,14 +31,7 @@ OUT="${OUT:-$PWD/gpu_session_out}"
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 LOG="$OUT/session.log"
-SITE=""
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && SITE=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-DATA=()
-[ -d .fmnist ] && DATA=(--data-dir "$PWD/.fmnist")
+source scripts/device_env.sh  # the carried wheels on PYTHONPATH; DATA=(--data-dir .fmnist)
 { date -u; nvidia-smi -L 2>&1; nproc; python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'; } \
     2>&1 | tee -a "$LOG"
 

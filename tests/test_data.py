@@ -157,11 +157,11 @@ def test_tensor_source_eval_resizes_and_train_augments_deterministically():
     imgs = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8)
     src = TensorSource(imgs, torch.arange(10))
     spec = DataSpec("t", tuple("abcdefghij"), 1, 32, 1.0, (0.5,), (0.5,))
-    (b,) = list(src.batches([torch.arange(10)], spec, False, AugmentConfig(), 0, 0))
+    (b,) = list(src.batches([torch.arange(10)], spec))
     assert b.images.shape == (10, 1, 32, 32) and 0 <= b.images.min() and b.images.max() <= 1
     aug = AugmentConfig(crop_scale=(0.35, 1.0))
-    (t1,) = list(src.batches([torch.arange(10)], spec, True, aug, 0, 0))
-    (t2,) = list(src.batches([torch.tensor([3, 4])], spec, True, aug, 0, 0))
+    (t1,) = list(src.batches([torch.arange(10)], spec, train=True, aug=aug))
+    (t2,) = list(src.batches([torch.tensor([3, 4])], spec, train=True, aug=aug))
     torch.testing.assert_close(t1.images[3:5], t2.images)
 
 
@@ -171,11 +171,11 @@ def test_folder_source_skips_unreadable_files_and_names_them(tmp_path):
     train, _, classes = scan_image_folder(tmp_path, 0.01, seed=0)
     src = FolderSource(train)
     spec = DataSpec("f", tuple(classes), 3, 32, 0.875, (0.5,) * 3, (0.5,) * 3)
-    batches = list(src.batches([torch.arange(len(train))], spec, True, AugmentConfig(), 0, 0))
+    batches = list(src.batches([torch.arange(len(train))], spec, train=True, aug=AugmentConfig()))
     assert batches[0].images.shape == (3, 3, 32, 32)
     assert [os.path.basename(p) for p in batches[0].failed] == ["broken.png"]
     with pytest.raises(ValueError, match="broken.png"):
-        list(src.batches([torch.arange(len(train))], spec, True, AugmentConfig(), 0, 0, strict=True))
+        list(src.batches([torch.arange(len(train))], spec, train=True, aug=AugmentConfig(), strict=True))
 
 
 def test_folder_workers_persist_from_one_epoch_to_the_next_and_follow_the_epoch(tmp_path):
@@ -190,15 +190,15 @@ def test_folder_workers_persist_from_one_epoch_to_the_next_and_follow_the_epoch(
     plan, aug = [torch.arange(3), torch.arange(3, 6)], AugmentConfig()
     src = FolderSource(train)
     try:
-        epoch0 = list(src.batches(plan, spec, True, aug, 0, 0, workers=1))
+        epoch0 = list(src.batches(plan, spec, train=True, aug=aug, workers=1))
         (entry,) = src._loaders.values()
         workers = [w.pid for w in entry.loader._iterator._workers]
-        epoch1 = list(src.batches(plan, spec, True, aug, 0, 1, workers=1))
+        epoch1 = list(src.batches(plan, spec, train=True, aug=aug, epoch=1, workers=1))
         alive = entry.loader._iterator._workers
         assert [w.pid for w in alive] == workers and all(w.is_alive() for w in alive)
     finally:
         src.close()
-    fresh = list(FolderSource(train).batches(plan, spec, True, aug, 0, 1, workers=0))
+    fresh = list(FolderSource(train).batches(plan, spec, train=True, aug=aug, epoch=1, workers=0))
     assert all(b.images.dtype == torch.uint8 for b in epoch1)
     assert all(torch.equal(a.images, b.images) for a, b in zip(epoch1, fresh))
     assert not all(torch.equal(a.images, b.images) for a, b in zip(epoch0, epoch1))

@@ -204,7 +204,7 @@ def test_an_empty_batch_gives_every_parameter_a_zero_gradient():
 
 def test_drop_path_masks_follow_the_sample_not_its_position_in_the_batch():
     from coatnet.layers import DropPath
-    from coatnet.train.engine import drop_path_noise
+    from coatnet.train.epoch import drop_path_noise
 
     layer = DropPath(0.5, stream=3).train()
     x = torch.ones(8, 2, 3, 3)

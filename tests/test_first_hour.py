@@ -290,7 +290,6 @@ def test_an_unreadable_sample_in_a_shard_is_named_by_tar_key_source_and_reason(t
     pytest.importorskip("webdataset")
     from coatnet.data import DataSpec
     from coatnet.data.shards import FORMAT, ShardSource
-    from coatnet.data.transforms import AugmentConfig
 
     with tarfile.open(tmp_path / "val-000000.tar", "w") as tar:
         for name, data in (("000000000.jpg", b"\xff\xd8 truncated"), ("000000000.cls", b"0"),
@@ -301,7 +300,7 @@ def test_an_unreadable_sample_in_a_shard_is_named_by_tar_key_source_and_reason(t
     (tmp_path / "shards.json").write_text(json.dumps({
         "format": FORMAT, "classes": ["cat"], "splits": {"val": [{"file": "val-000000.tar", "count": 1}]}}))
     spec = DataSpec("s", ("cat",), 3, 32, 1.0, (0.5,) * 3, (0.5,) * 3)
-    batch = next(ShardSource(tmp_path, "val").batches([torch.tensor([0])], spec, False, AugmentConfig(), 0, 0))
+    batch = next(ShardSource(tmp_path, "val").batches([torch.tensor([0])], spec))
     (where, reason), = batch.failures.items()
     assert where == f"{tmp_path / 'val-000000.tar'}#000000000 (from /photos/cat.jpg)"
     assert reason and reason != "unreadable"

@@ -24,7 +24,8 @@ from coatnet.models import get_config
 from coatnet.train.config import TrainConfig
 from coatnet.publish import save_pretrained
 from coatnet.train.checkpoint import load_model, load_train_state, read_checkpoint, state_path
-from coatnet.train.engine import StepSettings, check_model, idle_settings, train
+from coatnet.train.engine import check_model, idle_settings, train
+from coatnet.train.epoch import StepSettings
 from coatnet.train.finetune import finetune_config
 from coatnet.train.optim import WeightEMA
 from coatnet.train.predict import predict_files, preprocess
@@ -278,5 +279,5 @@ def test_predict_averages_with_the_mirror_image_when_eval_does(tiny_run, colour_
         expected = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
     got = predict_files(str(checkpoint), files, top_k=1)  # took one view
     assert [r["top"][0]["prob"] for r in got] == pytest.approx(expected.max(-1).values.tolist(), abs=1e-5)
-    plain = predict_files(str(checkpoint), files, top_k=1, flip=False)
+    plain = predict_files(str(checkpoint), files, top_k=1, tta_flip=False)
     assert [r["top"][0]["prob"] for r in plain] != pytest.approx(expected.max(-1).values.tolist(), abs=1e-5)

@@ -32,7 +32,7 @@ def test_statistics_are_the_exact_averages_over_equal_batches_and_nothing_else_c
     used = recalibrate_batchnorm(model, source, torch.arange(16), SPEC, setup_runtime("cpu"), batch_size=8)
     assert used == 16
     # What the BatchNorm sees: the eval transform (28 -> 32 bilinear), normalised, through the conv.
-    batches = list(source.batches([torch.arange(8), torch.arange(8, 16)], SPEC, False, None, 0, 0))
+    batches = list(source.batches([torch.arange(8), torch.arange(8, 16)], SPEC))
     with torch.no_grad():
         feats = [conv(normalize(b.images, SPEC.mean, SPEC.std)) for b in batches]
     assert feats[0].shape[-1] == 32

@@ -151,3 +151,30 @@ def test_settings_read_back_from_config_json_keep_their_none_values():
     cfg = TrainConfig(clip_grad=None, crop_scale=(0.5, 1.0), img_size=64)
     again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and again.clip_grad is None and again.crop_scale == (0.5, 1.0)
+
+
+@pytest.mark.parametrize("later", ["worse", "better"])
+def test_an_unreadable_best_checkpoint_on_resume_is_replaced_only_by_a_better_epoch(colour_images, tmp_path,
+                                                                                     monkeypatch, caplog, later):
+    """On resume the best score came from checkpoint-best alone: when it could not be read, the next epoch,
+    however bad, overwrote it. Now the resume state's best stands in for it (with a warning)."""
+    import coatnet.train.engine as engine
+
+    run = tmp_path / "run"
+    train(_cfg(colour_images, run, epochs=1))
+    best = run / "checkpoint-best.safetensors"
+    damaged = b"not a safetensors file"
+    best.write_bytes(damaged)  # a damaged file; the resume state still records epoch 1's score
+    real = engine.epoch_record
+
+    def scored(*args, **kwargs):
+        rec = real(*args, **kwargs)
+        return {**rec, "val_top1": -1.0 if later == "worse" else 101.0}
+
+    monkeypatch.setattr(engine, "epoch_record", scored)
+    res = train(_cfg(colour_images, run, epochs=2, resume=True))
+    assert res["epochs"] == 2 and "cannot read" in caplog.text and str(best) in caplog.text
+    if later == "worse":
+        assert best.read_bytes() == damaged and res["best_val_top1"] > 0
+    else:
+        assert load_model(best)[2]["epoch"] == 2 and res["best_val_top1"] == 101.0

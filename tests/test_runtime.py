@@ -115,7 +115,7 @@ def test_flip_evaluation_averages_the_probabilities_of_image_and_mirror():
     runtime = setup_runtime("cpu", "fp32", threads=1)
     source = TensorSource(images, labels)
     plain = evaluate(_LeftRight(), source, torch.arange(4), spec, runtime, batch_size=3)
-    flipped = evaluate(_LeftRight(), source, torch.arange(4), spec, runtime, batch_size=3, flip=True)
+    flipped = evaluate(_LeftRight(), source, torch.arange(4), spec, runtime, batch_size=3, tta_flip=True)
     x = images.float() / 255
     p = (_LeftRight()(x).softmax(-1) + _LeftRight()(x.flip(-1)).softmax(-1)) / 2
     assert torch.allclose(p, torch.full_like(p, 0.5))  # this model's mirror votes exactly against it

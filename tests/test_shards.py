@@ -89,23 +89,23 @@ def test_training_batches_do_not_depend_on_workers_and_skip_resumes(shards):
     _, _, spec = build_data(str(shards), img_size=32)
     aug = AugmentConfig(enabled=True)
     plan = [torch.arange(5), torch.arange(3), torch.arange(5), torch.arange(4)]
-    runs = [list(src.batches(plan, spec, True, aug, 0, 0, workers=w)) for w in (0, 2)]
+    runs = [list(src.batches(plan, spec, train=True, aug=aug, workers=w)) for w in (0, 2)]
     for a, b in zip(*runs):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
     assert [len(b.labels) for b in runs[0]] == [5, 3, 5, 4]
-    resumed = list(src.batches(plan[2:], spec, True, aug, 0, 0, skip=8))
+    resumed = list(src.batches(plan[2:], spec, train=True, aug=aug, skip=8))
     assert [b.indices.tolist() for b in resumed] == [b.indices.tolist() for b in runs[0][2:]]
 
 
 def test_evaluation_reads_exactly_the_requested_samples_with_their_labels(shards):
     _, val, spec = build_data(str(shards), img_size=32)
-    batches = list(val.batches([torch.tensor([0, 2]), torch.tensor([3, 5])], spec, False, AugmentConfig(), 0, 0))
+    batches = list(val.batches([torch.tensor([0, 2]), torch.tensor([3, 5])], spec))
     assert [b.indices.tolist() for b in batches] == [[0, 2], [3, 5]]
     for b in batches:  # the class is recoverable from the decoded colour (uint8 images: they cross to the device)
         assert b.images.dtype == torch.uint8
         assert torch.equal(((b.images.float().mean((1, 2, 3)) - 40) / 80).round().long(), b.labels)
     with pytest.raises(ValueError, match="increasing"):
-        list(val.batches([torch.tensor([2, 0])], spec, False, AugmentConfig(), 0, 0))
+        list(val.batches([torch.tensor([2, 0])], spec))
 
 
 def test_too_few_shards_for_the_processes_is_a_clear_error(shards):

@@ -13,7 +13,7 @@ import coatnet
 from coatnet.data.random import mix_int, uniform
 from coatnet.data.transforms import AugmentConfig, mix_batch, mix_params, normalize, rand_augment
 from coatnet.train import TrainConfig, train
-from coatnet.train import engine
+from coatnet.train import engine, epoch
 from coatnet.train.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), "fp32", channels_last=False, compile=False)
@@ -24,7 +24,7 @@ def _step_inputs(batch: int = 4, classes: int = 10, streams: int = 0, step: int 
     x = torch.randn(batch, 3, 32, 32, generator=g)
     labels = torch.randint(0, classes, (batch,), generator=g)
     targets = torch.nn.functional.one_hot(labels, classes).float()
-    noise = engine.drop_path_noise(0, step, torch.arange(batch) + 100 * step, streams) if streams else None
+    noise = epoch.drop_path_noise(0, step, torch.arange(batch) + 100 * step, streams) if streams else None
     return x, targets, labels, noise
 
 
@@ -44,7 +44,7 @@ def test_a_training_step_with_stochastic_depth_has_no_graph_break():
     streams = coatnet.layers.drop_path_streams(model)
     assert streams > 1
     x, targets, labels, noise = _step_inputs(streams=streams)
-    explained = torch._dynamo.explain(engine.micro_batch_loss)(model, x, targets, labels, noise, CPU)
+    explained = torch._dynamo.explain(epoch.micro_batch_loss)(model, x, targets, labels, noise, CPU)
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
@@ -99,7 +99,7 @@ def test_an_epoch_of_steps_reads_no_number_back_from_the_device(colour_images, m
     """The old step read the loss and the hits of every micro-batch (.item()); now the host reads the device's
     numbers every SYNC_EVERY steps, as one list (tolist, not counted here: it is not inside a step)."""
     reads = []
-    real, real_data = engine.train_one_epoch, engine._epoch_data
+    real, real_data = engine.train_one_epoch, engine.epoch_data
 
     def counted(*args, **kwargs):
         with _Reads() as mode:
@@ -113,7 +113,7 @@ def test_an_epoch_of_steps_reads_no_number_back_from_the_device(colour_images, m
         return data
 
     monkeypatch.setattr(engine, "train_one_epoch", counted)
-    monkeypatch.setattr(engine, "_epoch_data", unwatched_data)
+    monkeypatch.setattr(engine, "epoch_data", unwatched_data)
     res = train(TrainConfig(data=str(colour_images), model="coatnet_nano", val_fraction=0.25, batch_size=8,
                             micro_batch_size=4, epochs=1, drop_path=0.2, mixup=0.8, randaugment_n=2,
                             precision="fp32", workers=0, progress=False, quiet=True, threads=1, precise_bn=0))

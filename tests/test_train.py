@@ -186,12 +186,12 @@ def test_evaluate_builds_no_autograd_graph():
 def test_small_training_set_is_repeated_within_an_epoch_with_fresh_augmentation():
     """min_epoch_images: each epoch passes over a small set several times, each pass a new permutation and
     (through indices shifted by the source's length) new augmentation draws."""
-    from coatnet.train.engine import _epoch_data, _load_data
+    from coatnet.train.run_data import epoch_data, load_data
 
     cfg = TrainConfig(train_subset=40, val_subset=10, batch_size=16, min_epoch_images=100, threads=1).validate()
-    cfg, data = _load_data(cfg)
+    cfg, data = load_data(cfg)
     assert data.repeats == 3 and data.epoch_images == 120
-    epoch = _epoch_data(cfg, data, epoch=0, start=0)
+    epoch = epoch_data(cfg, data, epoch=0, start=0)
     batches = list(epoch.batches)
     assert epoch.batch_sizes == [16] * 7 + [8]
     indices = torch.cat([b.indices for b in batches])
@@ -220,7 +220,7 @@ def test_a_short_run_checkpoints_statistics_that_match_its_weights(tmp_path):
     model, spec, _ = load_model(tmp_path / "run" / "checkpoint-last.safetensors")
     train_src, _, _ = build_data("fashion-mnist", img_size=spec.img_size)
     idx = subset_indices(len(train_src), 2000, 0, stream=1)
-    saved = evaluate(model, train_src, idx, spec, setup_runtime("cpu", threads=2), flip=True)
+    saved = evaluate(model, train_src, idx, spec, setup_runtime("cpu", threads=2), tta_flip=True)
     assert abs(saved["top1"] - res["train_eval_top1"]) <= 0.1  # the checkpoint holds what was measured
     stale = train(TrainConfig(**short, precise_bn=0))
     assert stale["train_eval_top1"] < res["train_eval_top1"] - 10, (stale, res)

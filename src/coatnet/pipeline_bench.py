@@ -3,7 +3,7 @@ worker process, with a recipe's augmentation (issue 23 item 2), on a folder of J
 from it, beside timm's loader with the same augmentation in the same run when timm is importable.
 
 Ours, as `coatnet train` runs it: workers decode and crop/flip (uint8), the batch crosses to the device,
-RandAugment, normalisation and Mixup/CutMix run there (train.engine.train_inputs). timm's, as its train.py
+RandAugment, normalisation and Mixup/CutMix run there (train.run_data.train_inputs). timm's, as its train.py
 runs it: `create_loader` with RandAugment in the workers (PIL), its prefetcher normalising on the device, and
 `timm.data.Mixup` on the batch. RandAugment's magnitude is ours / 3 for timm (ours: 0..30, timm's: 0..10, the
 same angles and shifts); timm's op list differs slightly (it adds Invert and SolarizeAdd).
@@ -27,7 +27,7 @@ from .data.datasets import DataSpec, FolderSource, scan_image_folder
 from .data.shards import ShardSource, write_shards
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .train.config import TrainConfig
-from .train.engine import augment_config, train_inputs
+from .train.run_data import augment_config, train_inputs
 from .train.recipes import get_recipe
 from .train.runtime import Runtime, resolve_device
 
@@ -70,7 +70,8 @@ def _ours(source, spec: DataSpec, cfg: TrainConfig, workers: int, batch: int, ru
     index_batches = list(order.split(batch))
 
     def batches_of_pass(p):
-        return source.batches(index_batches, spec, True, aug, cfg.seed, p, workers, device=runtime.device)
+        return source.batches(index_batches, spec, train=True, aug=aug, seed=cfg.seed, epoch=p, workers=workers,
+                              device=runtime.device)
 
     def run_batch(b):
         train_inputs(b, aug, spec, len(spec.classes), cfg.seed, 0, runtime)

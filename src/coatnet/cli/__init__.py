@@ -98,17 +98,18 @@ class CliError(Exception):
     """An error to report to the user as one line, without a traceback."""
 
 
-class _StderrHandler(logging.StreamHandler):
-    """A handler that writes to whatever sys.stderr is when a record comes (as logging's last resort does),
-    so redirections made after it was installed are followed."""
+class _StreamHandler(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr (or sys.stdout) is when a record comes (as logging's last
+    resort does), so redirections made after it was installed are followed."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream_name: str = "stderr") -> None:
         super().__init__()
+        self.stream_name = stream_name
         self.setFormatter(logging.Formatter("%(message)s"))
 
     @property
     def stream(self):
-        return sys.stderr
+        return getattr(sys, self.stream_name)
 
     @stream.setter
     def stream(self, _value) -> None:
@@ -116,11 +117,18 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def show_library_messages() -> None:
-    """The library's log records of level INFO and above as plain lines on stderr (installed once)."""
-    logger = logging.getLogger("coatnet")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        logger.addHandler(_StderrHandler())
+    """The library's log records of level INFO and above as plain lines: a training run's report
+    ("coatnet.train.report": the per-epoch lines) on stdout, everything else on stderr (installed once)."""
+    logger, report = logging.getLogger("coatnet"), logging.getLogger(_REPORT)
+    if not any(isinstance(h, _StreamHandler) for h in logger.handlers):
+        stderr = _StreamHandler("stderr")
+        stderr.addFilter(lambda record: record.name != _REPORT)  # the report's handler is its own logger's
+        logger.addHandler(stderr)
+        report.addHandler(_StreamHandler("stdout"))
     logger.setLevel(logging.INFO)
+
+
+_REPORT = "coatnet.train.report"  # train/messages.py
 
 
 def main(argv: list[str] | None = None) -> int:

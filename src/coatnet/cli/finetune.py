@@ -42,9 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import train
-    from ..train.engine import interrupted_note
     from ..train.finetune import finetune_config
+    from .train import train_noting_interruption
     from ..utils import plural, rounded
 
     settings = {k: v for k, v in vars(args).items()
@@ -53,9 +52,6 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.quiet:
         print(f"fine-tuning {cfg.pretrained} ({cfg.model}) on {cfg.data}: {plural(cfg.epochs, 'epoch')}, lr {cfg.lr}, "
               f"img_size {cfg.img_size or 'default'}, run folder {cfg.out or '-'}", flush=True)
-    try:
-        result = train(cfg)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(interrupted_note(cfg.out)) from None
+    result = train_noting_interruption(cfg)
     print(json.dumps(rounded(result)))
     return 0

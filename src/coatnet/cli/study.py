@@ -59,8 +59,8 @@ def _names(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..study import get_study, plan, read_rows, results_path, write_report
-    from ..study.runner import RunOptions, estimate_costs, row_seconds, run_studies, study_of_rows
+    from ..study import get_study, plan, read_rows, results_path
+    from ..study.runner import RunOptions, run_studies, study_of_rows
 
     out = args.out or ("runs/study-quick" if args.quick else "docs/results")
     seeds, sizes = tuple(args.seeds or ()) or None, tuple(args.sizes or ()) or None

@@ -157,10 +157,21 @@ def _resumed_config(run_dir: Path, flags: dict, recipe: str | None, how: str):
     return cfg.replace(**flags, out=str(run_dir), resume=True)
 
 
-def run_train(args: argparse.Namespace) -> int:
+def train_noting_interruption(cfg):
+    """`coatnet.train.train(cfg)`; on Ctrl-C, the KeyboardInterrupt says what the run folder keeps and how to
+    continue (shown as the error line)."""
     from ..train import train
+    from ..train.engine import interrupted_note
+
+    try:
+        return train(cfg)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_note(cfg.out)) from None
+
+
+def run_train(args: argparse.Namespace) -> int:
     from ..train.distributed import broadcast_object, init_distributed, is_main
-    from ..train.engine import check_model, interrupted_note
+    from ..train.engine import check_model
     from ..train.recipes import describe_recipe, list_recipes
     from ..utils import plural, rounded
 
@@ -179,10 +190,7 @@ def run_train(args: argparse.Namespace) -> int:
     if not cfg.quiet and is_main():
         print(f"run folder: {cfg.out}  (model {cfg.model}, data {cfg.data}, {plural(cfg.epochs, 'epoch')}, "
               f"batch {cfg.batch_size}, recipe {cfg.recipe or '-'})", flush=True)
-    try:
-        result = train(cfg)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(interrupted_note(cfg.out)) from None
+    result = train_noting_interruption(cfg)
     if result.get("complete_before"):  # nothing trained (the warning says so): its summary was printed when it ended
         return 0
     if is_main():
@@ -243,7 +251,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from ..data.images import list_image_files
     from ..train.checkpoint import load_model
-    from ..train.predict import PredictionWriter, checkpoint_flip, iter_predictions
+    from ..train.predict import PredictionWriter, checkpoint_tta_flip, iter_predictions
     from ..train.runtime import setup_runtime
 
     if args.top_k < 1:
@@ -256,7 +264,7 @@ def run_predict(args: argparse.Namespace) -> int:
     named = {p for p in args.images if not os.path.isdir(p)}
     runtime = setup_runtime(args.device, "fp32", threads=args.threads)
     model, spec, info = load_model(args.checkpoint, runtime.device)
-    flip = checkpoint_flip(info) if args.tta is None else args.tta == "flip"
+    tta_flip = checkpoint_tta_flip(info) if args.tta is None else args.tta == "flip"
     workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
     writer = PredictionWriter(args.output, min(args.top_k, len(spec.classes))) if args.output else None
     # Like cat(1): every readable image is predicted, then one error line names the named files that were not;
@@ -266,7 +274,7 @@ def run_predict(args: argparse.Namespace) -> int:
     path_width, class_width = max(len(str(f)) for f in files), max(len(c) for c in spec.classes)
     with writer or contextlib.nullcontext():  # the output file appears only when complete
         for res in iter_predictions(model, spec, files, args.top_k, args.batch_size, workers,
-                                    progress=args.progress and len(files) > args.batch_size, flip=flip):
+                                    progress=args.progress and len(files) > args.batch_size, tta_flip=tta_flip):
             if writer is not None:
                 writer.write(res)
             if "error" in res:

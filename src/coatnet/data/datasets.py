@@ -102,9 +102,9 @@ class TensorSource:
             self._on_device[device] = self.images.to(device)
         return self._on_device[device]
 
-    def batches(self, index_batches: list[torch.Tensor], spec: DataSpec, train: bool, aug: AugmentConfig,
-                seed: int, epoch: int, workers: int = 0, strict: bool = False,
-                device: torch.device | None = None) -> Iterator[Batch]:
+    def batches(self, index_batches: list[torch.Tensor], spec: DataSpec, *, train: bool = False,
+                aug: AugmentConfig = NO_AUGMENT, seed: int = 0, epoch: int = 0, workers: int = 0,
+                strict: bool = False, device: torch.device | None = None) -> Iterator[Batch]:
         """Batches of float images in [0, 1], gathered, cropped and flipped on `device` (default: where the
         images are); labels and indices stay on the host."""
         size = (spec.img_size, spec.img_size)
@@ -244,9 +244,9 @@ class FolderSource:
                                              prefetch_factor=4 if workers else None)
         return _Loader(loader, plan)
 
-    def batches(self, index_batches: list[torch.Tensor], spec: DataSpec, train: bool, aug: AugmentConfig,
-                seed: int, epoch: int, workers: int = 0, strict: bool = False,
-                device: torch.device | None = None) -> Iterator[Batch]:
+    def batches(self, index_batches: list[torch.Tensor], spec: DataSpec, *, train: bool = False,
+                aug: AugmentConfig = NO_AUGMENT, seed: int = 0, epoch: int = 0, workers: int = 0,
+                strict: bool = False, device: torch.device | None = None) -> Iterator[Batch]:
         """Batches of uint8 images, page-locked when `device`'s copies are asynchronous (CUDA)."""
         pin = pins_memory(device)
         key = (spec, train, aug, seed, workers, pin)

@@ -30,7 +30,7 @@ import torch
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ..process_group import rank_and_world
 from ..utils import atomic_write
-from .datasets import Batch, DataSpec, pins_memory, scan_image_folder, transform_image
+from .datasets import NO_AUGMENT, Batch, DataSpec, pins_memory, scan_image_folder, transform_image
 from .images import UnreadableImageError, load_image
 from .random import mix_int, permutation
 from .transforms import AugmentConfig
@@ -232,9 +232,9 @@ class ShardSource:
         if nxt is not None:
             raise ValueError(f"{self.root}: no sample with key {nxt}")
 
-    def batches(self, index_batches: list[torch.Tensor], spec: DataSpec, train: bool, aug: AugmentConfig,
-                seed: int, epoch: int, workers: int = 0, strict: bool = False, skip: int = 0,
-                device: torch.device | None = None) -> Iterator[Batch]:
+    def batches(self, index_batches: list[torch.Tensor], spec: DataSpec, *, train: bool = False,
+                aug: AugmentConfig = NO_AUGMENT, seed: int = 0, epoch: int = 0, workers: int = 0,
+                strict: bool = False, skip: int = 0, device: torch.device | None = None) -> Iterator[Batch]:
         """Training: batches of the sizes of `index_batches` from this process's stream, after skipping the
         `skip` samples it already trained on this epoch (resume). Evaluation: exactly the indexed samples.
         uint8 images, page-locked when `device`'s copies are asynchronous (CUDA).

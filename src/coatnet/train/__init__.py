@@ -6,7 +6,7 @@ second; `from coatnet.train import train` works as usual. (`evaluate` is not amo
 `coatnet.train.evaluate`, whose `evaluate` function scores a model.)"""
 import importlib
 
-_NAMES = {"TrainConfig": "config", "train": "engine", "NonFiniteLossError": "engine",
+_NAMES = {"TrainConfig": "config", "train": "engine", "NonFiniteLossError": "epoch",
           "evaluate_checkpoint": "evaluate", "predict_files": "predict", "RECIPES": "recipes",
           "get_recipe": "recipes", "list_recipes": "recipes"}
 

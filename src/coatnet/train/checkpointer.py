@@ -13,6 +13,7 @@ from torch import nn
 from .checkpoint import (load_train_state, read_checkpoint_info, save_train_state, save_weights_checkpoint,
                          state_path, weights_path)
 from .distributed import all_reduce_sums, full_model_state, full_optimizer_state_dict, is_main, load_full_state
+from .messages import warn
 from .metrics import read_metrics
 from .optim import WeightEMA
 from .runfolder import writing
@@ -32,7 +33,7 @@ class Checkpointer:
 
     def resume(self, device: torch.device) -> TrainState:
         """Load weights, optimizer and EMA from the run folder's resume state into this process's model
-        and optimizer; returns its TrainState, the best epoch as checkpoint-best records it."""
+        and optimizer; returns its TrainState, the best epoch as checkpoint-best records it (`_best_on_disk`)."""
         loaded = load_train_state(state_path(self.out))
         if self.fsdp:  # whole states, written by any number of processes, into this sharding
             load_full_state(self.model, loaded["model"], self.optimizer, loaded["optimizer"])
@@ -50,19 +51,29 @@ class Checkpointer:
             state.loss_sum = state.correct = state.images = 0.0
         if progress.get("records") is None:  # written before the records travelled in the checkpoint
             state.records = [r for r in read_metrics(self.out / "metrics.jsonl") if r["epoch"] <= state.epoch]
-        # The best checkpoint file is the truth about the best epoch.
-        state.best_val_top1, state.best_epoch = self._best_on_disk()
+        state.best_val_top1, state.best_epoch = self._best_on_disk(state)
         self.saved_at = state.position
         return state
 
-    def _best_on_disk(self) -> tuple[float | None, int | None]:
-        """(val_top1, epoch) recorded in checkpoint-best.safetensors; (None, None) when it is missing or
-        unreadable (the next epoch then writes it)."""
-        try:
-            info = read_checkpoint_info(weights_path(self.out, "best"))
-            return float(info["metrics"]["val_top1"]), int(info["epoch"])
-        except (OSError, ValueError, KeyError, TypeError):
+    def _best_on_disk(self, state: TrainState) -> tuple[float | None, int | None]:
+        """(val_top1, epoch) of the best epoch: as checkpoint-best.safetensors records it (the file is the truth:
+        it may have been replaced by hand); (None, None) when there is none (the next epoch writes it). When it
+        exists but cannot be read (a transient error, a damaged file), the best that `state` (the resume state)
+        records, so that only an epoch better than that one replaces the file."""
+        path = weights_path(self.out, "best")
+        if not path.exists():
             return None, None
+        try:
+            info = read_checkpoint_info(path)
+            return float(info["metrics"]["val_top1"]), int(info["epoch"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            best, epoch = state.best_val_top1, state.best_epoch
+            if best is None and state.records:  # a resume state written before it recorded the best
+                record = max(state.records, key=lambda r: r["val_top1"])
+                best, epoch = record["val_top1"], record["epoch"]
+            warn(f"warning: cannot read {path} ({e}): kept unless an epoch beats val_top1 {best} (epoch {epoch}, "
+                 f"as the resume state records it)")
+            return best, epoch
 
     def save(self, state: TrainState, mid_epoch: bool = False, best: bool = False) -> None:
         """Write the last checkpoint, and the best one first when `best` (all processes call: gathering

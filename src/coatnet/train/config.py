@@ -159,7 +159,7 @@ class TrainConfig:
     eval_batch_size: int = setting(500, None, "images per evaluation forward (Python and config.json only)",
                                    section="evaluation")
     # Flip averaging only when training flips images (hflip > 0): a model that never saw mirrors is not asked to
-    # judge them (eval_flip).
+    # judge them (tta_flip_in_eval).
     tta_flip: bool = setting(True, "--no-tta", "score images alone (default: averaged with their mirror image "
                              "when training flips)")
     # Statistics re-estimated so that no checkpoint carries ones that lag its weights (they trail by ~1/momentum
@@ -224,7 +224,7 @@ class TrainConfig:
         return out
 
     @property
-    def eval_flip(self) -> bool:
+    def tta_flip_in_eval(self) -> bool:
         """Whether evaluation averages each image with its mirror (tta_flip, when training flips images)."""
         return self.tta_flip and self.augment and self.hflip > 0
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import build_data
-from ..data.datasets import NO_AUGMENT, DataSpec, FolderSource, _class_dirs, _list_images
+from ..data.datasets import DataSpec, FolderSource, _class_dirs, _list_images
 from ..data.random import permutation
 from ..data.transforms import normalize
 from ..models import create_model
@@ -56,10 +56,10 @@ def _scores(logits: torch.Tensor, y: torch.Tensor, k: int) -> tuple[float, int, 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, runtime: Runtime,
-             batch_size: int = 500, workers: int = 0, strict: bool = False, flip: bool = False) -> dict:
+             batch_size: int = 500, workers: int = 0, strict: bool = False, tta_flip: bool = False) -> dict:
     """{"loss": mean cross-entropy, "top1": %, "top5": % (top-k with k = min(5, classes)), "n": images,
     "skipped": {path: reason} of unreadable files left out (this process's)} over source[indices] (sharded
-    over processes, summed back). `flip`: score each image by its class probabilities averaged with those
+    over processes, summed back). `tta_flip`: score each image by its class probabilities averaged with those
     of its mirror image (test-time augmentation)."""
     was_training = model.training
     model.eval()
@@ -68,7 +68,7 @@ def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, ru
     k = min(5, len(spec.classes))
     loss_sum = correct1 = correct5 = n = 0.0
     skipped: dict[str, str] = {}
-    for batch in source.batches(batches, spec, False, NO_AUGMENT, 0, 0, workers, strict, device=runtime.device):
+    for batch in source.batches(batches, spec, workers=workers, strict=strict, device=runtime.device):
         skipped.update(batch.failures)
         if len(batch.labels) == 0 and not is_sharded(model):  # a sharded forward is collective
             continue
@@ -76,7 +76,7 @@ def evaluate(model: nn.Module, source, indices: torch.Tensor, spec: DataSpec, ru
         y = batch.labels.to(runtime.device)
         with runtime.autocast():
             logits = model(x)
-            if flip:  # log of the mean probability: cross-entropy and ranking of the averaged prediction
+            if tta_flip:  # log of the mean probability: cross-entropy and ranking of the averaged prediction
                 logits = torch.logaddexp(logits.float().log_softmax(-1), model(x.flip(-1)).float().log_softmax(-1))
         loss, c1, c5 = _scores(logits, y, k)
         loss_sum, correct1, correct5, n = loss_sum + loss, correct1 + c1, correct5 + c5, n + len(y)
@@ -132,7 +132,7 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, data_dir: str 
         if split in (name, "both"):
             idx = subset_indices(len(src), subset, run.get("seed", 0), stream=7)
             flip = run.get("tta_flip", False) if tta_flip is None else tta_flip
-            out[name] = evaluate(model, src, idx, spec, runtime, batch_size, workers, strict, flip)
+            out[name] = evaluate(model, src, idx, spec, runtime, batch_size, workers, strict, tta_flip=flip)
             skipped = out[name].pop("skipped")
             if skipped:
                 log.warning(f"warning: {name}: {skipped_summary(skipped)}")

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from ..data.datasets import NO_AUGMENT, FolderSource, eval_image
+from ..data.datasets import FolderSource, eval_image
 from ..data.images import UnreadableImageError, list_image_files, load_image
 from ..data.transforms import normalize
 from .checkpoint import load_model
@@ -27,10 +27,10 @@ def preprocess(path: str, spec) -> torch.Tensor:
 
 @torch.no_grad()
 def iter_predictions(model: torch.nn.Module, spec, files: Sequence[str], top_k: int = 5, batch_size: int = 64,
-                     workers: int = 0, progress: bool = False, flip: bool = False) -> Iterator[dict]:
+                     workers: int = 0, progress: bool = False, tta_flip: bool = False) -> Iterator[dict]:
     """{"image": path, "top": [{"class", "index", "prob"}, ...]} for each file in order, top_k best first, or
     {"image": path, "error": reason} for a file that is not a readable image. `model` in eval mode; batches
-    of `batch_size` decoded by `workers` DataLoader processes; a tqdm bar on stderr with `progress`. `flip`:
+    of `batch_size` decoded by `workers` DataLoader processes; a tqdm bar on stderr with `progress`. `tta_flip`:
     the probabilities averaged with those of the mirror image, as evaluation scores them (`tta_flip`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
@@ -38,7 +38,7 @@ def iter_predictions(model: torch.nn.Module, spec, files: Sequence[str], top_k: 
     k = max(1, min(top_k, len(spec.classes)))
     index_batches = list(torch.arange(len(files)).split(batch_size))
     source = FolderSource([(str(f), 0) for f in files])
-    batches = source.batches(index_batches, spec, False, NO_AUGMENT, 0, 0, workers)
+    batches = source.batches(index_batches, spec, workers=workers)
     with tqdm(total=len(files), unit="img", disable=not (progress and sys.stderr.isatty()), file=sys.stderr, leave=False,
               dynamic_ncols=True) as bar:
         for wanted, batch in zip(index_batches, batches):
@@ -46,7 +46,7 @@ def iter_predictions(model: torch.nn.Module, spec, files: Sequence[str], top_k: 
             if len(batch.labels):
                 x = normalize(batch.images.to(device), spec.mean, spec.std)
                 probs = model(x).float().softmax(-1)
-                if flip:
+                if tta_flip:
                     probs = (probs + model(x.flip(-1)).float().softmax(-1)) / 2
                 p, i = probs.topk(k)
                 for index, probs, classes in zip(batch.indices.tolist(), p.tolist(), i.tolist()):
@@ -64,24 +64,24 @@ def iter_predictions(model: torch.nn.Module, spec, files: Sequence[str], top_k: 
 
 def predict_files(checkpoint: str, paths: list[str], top_k: int = 5, device: str = "cpu",
                   skip_unreadable: bool = False, batch_size: int = 64, workers: int = 0,
-                  flip: bool | None = None) -> list[dict]:
+                  tta_flip: bool | None = None) -> list[dict]:
     """[{"image": path, "top": [{"class", "index", "prob"}, ...]}] for each file (folders: the images under
-    them), top_k best first. `flip`: average with the mirror image (None: as the checkpoint's run evaluated,
-    `checkpoint_flip`).
+    them), top_k best first. `tta_flip`: average with the mirror image (None: as the checkpoint's run evaluated,
+    `checkpoint_tta_flip`).
 
     A file that is not a readable image raises UnreadableImageError (a ValueError naming it and why), or
     with `skip_unreadable` gives {"image": path, "error": reason} and the others are still predicted."""
     files = list_image_files(paths)
     model, spec, info = load_model(checkpoint, resolve_device(device))
-    flip = checkpoint_flip(info) if flip is None else flip
-    results = list(iter_predictions(model, spec, files, top_k, batch_size, workers, flip=flip))
+    tta_flip = checkpoint_tta_flip(info) if tta_flip is None else tta_flip
+    results = list(iter_predictions(model, spec, files, top_k, batch_size, workers, tta_flip=tta_flip))
     for res in results:
         if "error" in res and not skip_unreadable:
             raise UnreadableImageError(res["image"], res["error"])
     return results
 
 
-def checkpoint_flip(info: dict) -> bool:
+def checkpoint_tta_flip(info: dict) -> bool:
     """Whether the run that wrote a checkpoint (its metadata `info`) evaluated each image averaged with its
     mirror image: then prediction does the same, so that predict's answers are eval's."""
     return bool((info.get("run") or {}).get("tta_flip"))

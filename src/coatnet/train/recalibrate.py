@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data.datasets import NO_AUGMENT, DataSpec
+from ..data.datasets import DataSpec
 from ..data.transforms import normalize
 from .distributed import SyncBatchNorm, rank_and_world, shard
 from .runtime import Runtime
@@ -52,7 +52,7 @@ def recalibrate_batchnorm(model: nn.Module, source, indices: torch.Tensor, spec:
     batches = [shard(b, rank, world) if synced else b for b in indices.split(batch_size)]
     n, completed = 0, False
     try:
-        for batch in source.batches(batches, spec, False, NO_AUGMENT, 0, 0, workers, strict, device=runtime.device):
+        for batch in source.batches(batches, spec, workers=workers, strict=strict, device=runtime.device):
             if len(batch.labels) == 0 and not synced:  # a synchronized rank takes part even with no images
                 continue
             with runtime.autocast():

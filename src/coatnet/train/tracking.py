@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from ..data.datasets import NO_AUGMENT
 from ..data.transforms import normalize, to_unit_range
 from ..utils import figure
 from .config import parse_log
@@ -164,7 +163,7 @@ def sample_predictions(model: torch.nn.Module, source, indices: torch.Tensor, sp
     """(images (B, C, S, S) in [0, 1], true labels, predicted labels) of source[indices], eval transform."""
     was_training = model.training
     model.eval()
-    batch = next(iter(source.batches([indices], spec, False, NO_AUGMENT, 0, 0, 0)))
+    batch = next(iter(source.batches([indices], spec)))
     logits = model(normalize(batch.images, spec.mean, spec.std).to(device))
     model.train(was_training)
     names = spec.classes
