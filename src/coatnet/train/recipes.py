@@ -40,7 +40,7 @@ def fashion_mnist_full() -> dict:
     over 4x4 maps) at 32x32, 30 epochs of batch 128, AdamW 2e-3 with one epoch of warmup and cosine decay,
     random resized crop (0.6..1) and flip, label smoothing 0.1, stochastic depth 0.1, EMA of the weights.
     Command: `coatnet train --recipe fashion-mnist-full --out runs/fmnist-full`.  Target: >= 95% test top-1;
-    docs/results/fashion-mnist.md records what was measured."""
+    measured 93.28% in 75 min on a 2-core AMX Xeon in bf16 (docs/results/fashion-mnist.md)."""
     return dict(model="coatnet_mini", epochs=30, batch_size=128, lr=2e-3, warmup_epochs=1.0, weight_decay=0.05,
                 drop_path=0.1, crop_scale=(0.6, 1.0), label_smoothing=0.1, ema_decay=0.9998)
 
