@@ -2,7 +2,8 @@
 torch thread (issue 23 item 2; `coatnet bench --input-pipeline` times the whole pipeline beside timm's):
 
 - per image in the DataLoader worker: decode (`load_image`), the crop draws (`crop_params`), the box resample
-  (`resize_crop`), and the whole `transform_image`;
+  (`resize_crop`), the whole `transform_image`, and `transform_images` (what the worker runs: a batch's draws
+  in one call);
 - per batch in the training process: `train_inputs` (RandAugment, normalisation, Mixup) on the CPU, with the
   profiler's top operators.
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from coatnet.data.datasets import DataSpec, FolderSource, scan_image_folder, transform_image
+from coatnet.data.datasets import DataSpec, FolderSource, scan_image_folder, transform_image, transform_images
 from coatnet.data.images import load_image
 from coatnet.data.transforms import crop_params
 from coatnet.pipeline_bench import write_jpeg_folder
@@ -57,6 +58,11 @@ def main() -> None:
               lambda i, path: resize_crop(images[i], (10.0, 20.0, 300.0, 250.0), args.img_size, True))
     per_image("transform_image (draws + resample)", files,
               lambda i, path: transform_image(images[i], i, spec, True, aug, 0, 0))
+    t0 = time.perf_counter()
+    for first in range(0, len(images), 64):
+        transform_images(images[first:first + 64], list(range(first, first + len(images[first:first + 64]))), spec,
+                         True, aug, 0, 0)
+    print(f"  {'transform_images (batches of 64)':32s} {1e3 * (time.perf_counter() - t0) / len(images):6.3f} ms/image")
 
     source = FolderSource(samples)
     index_batches = list(torch.arange(len(source)).split(64))

@@ -202,3 +202,28 @@ def test_folder_workers_persist_from_one_epoch_to_the_next_and_follow_the_epoch(
     assert all(b.images.dtype == torch.uint8 for b in epoch1)
     assert all(torch.equal(a.images, b.images) for a, b in zip(epoch1, fresh))
     assert not all(torch.equal(a.images, b.images) for a, b in zip(epoch0, epoch1))
+
+
+def test_a_training_batch_in_the_worker_crops_as_its_images_one_by_one(tmp_path):
+    """_FolderDataset.__getitems__ draws a batch's crops in one call (images of different sizes, an unreadable
+    file among them): every image and every failure exactly as __getitem__ gives them one at a time."""
+    import numpy as np
+    from PIL import Image
+
+    from coatnet.data.datasets import _FolderDataset
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for k, (w, h) in enumerate([(40, 30), (33, 57), (64, 64), (20, 90), (71, 45)]):
+        path = tmp_path / f"{k}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        samples.append((str(path), k % 2))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    samples.insert(2, (str(tmp_path / "bad.png"), 0))
+    spec = DataSpec("x", ("a", "b"), 3, 32, 0.875, (0.5,) * 3, (0.5,) * 3)
+    dataset = _FolderDataset(samples, spec, True, AugmentConfig(crop_scale=(0.2, 1.0)), seed=3)
+    keys = [(4, i) for i in range(len(samples))]
+    batched, single = dataset.__getitems__(keys), [dataset[key] for key in keys]
+    assert [b[1:] for b in batched] == [s[1:] for s in single] and batched[2][0] is None and batched[2][4]
+    assert all(torch.equal(b[0], s[0]) for b, s in zip(batched, single) if s[0] is not None)
+    assert not torch.equal(batched[0][0], dataset[(5, 0)][0])  # the draws follow the epoch

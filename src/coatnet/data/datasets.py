@@ -149,6 +149,30 @@ class _FolderDataset(torch.utils.data.Dataset):
             return None, label, i, path, f"{type(e).__name__}: {str(e)[:160]}"
         return x, label, i, path, None
 
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        """A batch of items (the DataLoader's fetch when a dataset has this method): as `__getitem__` one by one,
+        except that a training batch's crop and flip draws are made in one call (`transform_images`)."""
+        epochs = {epoch for epoch, _ in keys}
+        if not (self.train and self.aug.enabled) or len(epochs) != 1:
+            return [self[key] for key in keys]
+        decoded = []  # (index, path, label, image or None, why not)
+        for _, i in keys:
+            path, label = self.samples[i % len(self.samples)]
+            try:
+                decoded.append((i, path, label, load_image(path, self.spec.in_chans), None))
+            except UnreadableImageError as e:
+                decoded.append((i, path, label, None, e.reason))
+            except Exception as e:  # as in __getitem__
+                decoded.append((i, path, label, None, f"{type(e).__name__}: {str(e)[:160]}"))
+        ok = [d for d in decoded if d[3] is not None]
+        try:
+            crops = iter(transform_images([d[3] for d in ok], [d[0] for d in ok], self.spec, self.train, self.aug,
+                                          self.seed, epochs.pop()))
+        except Exception:  # a file Pillow decoded but cannot resample: find it one item at a time
+            return [self[key] for key in keys]
+        return [(None if img is None else next(crops), label, i, path, reason)
+                for i, path, label, img, reason in decoded]
+
 
 def transform_image(img: Image.Image, index: int, spec: DataSpec, train: bool, aug: AugmentConfig, seed: int,
                     epoch: int) -> torch.Tensor:
@@ -159,6 +183,19 @@ def transform_image(img: Image.Image, index: int, spec: DataSpec, train: bool, a
     width, height = img.size
     boxes, flips = crop_params(seed, epoch, torch.tensor([index]), height, width, aug)
     return resize_crop(img, boxes[0].tolist(), spec.img_size, flip=bool(flips[0]))
+
+
+def transform_images(images: list[Image.Image], indices: list[int], spec: DataSpec, train: bool, aug: AugmentConfig,
+                     seed: int, epoch: int) -> list[torch.Tensor]:
+    """`transform_image` of each image (sample indices[k]), the same numbers, with a training batch's crop and
+    flip draws made in one call: one call per image cost about 0.4 ms of torch overhead, a sixth of a worker's
+    time per 224 px image."""
+    if not (train and aug.enabled) or not images:
+        return [transform_image(img, i, spec, train, aug, seed, epoch) for img, i in zip(images, indices)]
+    boxes, flips = crop_params(seed, epoch, torch.tensor(indices), torch.tensor([img.height for img in images]),
+                               torch.tensor([img.width for img in images]), aug)
+    return [resize_crop(img, box.tolist(), spec.img_size, flip=bool(flip))
+            for img, box, flip in zip(images, boxes, flips)]
 
 
 def eval_image(img: Image.Image, spec: DataSpec) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ..process_group import rank_and_world
 from ..utils import atomic_write
-from .datasets import NO_AUGMENT, Batch, DataSpec, pins_memory, scan_image_folder, transform_image
+from .datasets import NO_AUGMENT, Batch, DataSpec, pins_memory, scan_image_folder, transform_images
 from .images import UnreadableImageError, load_image
 from .random import mix_int, permutation
 from .transforms import AugmentConfig
@@ -149,17 +149,17 @@ class _StreamBatches(torch.utils.data.IterableDataset):
                 yield self._decode(records)
 
     def _decode(self, records):
-        images, labels, indices, failed, reasons = [], [], [], [], []
+        decoded, labels, indices, failed, reasons = [], [], [], [], []
         for key, data, label in records:
             try:
-                img = load_image(io.BytesIO(data), self.spec.in_chans)
+                decoded.append(load_image(io.BytesIO(data), self.spec.in_chans))
             except UnreadableImageError as e:  # unreadable or corrupt: reported by the engine
                 failed.append(self.source.describe(key))
                 reasons.append(e.reason)
                 continue
-            images.append(transform_image(img, key, self.spec, self.train, self.aug, self.seed, self.epoch))
             labels.append(label)
             indices.append(key)
+        images = transform_images(decoded, indices, self.spec, self.train, self.aug, self.seed, self.epoch)
         shape = (0, self.spec.in_chans, self.spec.img_size, self.spec.img_size)
         return (torch.stack(images) if images else torch.zeros(shape, dtype=torch.uint8),
                 torch.tensor(labels, dtype=torch.int64), torch.tensor(indices, dtype=torch.int64), failed, reasons)

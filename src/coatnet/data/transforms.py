@@ -40,15 +40,20 @@ class AugmentConfig:
 
 
 # -- boxes ------------------------------------------------------------------------------------------
-def random_crop_boxes(u: torch.Tensor, height: int, width: int, scale: tuple[float, float],
-                      ratio: tuple[float, float]) -> torch.Tensor:
-    """Random resized crop boxes from uniforms u (B, 4): (B, 4) float boxes (x0, y0, w, h) in pixels."""
+def random_crop_boxes(u: torch.Tensor, height: int | torch.Tensor, width: int | torch.Tensor,
+                      scale: tuple[float, float], ratio: tuple[float, float]) -> torch.Tensor:
+    """Random resized crop boxes from uniforms u (B, 4) of images height x width (each an int, or (B,) per image):
+    (B, 4) float boxes (x0, y0, w, h) in pixels."""
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
     aspect = torch.exp(log_r)
-    w = torch.sqrt(area * aspect).clamp(1.0, width)
-    h = torch.sqrt(area / aspect).clamp(1.0, height)
+    w = _at_most(torch.sqrt(area * aspect).clamp_min(1.0), width)
+    h = _at_most(torch.sqrt(area / aspect).clamp_min(1.0), height)
     return torch.stack([u[:, 2] * (width - w), u[:, 3] * (height - h), w, h], dim=1)
+
+
+def _at_most(x: torch.Tensor, limit: int | torch.Tensor) -> torch.Tensor:
+    return torch.minimum(x, limit.to(x.dtype)) if isinstance(limit, torch.Tensor) else x.clamp_max(limit)
 
 
 def center_crop_box(height: int, width: int, crop_fraction: float, out_h: int, out_w: int) -> tuple:
@@ -59,7 +64,8 @@ def center_crop_box(height: int, width: int, crop_fraction: float, out_h: int, o
     return ((width - w) / 2, (height - h) / 2, w, h)
 
 
-def crop_params(seed: int, epoch: int, index: torch.Tensor, height: int, width: int, aug: AugmentConfig) -> tuple:
+def crop_params(seed: int, epoch: int, index: torch.Tensor, height: int | torch.Tensor, width: int | torch.Tensor,
+                aug: AugmentConfig) -> tuple:
     """Per-sample random-resized-crop boxes (B, 4) and flip flags (B,) bool for samples `index`."""
     u = torch.stack([uniform(seed, epoch, index, _S_CROP + k) for k in range(4)], dim=1)
     boxes = random_crop_boxes(u, height, width, aug.crop_scale, aug.crop_ratio)
