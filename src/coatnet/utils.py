@@ -163,3 +163,23 @@ def figure(**kwargs):
     fig = Figure(**kwargs)
     FigureCanvasAgg(fig)
     return fig
+
+
+def lazy_exports(package: str, names: dict[str, str]):
+    """(__getattr__, __dir__) for a package whose `names` (name -> submodule) are imported on first use (PEP
+    562), so that importing the package loads none of them (and no torch: `--help` stays fast)."""
+    import importlib
+
+    module = sys.modules[package]
+
+    def __getattr__(name: str):
+        if name in names:
+            value = getattr(importlib.import_module(f".{names[name]}", package), name)
+            setattr(module, name, value)  # later look-ups skip this function
+            return value
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted({*vars(module), *names})
+
+    return __getattr__, __dir__

@@ -6,7 +6,7 @@ and the resumable JSON; speed: side-by-side timings; report: the markdown tables
 The names below are imported on first use (PEP 562): `definitions` loads without torch, so that
 `coatnet study --help` lists the studies in a fraction of a second.
 """
-import importlib
+from ..utils import lazy_exports
 
 _NAMES = {"LAYOUT_MODELS": "definitions", "STUDIES": "definitions", "Recipe": "definitions", "Study": "definitions",
           "Variant": "definitions", "get_study": "definitions", "write_report": "report", "RunOptions": "runner",
@@ -16,13 +16,4 @@ _NAMES = {"LAYOUT_MODELS": "definitions", "STUDIES": "definitions", "Recipe": "d
 __all__ = sorted(_NAMES)
 
 
-def __getattr__(name: str):
-    if name in _NAMES:
-        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module 'coatnet.study' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_NAMES})
+__getattr__, __dir__ = lazy_exports(__name__, _NAMES)

@@ -4,7 +4,7 @@ The names below are imported on first use (PEP 562), as the package root's are: 
 `coatnet.train.recipes` load without torch, so that `coatnet train --help` reads the settings in a fraction of a
 second; `from coatnet.train import train` works as usual. (`evaluate` is not among them: the name is its module's,
 `coatnet.train.evaluate`, whose `evaluate` function scores a model.)"""
-import importlib
+from ..utils import lazy_exports
 
 _NAMES = {"TrainConfig": "config", "train": "engine", "NonFiniteLossError": "epoch",
           "evaluate_checkpoint": "evaluate", "predict_files": "predict", "RECIPES": "recipes",
@@ -13,13 +13,4 @@ _NAMES = {"TrainConfig": "config", "train": "engine", "NonFiniteLossError": "epo
 __all__ = list(_NAMES)
 
 
-def __getattr__(name: str):
-    if name in _NAMES:
-        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module 'coatnet.train' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_NAMES})
+__getattr__, __dir__ = lazy_exports(__name__, _NAMES)
