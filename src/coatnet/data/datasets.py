@@ -136,17 +136,16 @@ class _FolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
-        path, label = self.samples[i % len(self.samples)]  # past the end: a repeat (module docstring)
+        path, label, img, reason = self._load(i)
+        if img is None:
+            return None, label, i, path, reason
         try:
-            img = load_image(path, self.spec.in_chans)
             if self.eval_image is not None and not self.train:
                 x = self.eval_image(img)
             else:
                 x = transform_image(img, i, self.spec, self.train, self.aug, self.seed, epoch)
-        except UnreadableImageError as e:  # not an image, empty, truncated, a decompression bomb: reported
-            return None, label, i, path, e.reason
-        except Exception as e:  # anything else Pillow raised on a hostile file: skipped the same way
-            return None, label, i, path, f"{type(e).__name__}: {str(e)[:160]}"
+        except Exception as e:  # anything Pillow raised on a hostile file: skipped as an unreadable one
+            return None, label, i, path, _failure(e)
         return x, label, i, path, None
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
@@ -155,43 +154,47 @@ class _FolderDataset(torch.utils.data.Dataset):
         epochs = {epoch for epoch, _ in keys}
         if not (self.train and self.aug.enabled) or len(epochs) != 1:
             return [self[key] for key in keys]
-        decoded = []  # (index, path, label, image or None, why not)
-        for _, i in keys:
-            path, label = self.samples[i % len(self.samples)]
-            try:
-                decoded.append((i, path, label, load_image(path, self.spec.in_chans), None))
-            except UnreadableImageError as e:
-                decoded.append((i, path, label, None, e.reason))
-            except Exception as e:  # as in __getitem__
-                decoded.append((i, path, label, None, f"{type(e).__name__}: {str(e)[:160]}"))
-        ok = [d for d in decoded if d[3] is not None]
+        loaded = [(i, *self._load(i)) for _, i in keys]  # (index, path, label, image or None, why not)
+        ok = [d for d in loaded if d[3] is not None]
         try:
             crops = iter(transform_images([d[3] for d in ok], [d[0] for d in ok], self.spec, self.train, self.aug,
                                           self.seed, epochs.pop()))
         except Exception:  # a file Pillow decoded but cannot resample: find it one item at a time
             return [self[key] for key in keys]
         return [(None if img is None else next(crops), label, i, path, reason)
-                for i, path, label, img, reason in decoded]
+                for i, path, label, img, reason in loaded]
+
+    def _load(self, i: int) -> tuple:
+        """(path, label, decoded image or None, why it could not be read or None) of sample i."""
+        path, label = self.samples[i % len(self.samples)]  # past the end: a repeat (module docstring)
+        try:
+            return path, label, load_image(path, self.spec.in_chans), None
+        except UnreadableImageError as e:  # not an image, empty, truncated, a decompression bomb: reported
+            return path, label, None, e.reason
+        except Exception as e:  # anything else Pillow raised on a hostile file: skipped the same way
+            return path, label, None, _failure(e)
+
+
+def _failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e)[:160]}"
 
 
 def transform_image(img: Image.Image, index: int, spec: DataSpec, train: bool, aug: AugmentConfig, seed: int,
                     epoch: int) -> torch.Tensor:
     """A decoded image -> uint8 (C, S, S): the train crop and flip of sample `index` (a function of seed,
     epoch and index) or the eval transform (`eval_image`), resized to S = spec.img_size."""
-    if not (train and aug.enabled):
-        return eval_image(img, spec)
-    width, height = img.size
-    boxes, flips = crop_params(seed, epoch, torch.tensor([index]), height, width, aug)
-    return resize_crop(img, boxes[0].tolist(), spec.img_size, flip=bool(flips[0]))
+    return transform_images([img], [index], spec, train, aug, seed, epoch)[0]
 
 
 def transform_images(images: list[Image.Image], indices: list[int], spec: DataSpec, train: bool, aug: AugmentConfig,
                      seed: int, epoch: int) -> list[torch.Tensor]:
-    """`transform_image` of each image (sample indices[k]), the same numbers, with a training batch's crop and
-    flip draws made in one call: one call per image cost about 0.4 ms of torch overhead, a sixth of a worker's
-    time per 224 px image."""
-    if not (train and aug.enabled) or not images:
-        return [transform_image(img, i, spec, train, aug, seed, epoch) for img, i in zip(images, indices)]
+    """`transform_image` of each image (sample indices[k]), with a training batch's crop and flip draws made in
+    one call: one call per image cost about 0.4 ms of torch overhead, a sixth of a worker's time per 224 px
+    image."""
+    if not (train and aug.enabled):
+        return [eval_image(img, spec) for img in images]
+    if not images:
+        return []
     boxes, flips = crop_params(seed, epoch, torch.tensor(indices), torch.tensor([img.height for img in images]),
                                torch.tensor([img.width for img in images]), aug)
     return [resize_crop(img, box.tolist(), spec.img_size, flip=bool(flip))
