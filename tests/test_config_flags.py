@@ -137,6 +137,7 @@ def test_flags_left_out_are_not_settings():
     (["--no-tta"], dict(tta_flip=False)),
     (["--randaugment", "2", "15"], dict(randaugment_n=2, randaugment_m=15.0)),
     (["--crop-scale", "0.08", "1"], dict(crop_scale=(0.08, 1.0))),
+    (["--random-erase", "0.25"], dict(random_erase=0.25)),
     (["--channels-last"], dict(channels_last=True)),
     (["--no-channels-last"], dict(channels_last=False)),
     (["--fsdp"], dict(fsdp=True)),
@@ -152,6 +153,14 @@ def test_flags_left_out_are_not_settings():
 def test_every_existing_spelling_still_sets_its_field(argv, expected):
     cfg = build_config(build_parser("train").parse_args(["train", *argv]))
     assert {k: getattr(cfg, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("name", ["random_erase", "hflip"])
+def test_a_probability_outside_0_to_1_is_refused(name):
+    assert TrainConfig(**{name: 1.0}).validate() and TrainConfig(**{name: 0.0}).validate()
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match=f"{name}={bad} must be a probability in \\[0, 1\\]"):
+            TrainConfig(**{name: bad}).validate()
 
 
 def test_randaugment_ops_must_be_a_whole_number(capsys):

@@ -12,7 +12,7 @@ from coatnet.data import load_fashion_mnist, load_image, read_idx
 from coatnet.data.datasets import DataSpec, FolderSource, TensorSource, scan_image_folder
 from coatnet.data.random import permutation, uniform
 from coatnet.data.transforms import (AugmentConfig, center_crop_box, mix_batch, rand_augment, random_crop_boxes,
-                                     resized_crop)
+                                     random_erase, resized_crop)
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -151,6 +151,31 @@ def test_label_smoothing_and_mixup_targets():
     m2, t2 = mix_batch(x[2:6], labels[2:6], 4, 0, 0, idx[2:6], aug)  # a slice at an even offset
     torch.testing.assert_close(m2, mixed[2:6])
     torch.testing.assert_close(t2, t[2:6])
+
+
+def test_random_erasing_blanks_one_box_of_the_stated_size_in_the_stated_share_of_images():
+    """Zhong et al.'s erasing: with probability p one axis-aligned box of 2-33% of the image, aspect 0.3-3.3, set
+    to 0 (the mean after normalisation) in every channel; the rest of the image untouched; per sample, not per batch."""
+    n, side = 4000, 32
+    x = torch.randn(n, 3, side, side).abs_() + 1  # no pixel is 0 before erasing
+    idx = torch.arange(n)
+    out = random_erase(x, 7, 2, idx, AugmentConfig(erase_prob=0.3))
+    zero = out == 0
+    erased = zero.flatten(1).any(1)
+    assert abs(erased.float().mean().item() - 0.3) < 0.03
+    assert torch.equal(zero[:, 0], zero[:, 1]) and torch.equal(zero[:, 0], zero[:, 2])  # all channels
+    assert torch.equal(out[~zero], x[~zero])
+    areas = []
+    for mask in zero[erased, 0][:300]:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        assert rows[-1] - rows[0] + 1 == h and cols[-1] - cols[0] + 1 == w and mask.sum() == h * w  # one box
+        areas.append(h * w / side**2)
+    assert 0.015 <= min(areas) and max(areas) <= 0.36 and 0.12 < sum(areas) / len(areas) < 0.22  # uniform 0.02..0.33
+    torch.testing.assert_close(random_erase(x[100:110], 7, 2, idx[100:110], AugmentConfig(erase_prob=0.3)),
+                               out[100:110])
+    assert not torch.equal(random_erase(x, 7, 3, idx, AugmentConfig(erase_prob=0.3)), out)  # new draws each epoch
+    assert random_erase(x, 7, 2, idx, AugmentConfig()) is x
 
 
 def test_tensor_source_eval_resizes_and_train_augments_deterministically():

@@ -1,10 +1,10 @@
 """Image transforms on uint8/float tensors, batched, with per-sample parameters from `data.random`.
 
-Train: random resized crop and horizontal flip, RandAugment(n, m) (Cubuk et al. 2020), then Mixup/CutMix
-and label smoothing on the targets. Eval: resize and center crop keeping `crop_fraction` of the shorter
+Train: random resized crop and horizontal flip, RandAugment(n, m) (Cubuk et al. 2020), random erasing after
+normalisation, then Mixup/CutMix and label smoothing on the targets. Eval: resize and center crop keeping `crop_fraction` of the shorter
 side. Colour ops come from kornia.enhance; geometric ops are one affine warp per sample.
 
-The batch-level steps (RandAugment, normalisation, Mixup/CutMix) run on whatever device the images are on,
+The batch-level steps (RandAugment, normalisation, random erasing, Mixup/CutMix) run on whatever device the images are on,
 without reading anything back from it: the training engine copies uint8 batches to the accelerator and
 augments them there. The only per-sample draws that need a distribution (Mixup's Beta) are made on the host
 from the sample indices (`mix_params`) and travel with the batch.
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .random import numpy_rng, uniform
+from .random import numpy_rng, uniform, uniform_streams
 
 # Streams: independent random numbers per purpose (any distinct integers).
-_S_CROP, _S_FLIP, _S_RA, _S_MIX = 100, 200, 300, 400
+_S_CROP, _S_FLIP, _S_RA, _S_MIX, _S_ERASE = 100, 200, 300, 400, 500
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class AugmentConfig:
     cutmix_alpha: float = 0.0  # Beta(alpha, alpha) for CutMix; 0 disables
     cutmix_prob: float = 0.5  # when both are on: probability a sample uses CutMix rather than Mixup
     label_smoothing: float = 0.0  # (paper: 0.1)
+    erase_prob: float = 0.0  # random erasing: probability per image (Zhong et al. 2020; not in the paper); 0 disables
+    erase_scale: tuple[float, float] = (0.02, 1 / 3)  # random erasing: box area fraction range
+    erase_ratio: tuple[float, float] = (0.3, 1 / 0.3)  # random erasing: box aspect ratio (h/w) range
 
 
 # -- boxes ------------------------------------------------------------------------------------------
@@ -201,6 +204,38 @@ def rand_augment(img: torch.Tensor, seed: int, epoch: int, index: torch.Tensor, 
             lv = torch.full((sel.numel(),), level, dtype=img.dtype)
             out[sel] = _apply_op(op, out[sel], lv, sign[sel]).to(out.dtype)
     return out
+
+
+# -- Random erasing --------------------------------------------------------------------------------
+def erase_boxes(u: torch.Tensor, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+                ) -> torch.Tensor:
+    """Random erasing boxes from uniforms u (B, 4): (B, 4) float (x0, y0, x1, y1) in whole pixels, of area
+    `scale` x height x width and aspect ratio h/w in `ratio` (log-uniform), clipped to the image."""
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])
+    h = torch.sqrt(area * aspect).round().clamp(1, height)
+    w = torch.sqrt(area / aspect).round().clamp(1, width)
+    y0 = torch.floor(u[:, 2] * (height - h + 1))
+    x0 = torch.floor(u[:, 3] * (width - w + 1))
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+
+
+def random_erase(img: torch.Tensor, seed: int, epoch: int, index: torch.Tensor, aug: AugmentConfig
+                 ) -> torch.Tensor:
+    """Random erasing (Zhong et al., AAAI 2020) on normalised images (B, C, H, W): each sample, with probability
+    `aug.erase_prob`, has one box (`erase_boxes`) set to 0, the per-channel mean after normalisation. The draws
+    are a function of (seed, epoch, sample index), made on index's device (nothing read back)."""
+    if aug.erase_prob <= 0 or len(img) == 0:
+        return img
+    height, width = img.shape[-2:]
+    u = uniform_streams(seed, epoch, index.to(img.device), [_S_ERASE + k for k in range(5)])
+    boxes = erase_boxes(u[:, :4], height, width, aug.erase_scale, aug.erase_ratio)
+    ys = torch.arange(height, device=img.device, dtype=boxes.dtype).view(1, -1, 1)
+    xs = torch.arange(width, device=img.device, dtype=boxes.dtype).view(1, 1, -1)
+    b = boxes.view(-1, 4, 1, 1)
+    inside = (xs >= b[:, 0]) & (xs < b[:, 2]) & (ys >= b[:, 1]) & (ys < b[:, 3])  # (B, H, W)
+    erase = (u[:, 4] < aug.erase_prob).view(-1, 1, 1)
+    return img.masked_fill((inside & erase).unsqueeze(1), 0.0)
 
 
 # -- Mixup / CutMix and targets --------------------------------------------------------------------

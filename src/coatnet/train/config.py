@@ -154,6 +154,9 @@ class TrainConfig:
     randaugment_m: float = setting(15.0, "--randaugment", "RandAugment magnitude 0..30 (paper: 15)", metavar="M")
     mixup: float = setting(0.0, "--mixup", "Mixup Beta alpha (paper: 0.8); 0: off")
     cutmix: float = setting(0.0, "--cutmix", "CutMix Beta alpha; 0: off")
+    random_erase: float = setting(0.0, "--random-erase", "random erasing (Zhong et al. 2020; not in the paper): "
+                                  "the probability that an image has one box of 2-33%% of its area, aspect 0.3-3.3, "
+                                  "set to the mean; 0: off", metavar="P")
     label_smoothing: float = setting(0.1, "--label-smoothing", "label smoothing (paper: 0.1)")
 
     eval_batch_size: int = setting(500, None, "images per evaluation forward (Python and config.json only)",
@@ -271,6 +274,9 @@ class TrainConfig:
             raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        for name in ("hflip", "random_erase"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a probability in [0, 1]")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale={self.crop_scale} must satisfy 0 < low <= high <= 1")
         positive("img_size")  # and a multiple of the model's total stride: engine.check_model, with the registry

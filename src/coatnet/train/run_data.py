@@ -20,7 +20,8 @@ import torch
 from ..data import build_data
 from ..data.datasets import Batch, DataSpec
 from ..data.random import permutation
-from ..data.transforms import AugmentConfig, mix_batch, mix_params, normalize, rand_augment, to_unit_range
+from ..data.transforms import (AugmentConfig, mix_batch, mix_params, normalize, rand_augment, random_erase,
+                               to_unit_range)
 from ..models import get_config
 from ..models.pretrained import weights_of
 from .config import TrainConfig
@@ -67,7 +68,8 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig:
     """The training augmentation `cfg` asks for."""
     return AugmentConfig(enabled=cfg.augment, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
                          randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
-                         mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing)
+                         mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                         erase_prob=cfg.random_erase)
 
 
 def load_data(cfg: TrainConfig) -> tuple[TrainConfig, RunData]:
@@ -145,7 +147,8 @@ def epoch_data(cfg: TrainConfig, data: RunData, epoch: int, start: int, runtime:
 def train_inputs(batch: Batch, aug: AugmentConfig, spec: DataSpec, num_classes: int, seed: int, epoch: int,
                  runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A decoded batch -> (normalised images (B, C, S, S), soft targets (B, classes), labels (B,)) on the
-    device. The uint8 images cross first; RandAugment, normalisation and Mixup/CutMix run on the device. The
+    device. The uint8 images cross first; RandAugment, normalisation, random erasing and Mixup/CutMix run on the
+    device. The
     Mixup draws are made here on the host from the sample indices, before the copy (nothing is read back)."""
     mixing = aug if aug.enabled else AugmentConfig(enabled=False, label_smoothing=aug.label_smoothing)
     params = mix_params(seed, epoch, batch.indices, mixing, spec.img_size, spec.img_size)
@@ -154,5 +157,7 @@ def train_inputs(batch: Batch, aug: AugmentConfig, spec: DataSpec, num_classes: 
     if aug.enabled and aug.randaugment_n > 0:
         x = rand_augment(x, seed, epoch, runtime.to_device(batch.indices), aug.randaugment_n, aug.randaugment_m)
     x = normalize(x, spec.mean, spec.std)
+    if aug.enabled:
+        x = random_erase(x, seed, epoch, batch.indices, aug)
     x, targets = mix_batch(x, labels, num_classes, seed, epoch, batch.indices, mixing, params)
     return runtime.inputs(x), targets, labels
