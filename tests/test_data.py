@@ -178,6 +178,24 @@ def test_random_erasing_blanks_one_box_of_the_stated_size_in_the_stated_share_of
     assert random_erase(x, 7, 2, idx, AugmentConfig()) is x
 
 
+def test_sharpness_is_pils_kernel_blend_with_the_border_kept():
+    """RandAugment's sharpness: the image blended from its [[1,1,1],[1,5,1],[1,1,1]]/13 smoothing (clipped) by a
+    per-sample factor, the 1-pixel border untouched: kornia's arithmetic, written as separable sums."""
+    import kornia.enhance as KE
+
+    from coatnet.data.transforms import _sharpness
+
+    torch.manual_seed(0)
+    x, f = torch.rand(6, 3, 9, 12), torch.tensor([0.0, 0.5, 1.0, 1.5, 1.9, 0.1])
+    out = _sharpness(x, f)
+    torch.testing.assert_close(out, KE.sharpness(x, f).clamp(0, 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[2], x[2])  # factor 1: the image
+    k = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13
+    smooth = (x[0, 1, 3:6, 4:7] * k).sum().clamp(0, 1)
+    assert out[0, 1, 4, 5].item() == pytest.approx(smooth.item(), abs=1e-6)  # factor 0: the smoothing
+    assert torch.equal(out[:, :, [0, -1]], x[:, :, [0, -1]]) and torch.equal(out[..., [0, -1]], x[..., [0, -1]])
+
+
 def test_tensor_source_eval_resizes_and_train_augments_deterministically():
     imgs = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8)
     src = TensorSource(imgs, torch.arange(10))

@@ -112,6 +112,19 @@ def _gray(img: torch.Tensor) -> torch.Tensor:
     return (img * w).sum(1, keepdim=True).expand_as(img)
 
 
+def _sharpness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageEnhance.Sharpness on img (b, C, H, W) in [0, 1] with per-sample factor (b,): the blend from
+    a smoothed copy (3x3 kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, clipped to [0, 1]) towards the image,
+    border pixels kept. kornia.enhance.sharpness computes the same with a grouped conv2d; this sums the 3x3
+    box as two separable 3-tap sums of slices, which on a CPU is several times faster (equal to ~1e-7)."""
+    centre = img[..., 1:-1, 1:-1]
+    rows = img[..., :-2, :] + img[..., 1:-1, :] + img[..., 2:, :]
+    smooth = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]).add_(centre, alpha=4).div_(13).clamp_(0, 1)
+    out = img.clone()
+    out[..., 1:-1, 1:-1] = smooth.add_((centre - smooth).mul_(factor.view(-1, 1, 1, 1))).clamp_(0, 1)
+    return out
+
+
 def _apply_color_op(op: str, img: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """One colour op on img (b, C, H, W) in [0, 1] with per-sample level (b,) in [0, 1] and sign (b,) +-1."""
     import kornia.enhance as KE
@@ -136,7 +149,7 @@ def _apply_color_op(op: str, img: torch.Tensor, level: torch.Tensor, sign: torch
     if op == "brightness":
         return _blend(img, torch.zeros_like(img), factor)
     if op == "sharpness":
-        return KE.sharpness(img, factor.clamp_min(0)).clamp(0, 1)
+        return _sharpness(img, factor.clamp_min(0))
     raise ValueError(op)
 
 
@@ -306,8 +319,7 @@ def mix_batch(img: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: i
         return img, targets
     p = params.to(img.device, non_blocking=True)
     other = img.index_select(0, p.partner)
-    # lam * img + (1 - lam) * other in one pass (equal to ~1e-7; half the time of the written-out form on a CPU)
-    mixed = torch.lerp(other, img, p.lam.to(img.dtype).view(-1, 1, 1, 1))
+    pasted = None
     if p.any_cut:
         ys = torch.arange(height, device=img.device).view(1, -1, 1)
         xs = torch.arange(width, device=img.device).view(1, 1, -1)
@@ -315,6 +327,10 @@ def mix_batch(img: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: i
         inside = ((xs >= bx[:, 0].view(-1, 1, 1)) & (xs < bx[:, 2].view(-1, 1, 1))
                   & (ys >= bx[:, 1].view(-1, 1, 1)) & (ys < bx[:, 3].view(-1, 1, 1))).unsqueeze(1)
         pasted = torch.where(inside, other, img)
+    # lam * img + (1 - lam) * other in one pass (equal to ~1e-7; half the time of the written-out form on a CPU),
+    # in place on the partner copy: no second image-sized allocation
+    mixed = other.lerp_(img, p.lam.to(img.dtype).view(-1, 1, 1, 1))
+    if pasted is not None:
         mixed = torch.where(p.cut.view(-1, 1, 1, 1), pasted, mixed)
     lam_t = p.lam.view(-1, 1)
     return mixed, lam_t * targets + (1 - lam_t) * targets[p.partner]
@@ -328,7 +344,8 @@ def to_unit_range(img: torch.Tensor) -> torch.Tensor:
 def normalize(img: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """(B, C, H, W) uint8, or float in [0, 1] -> float standardised per channel, on img's device."""
     img = to_unit_range(img)
-    return (img - _constant(mean, img).view(1, -1, 1, 1)) / _constant(std, img).view(1, -1, 1, 1)
+    # The division in place on the subtraction's result: one image-sized allocation fewer, the same numbers.
+    return (img - _constant(mean, img).view(1, -1, 1, 1)).div_(_constant(std, img).view(1, -1, 1, 1))
 
 
 def _constant(values, like: torch.Tensor) -> torch.Tensor:
