@@ -148,16 +148,17 @@ def train_inputs(batch: Batch, aug: AugmentConfig, spec: DataSpec, num_classes: 
                  runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A decoded batch -> (normalised images (B, C, S, S), soft targets (B, classes), labels (B,)) on the
     device. The uint8 images cross first; RandAugment, normalisation, random erasing and Mixup/CutMix run on the
-    device. The
-    Mixup draws are made here on the host from the sample indices, before the copy (nothing is read back)."""
+    device. The Mixup draws are made here on the host from the sample indices, before the copy (nothing is read
+    back); the indices cross once, for RandAugment's and random erasing's draws."""
     mixing = aug if aug.enabled else AugmentConfig(enabled=False, label_smoothing=aug.label_smoothing)
     params = mix_params(seed, epoch, batch.indices, mixing, spec.img_size, spec.img_size)
     x, labels = runtime.to_device(batch.images), runtime.to_device(batch.labels)
     x = to_unit_range(x)
+    index = runtime.to_device(batch.indices)
     if aug.enabled and aug.randaugment_n > 0:
-        x = rand_augment(x, seed, epoch, runtime.to_device(batch.indices), aug.randaugment_n, aug.randaugment_m)
+        x = rand_augment(x, seed, epoch, index, aug.randaugment_n, aug.randaugment_m)
     x = normalize(x, spec.mean, spec.std)
     if aug.enabled:
-        x = random_erase(x, seed, epoch, batch.indices, aug)
+        x = random_erase(x, seed, epoch, index, aug)
     x, targets = mix_batch(x, labels, num_classes, seed, epoch, batch.indices, mixing, params)
     return runtime.inputs(x), targets, labels
