@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from coatnet.data import load_fashion_mnist, load_image, read_idx
-from coatnet.data.datasets import DataSpec, FolderSource, TensorSource, scan_image_folder
+from coatnet.data.datasets import Batch, DataSpec, FolderSource, TensorSource, scan_image_folder
 from coatnet.data.random import permutation, uniform
 from coatnet.data.transforms import (AugmentConfig, center_crop_box, mix_batch, rand_augment, random_crop_boxes,
                                      random_erase, resized_crop)
@@ -137,6 +137,42 @@ def test_rand_augment_is_per_sample_and_stays_in_range():
     torch.testing.assert_close(rand_augment(x[4:10], 0, 1, idx[4:10], n=2, m=15), out[4:10])
 
 
+def test_in_place_augmentation_computes_the_same_numbers_and_leaves_a_float_batch_intact():
+    """rand_augment/normalize with inplace=True: the same numbers as the copying forms, on the caller's tensor;
+    train_inputs changes in place only the float copy it made of uint8 images, never float images it was given
+    (on a CPU those are the data set's own memory)."""
+    from coatnet.data.transforms import normalize
+    from coatnet.train.run_data import train_inputs
+    from coatnet.train.runtime import Runtime
+
+    x = torch.rand(12, 3, 24, 24)
+    idx = torch.arange(12)
+    ref = rand_augment(x, 3, 1, idx, n=2, m=15)
+    y = x.clone()
+    assert rand_augment(y, 3, 1, idx, n=2, m=15, inplace=True) is y and torch.equal(y, ref)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    ref = normalize(x, mean, std)
+    assert torch.equal(x, y := x.clone()) and torch.equal(normalize(y, mean, std), ref) and torch.equal(y, x)
+    assert normalize(y, mean, std, inplace=True) is y and torch.equal(y, ref)
+    u8 = (x * 255).round().to(torch.uint8)
+    before = u8.clone()
+    normalize(u8, mean, std)
+    assert torch.equal(u8, before)
+
+    spec = DataSpec("t", tuple("abc"), 3, 24, 1.0, mean, std)
+    aug = AugmentConfig(randaugment_n=2, randaugment_m=15, label_smoothing=0.1)
+    runtime = Runtime(torch.device("cpu"), "fp32", channels_last=False, compile=False)
+    batch = Batch(images=x.clone(), labels=idx % 3, indices=idx)
+    out_float, _, _ = train_inputs(batch, aug, spec, 3, 5, 0, runtime)
+    assert torch.equal(batch.images, x)  # the caller's float images untouched
+    batch8 = Batch(images=u8.clone(), labels=idx % 3, indices=idx)
+    out_u8, _, _ = train_inputs(batch8, aug, spec, 3, 5, 0, runtime)
+    assert torch.equal(batch8.images, u8)
+    torch.testing.assert_close(out_u8, train_inputs(Batch(u8.float().div(255), idx % 3, idx), aug, spec, 3, 5, 0,
+                                                    runtime)[0])
+    assert not torch.equal(out_float, normalize(x, mean, std))  # RandAugment did act
+
+
 def test_label_smoothing_and_mixup_targets():
     x = torch.rand(8, 1, 8, 8)
     labels = torch.arange(8) % 4
@@ -194,6 +230,24 @@ def test_sharpness_is_pils_kernel_blend_with_the_border_kept():
     smooth = (x[0, 1, 3:6, 4:7] * k).sum().clamp(0, 1)
     assert out[0, 1, 4, 5].item() == pytest.approx(smooth.item(), abs=1e-6)  # factor 0: the smoothing
     assert torch.equal(out[:, :, [0, -1]], x[:, :, [0, -1]]) and torch.equal(out[..., [0, -1]], x[..., [0, -1]])
+
+
+def test_posterize_keeps_the_top_bits_of_each_8_bit_level_as_kornia_does():
+    """RandAugment's posterize: level trunc(255 x) -> its top `bits` bits, per sample; 8 bits: the image as is.
+    Every one of the 256 levels and random values, for every bit count: kornia's numbers exactly."""
+    import kornia.enhance as KE
+
+    from coatnet.data.transforms import _posterize
+
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 16, 16)
+    x.view(8, -1)[:, :256] = torch.arange(256) / 255
+    bits = torch.arange(1, 9, dtype=torch.int32)  # one bit count per sample
+    out = _posterize(x, bits)
+    assert torch.equal(out, KE.posterize(x, bits.to(torch.uint8)))
+    assert torch.equal(out[7], x[7])
+    assert out[0].unique().tolist() == pytest.approx([0.0, 128 / 255])  # 1 bit: two levels
+    assert out[2].view(-1)[255].item() == pytest.approx(224 / 255)  # 3 bits: 255 -> 0b11100000
 
 
 def test_tensor_source_eval_resizes_and_train_augments_deterministically():

@@ -14,6 +14,7 @@ for starting workers and filling the page cache): images after the first batch /
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +30,8 @@ from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .train.config import TrainConfig
 from .train.run_data import augment_config, train_inputs
 from .train.recipes import get_recipe
-from .train.runtime import Runtime, resolve_device
+from .train.runtime import Runtime, plan_for, resolve_device
+from .utils import reuse_freed_memory
 
 
 def write_jpeg_folder(root: str | Path, images: int, classes: int = 4, seed: int = 0,
@@ -107,23 +109,37 @@ def _timm(folder: Path, spec: DataSpec, cfg: TrainConfig, workers: int, batch: i
 
 def input_pipeline_bench(data: str | None = None, shards: str | None = None, images: int = 256,
                          img_size: int = 224, batch: int = 64, workers: int = 1, recipe: str = "paper",
-                         device: str = "cpu", compare_timm: bool = True, seed: int = 0) -> dict:
+                         device: str = "cpu", compare_timm: bool = True, seed: int = 0,
+                         threads: int | None = None) -> dict:
     """Images/s of the input pipeline (see the module docstring) on `data` (an image folder; default: `images`
     generated JPEGs in a temporary folder) and on `shards` (a `coatnet shards` folder; default: written from
     the image folder when webdataset is importable), with `workers` DataLoader workers, `recipe`'s augmentation
-    at `img_size`, batches of `batch` on `device`. Returns {"settings", "pipelines": {name: {"images_per_s",
-    "per_worker", ...}}, "ratios" (ours / timm per worker), "skipped": {name: why}}."""
+    at `img_size`, batches of `batch` on `device`; the training process's batch augmentation (on a CPU device)
+    with `threads` torch threads, by default the cores the workers leave (at least 1): on 2 cores with one worker,
+    two threads in the training process and the worker contend for the cores (measured: ours 0.84x timm's with
+    2 threads, 1.16-1.30x with 1; timm's training process does only Mixup). Returns {"settings",
+    "pipelines": {name: {"images_per_s", "per_worker", ...}}, "ratios" (ours / timm per worker),
+    "skipped": {name: why}}."""
     if batch < 1 or workers < 0 or images < 2:
         raise ValueError(f"batch {batch}, workers {workers}, images {images}: need batch >= 1, workers >= 0, "
                          f"images >= 2")
     dev = resolve_device(device)
     cfg = TrainConfig(**{**get_recipe(recipe), "img_size": img_size, "seed": seed})
     runtime = Runtime(dev, "fp32", channels_last=False, compile=False)
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) - workers) if dev.type == "cpu" else torch.get_num_threads()
+    if threads < 1:
+        raise ValueError(f"threads {threads} must be at least 1")
+    threads_before = torch.get_num_threads()
+    if plan_for(dev).reuse_freed_memory:  # as setup_runtime does for training (process-wide: timm's Mixup too)
+        reuse_freed_memory()
     result: dict = {"settings": {"recipe": recipe, "img_size": img_size, "batch": batch, "workers": workers,
-                                 "device": str(dev), "augment": augment_config(cfg).__dict__},
+                                 "device": str(dev), "threads": threads, "augment": augment_config(cfg).__dict__},
                     "pipelines": {}, "skipped": {}}
     per_worker = max(workers, 1)  # with 0 workers the main process decodes
     with contextlib.ExitStack() as stack:
+        torch.set_num_threads(threads)
+        stack.callback(torch.set_num_threads, threads_before)
         if data is None:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="coatnet_pipeline_")))
             data = str(write_jpeg_folder(tmp / "jpegs", images, seed=seed))

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last input (and timm's model / our training model in channels-last memory); "
                         "our inference model always runs channels-last inside")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, all CPUs)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, all CPUs; "
+                                                                  "--input-pipeline: the CPUs the workers leave)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--downsample", choices=("conv1x1", "dwconv"), default=None,
                    help="where MBConv's stride sits (dwconv: timm's paper-style coatnet_N_224; default: the model's)")
@@ -81,13 +82,13 @@ def run_input_pipeline_bench(args: argparse.Namespace) -> int:
 
     result = input_pipeline_bench(data=args.data, shards=args.shards, images=args.images, img_size=args.img_size or 224,
                                   batch=(args.batch or [64])[0], workers=args.workers, recipe=args.recipe,
-                                  device=args.device)
+                                  device=args.device, threads=args.threads)
     if args.json:
         print(json.dumps(result), flush=True)
         return 0
     s = result["settings"]
     print(f"input pipeline: {s['img_size']}px, --recipe {s['recipe']} augmentation, batch {s['batch']}, "
-          f"{s['workers']} worker(s), batch augmentation on {s['device']}")
+          f"{s['workers']} worker(s), batch augmentation on {s['device']} ({s['threads']} thread(s))")
     for name, p in result["pipelines"].items():
         ratio = result["ratios"].get(name)
         print(f"  {name:<14} {p['images_per_s']:>9.1f} img/s {p['per_worker']:>9.1f} img/s per worker"

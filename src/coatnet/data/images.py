@@ -67,7 +67,8 @@ def load_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
     img = to_8bit(img)
     if img.mode == "P":  # palette: expand through RGBA so a transparent index keeps its colour
         img = img.convert("RGBA")
-    return img.convert("L" if channels == 1 else "RGB")
+    mode = "L" if channels == 1 else "RGB"
+    return img if img.mode == mode else img.convert(mode)  # Pillow's convert to the same mode copies the pixels
 
 
 def median_side(paths: Sequence[str | os.PathLike], limit: int = 256) -> int | None:

@@ -153,11 +153,15 @@ def train_inputs(batch: Batch, aug: AugmentConfig, spec: DataSpec, num_classes: 
     mixing = aug if aug.enabled else AugmentConfig(enabled=False, label_smoothing=aug.label_smoothing)
     params = mix_params(seed, epoch, batch.indices, mixing, spec.img_size, spec.img_size)
     x, labels = runtime.to_device(batch.images), runtime.to_device(batch.labels)
+    # uint8 images become a new float tensor here, which the steps below may then change in place; float
+    # images may be the data set's own memory (on a CPU the copy to the device is the tensor itself).
+    owned = x.dtype == torch.uint8
     x = to_unit_range(x)
     index = runtime.to_device(batch.indices)
     if aug.enabled and aug.randaugment_n > 0:
-        x = rand_augment(x, seed, epoch, index, aug.randaugment_n, aug.randaugment_m)
-    x = normalize(x, spec.mean, spec.std)
+        x = rand_augment(x, seed, epoch, index, aug.randaugment_n, aug.randaugment_m, inplace=owned)
+        owned = True
+    x = normalize(x, spec.mean, spec.std, inplace=owned)
     if aug.enabled:
         x = random_erase(x, seed, epoch, index, aug)
     x, targets = mix_batch(x, labels, num_classes, seed, epoch, batch.indices, mixing, params)
