@@ -524,7 +524,8 @@ def markdown(report: dict) -> str:
     if speed:
         columns = ["train eager", "train compiled", "infer eager", "infer compiled"]
         lines += ["", "bf16 images/s (median; channels-last; ours: training graph for training, inference_model "
-                      "for inference):", "", "| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+                      "for inference):", "", "| model | " + " | ".join(columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
         for model, row in speed.items():
             lines.append(f"| {model} | " + " | ".join(f"{row[c]:.0f}" if c in row else "-" for c in columns) + " |")
     return "\n".join(lines) + "\n"

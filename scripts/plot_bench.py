@@ -19,7 +19,8 @@ def main(out: str, *paths: str) -> None:
     for key, label in (("ours", "coatnet"), ("timm", "timm")):
         pts = [(r["settings"]["batch"], r[key]["images_per_s"], r[key]["model"]) for r in rows if r.get(key)]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pts[0][2] if ":" in pts[0][2] else f"{label}: {pts[0][2]}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=pts[0][2] if ":" in pts[0][2] else f"{label}: {pts[0][2]}")
     s = rows[0]["settings"]
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")

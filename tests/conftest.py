@@ -60,6 +60,7 @@ def tiny_run(tmp_path_factory, colour_images):
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
-        train(TrainConfig(model="coatnet_nano", data=str(colour_images), img_size=32, epochs=2, batch_size=16, val_fraction=0.25,
-                          out=str(out), workers=0, threads=1, progress=False, quiet=True, log="tensorboard"))
+        train(TrainConfig(model="coatnet_nano", data=str(colour_images), img_size=32, epochs=2, batch_size=16,
+                          val_fraction=0.25, out=str(out), workers=0, threads=1, progress=False, quiet=True,
+                          log="tensorboard"))
     return out

@@ -83,7 +83,8 @@ def test_a_bf16_training_step_matches_torchs_own_bf16_kernels(monkeypatch):
         with torch.autocast("cpu", dtype=BF16):
             loss = F.cross_entropy(model(x).float(), labels)
         loss.backward()
-        results[emulated] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        results[emulated] = (loss.item(),
+                             {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     (l0, g0), (l1, g1) = results[False], results[True]
     assert l1 == pytest.approx(l0, rel=2e-2)
     assert g0.keys() == g1.keys()

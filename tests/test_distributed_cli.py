@@ -23,8 +23,9 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 # 1e-3; under bf16 autocast (what `auto` picks on a CPU with fast bf16) the same runs end 0.1-0.8 apart in a few
 # BatchNorm biases (measured on an AVX512-BF16 EPYC), so processes are compared in bf16 by their scores instead
 # (test_bf16_processes_agree_in_their_scores).
-ARGS = ["train", "--model", "coatnet_nano", "--train-subset", "48", "--val-subset", "40", "--batch-size", "12", "--epochs", "2",
-        "--no-augment", "--drop-path", "0", "--deterministic", "--no-progress", "--lr", "3e-3", "--precision", "fp32"]
+ARGS = ["train", "--model", "coatnet_nano", "--train-subset", "48", "--val-subset", "40", "--batch-size", "12",
+        "--epochs", "2", "--no-augment", "--drop-path", "0", "--deterministic", "--no-progress", "--lr", "3e-3",
+        "--precision", "fp32"]
 # With stochastic depth, on the LayerNorm preset: the masks are keyed by sample and step, so they do not
 # depend on the number of processes either. (With BatchNorm, the biases whose only effect is a per-sample
 # constant that the next BatchNorm nearly removes get weak gradients, and those drift ~1e-2 apart with

@@ -10,7 +10,8 @@ from coatnet.train.finetune import FINETUNE_RECIPE, checkpoint_model_name, finet
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST IDX files not present")
-TINY = dict(model="coatnet_nano", train_subset=64, val_subset=64, batch_size=32, epochs=1, progress=False, quiet=True, threads=1)
+TINY = dict(model="coatnet_nano", train_subset=64, val_subset=64, batch_size=32, epochs=1, progress=False, quiet=True,
+            threads=1)
 
 
 @pytest.fixture(scope="module")

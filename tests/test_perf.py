@@ -143,8 +143,8 @@ def test_time_interleaved_alternates_the_steps():
 
 
 def test_benchmark_reports_consistent_numbers():
-    r = benchmark("coatnet_pico", batch=2, img_size=32, threads=torch.get_num_threads(), overrides=TINY | {"img_size": None},
-                  warmup=1, repeats=2)
+    r = benchmark("coatnet_pico", batch=2, img_size=32, threads=torch.get_num_threads(),
+                  overrides=TINY | {"img_size": None}, warmup=1, repeats=2)
     m = r.ours
     assert m.macs_per_image == coatnet.count_macs(tiny(), img_size=32)
     assert m.images_per_s == pytest.approx(2 / (m.latency_ms / 1e3))
@@ -153,8 +153,8 @@ def test_benchmark_reports_consistent_numbers():
 
 
 def test_benchmark_of_a_training_step_in_bf16():
-    r = benchmark("coatnet_pico", batch=2, img_size=32, precision="bf16", train=True, overrides=TINY | {"img_size": None},
-                  warmup=1, repeats=1)
+    r = benchmark("coatnet_pico", batch=2, img_size=32, precision="bf16", train=True,
+                  overrides=TINY | {"img_size": None}, warmup=1, repeats=1)
     assert r.ours.images_per_s > 0 and r.ours.gflops > 2 * r.ours.macs_per_image * r.ours.images_per_s / 1e9
 
 

@@ -141,8 +141,8 @@ def test_weights_that_timm_downloaded_load_by_tag_and_by_pretrained_true(monkeyp
                           ("coatnet_nano_rw_224.sw_in1k", True),
                           ("hf-hub:timm/coatnet_nano_rw_224.sw_in1k", True)]:
         model = coatnet.create_model(name, pretrained=weights)
-        torch.testing.assert_close(model.state_dict()["stages.3.blocks.2.attn.position_bias.relative_bias_table"], expected,
-                                   rtol=0, atol=0, msg=f"{name} {weights}")
+        torch.testing.assert_close(model.state_dict()["stages.3.blocks.2.attn.position_bias.relative_bias_table"],
+                                   expected, rtol=0, atol=0, msg=f"{name} {weights}")
     assert main(["weights", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     have = {r["tag"]: r["path"] for r in rows if r["downloaded"]}

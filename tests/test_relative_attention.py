@@ -91,7 +91,8 @@ def test_loading_a_table_of_another_size_resizes_it():
     small = RelativeAttention2d(32, 32, 16, (4, 4))
     big = RelativeAttention2d(32, 32, 16, (8, 8))
     big.load_state_dict(small.state_dict())
-    torch.testing.assert_close(big.position_bias.relative_bias_table, resize_table(small.position_bias.relative_bias_table, (8, 8)))
+    torch.testing.assert_close(big.position_bias.relative_bias_table,
+                               resize_table(small.position_bias.relative_bias_table, (8, 8)))
 
 
 @pytest.mark.parametrize("mlp_width", [0, 16])

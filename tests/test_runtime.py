@@ -16,7 +16,8 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 @pytest.mark.parametrize("native, speedup, expected", [(True, 3.0, "bf16"), (True, 1.1, "bf16"),
                                                        (True, 0.6, "fp32"), (False, 3.0, "fp32")])
 def test_auto_precision_on_cpu_takes_bf16_where_native_and_faster(monkeypatch, native, speedup, expected):
-    monkeypatch.delenv("COATNET_AUTO_PRECISION", raising=False)  # the hardware's decision, even when the suite forces it
+    # the hardware's decision, even when the suite forces it
+    monkeypatch.delenv("COATNET_AUTO_PRECISION", raising=False)
     monkeypatch.setattr(bf16_cpu, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setattr(bf16_cpu, "bf16_matmul_speedup", lambda: speedup)
     precision, why = resolve_precision("auto", CPU)

@@ -1,4 +1,5 @@
-"""The paper's variants: parameter and multiply-add counts held to the paper's tables (tests/fixtures/paper_tables.json)."""
+"""The paper's variants: parameter and multiply-add counts held to the paper's tables
+(tests/fixtures/paper_tables.json)."""
 import json
 from pathlib import Path
 

@@ -108,7 +108,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 def _with_old_keys(state: dict) -> dict:
     """`state` as versions before the position-bias plug-in slot named it (the attention held its table)."""
-    return {k.replace("attn.position_bias.relative_bias_table", "attn.relative_bias_table"): v for k, v in state.items()}
+    return {k.replace("attn.position_bias.relative_bias_table", "attn.relative_bias_table"): v
+            for k, v in state.items()}
 
 
 def test_files_written_with_the_keys_of_earlier_versions_load(tmp_path):
@@ -124,7 +125,8 @@ def test_files_written_with_the_keys_of_earlier_versions_load(tmp_path):
     expected = model(x)
     # a weights file (pretrained=, Hub folders)
     save_file(old, str(tmp_path / "old.safetensors"))
-    loaded = coatnet.create_model("coatnet_pico", img_size=32, num_classes=3, pretrained=str(tmp_path / "old.safetensors"))
+    loaded = coatnet.create_model("coatnet_pico", img_size=32, num_classes=3,
+                                  pretrained=str(tmp_path / "old.safetensors"))
     torch.testing.assert_close(loaded.eval()(x), expected, rtol=0, atol=0)
     # a checkpoint (coatnet eval, predict, save-pretrained)
     spec = DataSpec("colours", ("a", "b", "c"), 3, 32, 1.0, (0.5,) * 3, (0.5,) * 3)

@@ -263,7 +263,8 @@ def draw_attention(image: torch.Tensor, stage: str, found: dict, title: str, pat
         axes[i // cols][i % cols].axis("off")
     note = " (one token: each weight is 1)" if h * w == 1 else ""
     fig.suptitle(f"{title}\n{stage}, block {found['block'] + 1}: {h}x{w} tokens, attention of the red query cell "
-                 f"over all keys{note}; colour from 0 (dark) to {vmax:.2f} (light) in every panel; the image's outline in cyan",
+                 f"over all keys{note}; colour from 0 (dark) to {vmax:.2f} (light) in every panel; "
+                 "the image's outline in cyan",
                  fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
@@ -379,6 +380,7 @@ def explain(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], 
             found = {**found, "maps": found["maps"].cpu()}
             caption = f"{Path(path).name}: predicted {spec.classes[pred]} ({float(probs[pred]):.2f})"
             written.append(str(draw_attention(image, stage, found, caption, out / f"{name}.attention-{stage}.png")))
-        result["images"].append({"image": str(path), "predicted": spec.classes[pred], "prob": round(float(probs[pred]), 6),
-                                 "target": spec.classes[shown], "cam_stage": used, "files": written})
+        result["images"].append({"image": str(path), "predicted": spec.classes[pred],
+                                 "prob": round(float(probs[pred]), 6), "target": spec.classes[shown],
+                                 "cam_stage": used, "files": written})
     return result

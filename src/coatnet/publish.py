@@ -125,13 +125,15 @@ def model_card(model, config: dict, info: dict, run: dict, metrics: list[dict], 
     if own.get("val_top1") is not None:
         lines += ["metrics:", "- accuracy", "model-index:", f"- name: {json.dumps(repo_id.split('/')[-1])}",
                   "  results:", "  - task:", "      type: image-classification", "    dataset:",
-                  f"      name: {json.dumps(dataset)}", f"      type: {json.dumps('fashion_mnist' if fashion else dataset)}",
+                  f"      name: {json.dumps(dataset)}",
+                  f"      type: {json.dumps('fashion_mnist' if fashion else dataset)}",
                   "      split: test" if fashion else "      split: validation", "    metrics:",
                   "    - type: accuracy", f"      value: {own['val_top1']:.2f}", "      name: top-1 accuracy (%)"]
     lines += ["---", "", f"# {repo_id.split('/')[-1]}: CoAtNet ({arch}) on {dataset}", ""]
     lines += [f"A CoAtNet image classifier (Dai, Liu, Le, Tan, \"CoAtNet: Marrying Convolution and Attention for "
-              f"All Data Sizes\", 2021) trained with [coatnet](https://pypi.org/project/coatnet/): {len(spec['classes'])} "
-              f"classes, {spec['in_chans']}-channel {size} inputs, {params / 1e6:.2f}M parameters.", ""]
+              f"All Data Sizes\", 2021) trained with [coatnet](https://pypi.org/project/coatnet/): "
+              f"{len(spec['classes'])} classes, {spec['in_chans']}-channel {size} inputs, "
+              f"{params / 1e6:.2f}M parameters.", ""]
     lines += ["## Use", "", "```python", "import coatnet", "",
               f'model = coatnet.create_model(pretrained="hf-hub:{repo_id}").eval()   # or a local copy of this folder',
               "```", "", "```bash",
@@ -139,7 +141,8 @@ def model_card(model, config: dict, info: dict, run: dict, metrics: list[dict], 
               "```", ""]
     lines += ["## Architecture", "", "| | |", "|---|---|", f"| model | `{arch}` |", f"| layout (S1-S4) | {cfg.layout} "
               f"(C: MBConv, T: Transformer with relative attention) |",
-              f"| depths S0-S4 | {', '.join(map(str, cfg.depths))} |", f"| widths S0-S4 | {', '.join(map(str, cfg.widths))} |",
+              f"| depths S0-S4 | {', '.join(map(str, cfg.depths))} |",
+              f"| widths S0-S4 | {', '.join(map(str, cfg.widths))} |",
               f"| attention head size | {cfg.transformer.head_dim} |",
               f"| norm in Transformer blocks | {cfg.transformer.norm} |", f"| parameters | {params:,} |",
               f"| multiply-adds per image at {size} | {macs / 1e6:,.1f} M |", "",
@@ -149,9 +152,11 @@ def model_card(model, config: dict, info: dict, run: dict, metrics: list[dict], 
         " (60,000 training and 10,000 test images of 10 garment classes, 28x28 grayscale; the test images are the "
         "validation set)" if fashion else f" (image folder `{spec['name']}`)")]
     if run.get("train_images"):
-        lines.append(f"- images used: {run['train_images']:,} for training, {run.get('val_images', 0):,} for validation")
+        lines.append(f"- images used: {run['train_images']:,} for training, "
+                     f"{run.get('val_images', 0):,} for validation")
     lines += [f"- classes: {', '.join(spec['classes'])}",
-              f"- input: resize and centre-crop (fraction {spec['crop_fraction']}) to {spec['img_size']}x{spec['img_size']},"
+              f"- input: resize and centre-crop (fraction {spec['crop_fraction']}) to "
+              f"{spec['img_size']}x{spec['img_size']},"
               f" scale to [0, 1], normalise with mean {tuple(spec['mean'])}, std {tuple(spec['std'])}", ""]
     lines += ["## Metrics", ""]
     if own.get("val_top1") is not None:
@@ -186,7 +191,8 @@ def model_card(model, config: dict, info: dict, run: dict, metrics: list[dict], 
               + (" (the licence of the code, coatnet, is Apache-2.0)." if license != "apache-2.0" else
                  ", the licence of the coatnet code.")]
     if fashion:
-        lines.append("Fashion-MNIST (Xiao, Rasul, Vollgraf 2017, Zalando Research) is distributed under the MIT licence.")
+        lines.append("Fashion-MNIST (Xiao, Rasul, Vollgraf 2017, Zalando Research) is distributed under the "
+                     "MIT licence.")
     else:
         lines.append("The terms of the training images are those of their owners.")
     if run.get("pretrained"):

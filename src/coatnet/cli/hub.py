@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 COMMANDS = {  # command: its line in `coatnet --help`
-    "save-pretrained": "write a checkpoint as a Hub-format folder: config.json, model.safetensors, README.md model card",
+    "save-pretrained": "write a checkpoint as a Hub-format folder: config.json, model.safetensors, "
+                       "README.md model card",
     "push": "upload a Hub-format folder to the Hugging Face Hub (needs coatnet[hub])",
 }
 

@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="results folder (default docs/results)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds to run, at every size (default: the study's)")
-    p.add_argument("--sizes", type=int, nargs="+", default=None, help="training-set sizes to run (default: the study's)")
+    p.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="training-set sizes to run (default: the study's)")
     p.add_argument("--variants", nargs="+", default=None, help="variants to run (default: all of the study's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--parallel", type=int, default=1,

@@ -4,8 +4,9 @@ process draws from its own shards only (sequential reads, no shared random acces
 A shard folder holds:
 - shards.json: {"format", "classes", "splits": {"train": [{"file", "count"}, ...], "val": [...]}};
 - train-000000.tar, ..., val-000000.tar, ...: per sample "<key>.<ext>" (the image file's bytes as stored),
-  "<key>.cls" (class index as text) and "<key>.src" (the source file's path, for messages). The key is the sample's position in its split, "%09d": it keys
-  the sample's augmentation randomness, so that stays fixed by the shards.
+  "<key>.cls" (class index as text) and "<key>.src" (the source file's path, for messages). The key is the
+  sample's position in its split, "%09d": it keys the sample's augmentation randomness, so that stays fixed by
+  the shards.
 
 Order. Evaluation reads a split in key order, exactly the samples asked for. Training: process r of W reads
 shards r, r + W, r + 2W, ...; each pass over them visits its shards in an order drawn from (seed, epoch,

@@ -123,7 +123,8 @@ class ConvAct(nn.Module):
         return self.act(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups))
 
     def extra_repr(self) -> str:
-        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel_size={tuple(self.weight.shape[2:])}, "
+        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, "
+                f"kernel_size={tuple(self.weight.shape[2:])}, "
                 f"stride={self.stride}, groups={self.groups}, act={type(self.act).__name__}, onednn={self.onednn}")
 
 
@@ -141,7 +142,8 @@ class LinearAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_onednn(self, x) and x.is_contiguous():
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.post_op[0], [None], self.post_op[1])
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.post_op[0], [None],
+                                                      self.post_op[1])
         return self.act(F.linear(x, self.weight, self.bias))
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

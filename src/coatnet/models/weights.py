@@ -41,8 +41,8 @@ def exported_kind(path: str | os.PathLike) -> str | None:
 def not_weights_error(path: str | os.PathLike, kind: str) -> ValueError:
     """The error for an exported file passed where weights or a checkpoint are read."""
     run, article = ("torch.jit.load", "a") if kind == "TorchScript" else ("onnxruntime", "an")
-    return ValueError(f"{path} is {article} {kind} export (`coatnet export`), a program for {run}, not weights: pass the "
-                      f".safetensors checkpoint it was exported from (its metadata names it: source_checkpoint)")
+    return ValueError(f"{path} is {article} {kind} export (`coatnet export`), a program for {run}, not weights: pass "
+                      f"the .safetensors checkpoint it was exported from (its metadata names it: source_checkpoint)")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -162,8 +162,8 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.
                strict_head: bool = False) -> None:
     """Load a state dict read from `path` (ours or timm's) into `model`. Relative-position tables of
     another size are resized. A classifier whose class count differs is dropped with a message (unless
-    strict_head). A stem for another number of input channels is adapted (adapt_input_channels). Any other missing or unexpected key is an error: a load never silently leaves weights
-    at their initial values."""
+    strict_head). A stem for another number of input channels is adapted (adapt_input_channels). Any other
+    missing or unexpected key is an error: a load never silently leaves weights at their initial values."""
     notes = []  # logged once the load has succeeded: a failed load reports only its error
     state = convert_timm_state_dict(state, model) if is_timm_state_dict(state) else upgrade_state_dict(state)
     own = model.state_dict()

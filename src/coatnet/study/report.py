@@ -290,9 +290,10 @@ def _generalization(study: Study, rows: list[dict], agg: dict, sizes: list[int])
            "**Test accuracy at equal training loss**, as the paper measures it: each layout's test top-1 read off "
            "its curve through the training-set sizes (left panel; walking from the smallest set, the first segment "
            "between two sizes that reaches the loss, linear in log training loss along it) at the final training "
-           f"losses {REFERENCE} reaches on the smaller sets. '-': the layout's curve does not reach that loss. The full "
-           "set's rows have more optimizer steps than the others (the rule's 10 epochs of 60,000 images), so curves "
-           "turn back towards lower losses at the end; the full set is read in the capacity section.", "", "| at the train loss of | loss | " + " | ".join(names) + " |",
+           f"losses {REFERENCE} reaches on the smaller sets. '-': the layout's curve does not reach that loss. "
+           "The full set's rows have more optimizer steps than the others (the rule's 10 epochs of 60,000 images), "
+           "so curves turn back towards lower losses at the end; the full set is read in the capacity section.", "",
+           "| at the train loss of | loss | " + " | ".join(names) + " |",
            "|---|---:|" + "---:|" * len(names)]
     table = equal_loss_accuracy(agg, names)
     for size, loss, accs in table:

@@ -228,7 +228,8 @@ def evaluate_run(run_dir: str | os.PathLike, recipe: Recipe, train_size: int, se
     sample = train_idx[subset_indices(len(train_idx), recipe.train_eval_images, seed, stream=11)]
     test_idx = subset_indices(len(test_src), recipe.val_subset, seed, stream=2)
     out = {}
-    for prefix, src, idx, tta_flip in (("train", train_src, sample, False), ("test", test_src, test_idx, recipe.hflip > 0)):
+    for prefix, src, idx, tta_flip in (("train", train_src, sample, False),
+                                       ("test", test_src, test_idx, recipe.hflip > 0)):
         r = evaluate(model, src, idx, spec, runtime, 500, 0, tta_flip=tta_flip)
         out.update({f"{prefix}_loss": r["loss"], f"{prefix}_top1": r["top1"], f"{prefix}_top5": r["top5"],
                     f"{prefix}_images": r["n"]})

@@ -39,8 +39,8 @@ def iter_predictions(model: torch.nn.Module, spec, files: Sequence[str], top_k: 
     index_batches = list(torch.arange(len(files)).split(batch_size))
     source = FolderSource([(str(f), 0) for f in files])
     batches = source.batches(index_batches, spec, workers=workers)
-    with tqdm(total=len(files), unit="img", disable=not (progress and sys.stderr.isatty()), file=sys.stderr, leave=False,
-              dynamic_ncols=True) as bar:
+    with tqdm(total=len(files), unit="img", disable=not (progress and sys.stderr.isatty()), file=sys.stderr,
+              leave=False, dynamic_ncols=True) as bar:
         for wanted, batch in zip(index_batches, batches):
             found = {}
             if len(batch.labels):

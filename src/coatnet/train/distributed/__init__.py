@@ -18,8 +18,8 @@ from .batches import loss_scale, rank_slice, shard, split_micro_batches
 from .data_parallel import (apply_fsdp, broadcast_module_state, full_model_state, full_optimizer_state_dict,
                             gradient_sync, is_sharded, load_full_state, shard_optimizer_state_dict, unwrap, wrap_ddp,
                             wrap_model)
-from .sync_batchnorm import (SyncBatchNorm, SyncBatchNormChannelsLast, TorchSyncBatchNorm, TorchSyncBatchNormChannelsLast,
-                             convert_sync_batchnorm)
+from .sync_batchnorm import (SyncBatchNorm, SyncBatchNormChannelsLast, TorchSyncBatchNorm,
+                             TorchSyncBatchNormChannelsLast, convert_sync_batchnorm)
 
 __all__ = [
     "DistributedEnv", "all_reduce_sums", "any_rank", "barrier", "broadcast_object", "current_env",
