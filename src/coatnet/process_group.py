@@ -78,7 +78,7 @@ def init_distributed(timeout_s: float = 1800.0) -> DistributedEnv:
         store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
         store = dist.PrefixStore(f"coatnet/attempt_{restart}/", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-    atexit.register(destroy_distributed)
+    atexit.register(destroy_distributed, sync=False)  # a crashed peer must not hold this process's exit
     return current_env()
 
 
@@ -96,9 +96,13 @@ def current_env() -> DistributedEnv:
                           local_rank=_env_int("LOCAL_RANK", 0), backend=str(dist.get_backend()))
 
 
-def destroy_distributed() -> None:
-    """Leave the process group (no-op without one)."""
+def destroy_distributed(sync: bool = True) -> None:
+    """Leave the process group (no-op without one). With `sync`, first wait for every rank: a rank that tore its
+    gloo connections down while rank 0 still wrote a file aborted in the teardown (SIGABRT, seen in CI with
+    tests/distributed_worker.py)."""
     if dist.is_available() and dist.is_initialized():
+        if sync:
+            barrier()
         dist.destroy_process_group()
 
 
