@@ -12,9 +12,15 @@
 # 2. the study campaign: every row of `coatnet study all` not yet in docs/results (the rows already recorded
 #    travel with the checkout and are skipped), PARALLEL rows at a time on the one GPU, each in its own process,
 #    until TOTAL seconds from the start; each finished row is written at once to $OUT/<study>.json.
-# 3. with the time left, the device check: C-C-T-T at 1,000 and 4,000 images, three seeds, in exact fp32.
-# Everything lands under $OUT (8 files at most come back): gpu_check.json, gpu_check.md, the studies' JSON files
-# (layouts, attention, norms, norms.speed), device-check.json and session.log. Merge the rows here with scripts/merge_rows.py.
+# 3. the long recipe (issue 22 item 6): LONG_VARIANTS of `coatnet train --recipe fashion-mnist-full` as parallel
+#    processes on the one GPU for LONG_SECONDS (default: the time left), each logging every epoch; the per-epoch
+#    val top-1 of each, finished or not, goes to $OUT/long-recipe.json (a screen of which model and schedule to
+#    run on the CPU, where the issue's 2.5 hours hold);
+# 4. with the time left (over 60 s), the device check: C-C-T-T at 1,000 and 4,000 images, three seeds, in exact
+#    fp32.
+# Everything lands under $OUT (8 files at most come back): gpu_check.json, gpu_check.md, session.log,
+# long-recipe.json, device-check.json and studies.json, the study files this device added rows to (each with the
+# rows recorded before and the new ones): `python3 scripts/merge_rows.py OUT/studies.json` merges them here.
 set -u
 cd "$(dirname "$0")/.."
 TOTAL=${TOTAL:-545}          # seconds for everything (the call's limit is 590 s)
@@ -53,19 +59,62 @@ echo "campaign: $LEFT s, $PARALLEL rows at a time" | tee -a "$LOG"
 timeout -k 10 $((LEFT + 25)) python3 -m coatnet study all --device "$DEVICE" --parallel "$PARALLEL" --threads 1 \
     --time-limit "$LEFT" --out "$WORK/studies" --no-report "${EXTRA[@]}" "${DATA[@]}" 2>&1 | tee -a "$LOG" | tail -40
 echo "campaign exit ${PIPESTATUS[0]}" | tee -a "$LOG"
-for f in layouts attention norms norms.speed; do
-    [ -f "$WORK/studies/$f.json" ] && cp "$WORK/studies/$f.json" "$OUT/$f.json"
-done
-python3 - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
+# the files this device added rows to, in one file (studies.json: {study: rows}; scripts/merge_rows.py merges it)
+python3 - "$WORK/studies" "$OUT/studies.json" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, sys, pathlib
+bundle = {}
 for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     rows = json.loads(p.read_text())
+    recorded = pathlib.Path("docs/results") / p.name
+    old = {json.dumps(r, sort_keys=True) for r in json.loads(recorded.read_text())} if recorded.exists() else set()
     if isinstance(rows, list):
-        new = [r for r in rows if isinstance(r, dict) and r.get("device") == "cuda"]
+        new = [r for r in rows if json.dumps(r, sort_keys=True) not in old]
         print(f"{p.name}: {len(rows)} rows, {len(new)} from this device")
+        if new:
+            bundle[p.stem] = rows
+if bundle:
+    pathlib.Path(sys.argv[2]).write_text(json.dumps(bundle, indent=1) + "\n")
 EOF
 
-# 3. the device check, with what is left: C-C-T-T's small cells in exact fp32 (--deterministic: no TF32), to
+# 3. the long recipe's variants in parallel, each in its own process and folder, until LONG_SECONDS
+LONG_VARIANTS=${LONG_VARIANTS:-"mini40:|wide26:--model coatnet_mini_wide --epochs 26|wide40:--model coatnet_mini_wide --epochs 40|mini80:--epochs 80"}
+LEFT=$((TOTAL - ($(date +%s) - START) - 15))
+LONG_SECONDS=${LONG_SECONDS:-$LEFT}
+[ "$LONG_SECONDS" -gt "$LEFT" ] && LONG_SECONDS=$LEFT
+if [ "$LONG_SECONDS" -gt 30 ]; then
+    echo "long recipe: $LONG_SECONDS s for $LONG_VARIANTS" | tee -a "$LOG"
+    IFS='|' read -r -a variants <<<"$LONG_VARIANTS"
+    pids=()
+    for v in "${variants[@]}"; do
+        name=${v%%:*}; flags=${v#*:}
+        [ "$DEVICE" = cpu ] && flags="$flags --epochs 2 --train-subset 256 --val-subset 128 --threads 1"
+        mkdir -p "$WORK/long/$name"
+        echo "coatnet train --recipe fashion-mnist-full $flags" >"$WORK/long/$name/command"
+        # shellcheck disable=SC2086  # the variant's flags split into words on purpose
+        timeout -k 10 "$LONG_SECONDS" python3 -m coatnet train --recipe fashion-mnist-full $flags --device "$DEVICE" \
+            --out "$WORK/long/$name/run" --no-progress "${DATA[@]}" >"$WORK/long/$name/log" 2>&1 &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    python3 - "$WORK/long" "$OUT/long-recipe.json" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, pathlib, sys
+runs = {}
+for d in sorted(pathlib.Path(sys.argv[1]).iterdir()):
+    metrics = d / "run" / "metrics.jsonl"
+    epochs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    config = d / "run" / "config.json"
+    planned = json.loads(config.read_text()).get("epochs") if config.exists() else None
+    log = (d / "log").read_text().splitlines() if (d / "log").exists() else []
+    runs[d.name] = {"command": (d / "command").read_text().strip(), "epochs_planned": planned,
+                    "epochs_done": len(epochs), "per_epoch": epochs, "log_tail": log[-3:]}
+    last = epochs[-1] if epochs else {}
+    print(f"long recipe {d.name}: {len(epochs)}/{planned} epochs, val top-1 {last.get('val_top1')}, "
+          f"{last.get('img_per_s', 0):.0f} img/s")
+pathlib.Path(sys.argv[2]).write_text(json.dumps(runs, indent=1) + "\n")
+EOF
+fi
+
+# 4. the device check, with what is left: C-C-T-T's small cells in exact fp32 (--deterministic: no TF32), to
 # compare with the campaign's TF32 rows and the CPU's (docs/results/device-check.json, layouts.notes.md)
 LEFT=$((TOTAL - ($(date +%s) - START) - 10))
 if [ "$LEFT" -gt 60 ]; then

@@ -1,5 +1,6 @@
 """scripts/gpu_session.sh, the prepared call for a session lent a GPU, rehearsed on the CPU with --tiny: the check's
-parts and the study campaign run, and every file the device call brings back is written under $OUT."""
+parts, the study campaign and the long recipe's variants run, and every file the device call brings back is written
+under $OUT."""
 from __future__ import annotations
 
 import json
@@ -22,13 +23,22 @@ def test_the_session_script_runs_the_check_and_the_campaign_on_the_cpu(tmp_path)
                           text=True, timeout=500, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = {p.name for p in out.iterdir()}
-    assert {"gpu_check.json", "gpu_check.md", "session.log", "layouts.json", "norms.json"} <= files
+    assert {"gpu_check.json", "gpu_check.md", "session.log", "studies.json", "long-recipe.json",
+            "device-check.json"} <= files
     assert len(files) <= 8  # what one device call can bring back
     check = json.loads((out / "gpu_check.json").read_text())
     assert {p: v["status"] for p, v in check["parts"].items()} == {p: "ok" for p in ("env", "sync_debug", "pipeline",
                                                                                    "speed_eager")}
-    rows = json.loads((out / "layouts.json").read_text())
+    studies = json.loads((out / "studies.json").read_text())
+    assert {"layouts", "norms"} <= set(studies)
+    rows = studies["layouts"]
     assert rows and all(r["device"] == "cpu" and r["recipe"]["epochs"] == 2 for r in rows)  # the --quick recipe
+    long_runs = json.loads((out / "long-recipe.json").read_text())  # the long recipe's variants, side by side
+    assert set(long_runs) == {"mini40", "wide26", "wide40", "mini80"}
+    for name, run in long_runs.items():
+        assert run["epochs_done"] == run["epochs_planned"] == 2, (name, run["log_tail"])
+        assert 0 <= run["per_epoch"][-1]["val_top1"] <= 100
+    assert "--model coatnet_mini_wide --epochs 26" in long_runs["wide26"]["command"]
     log = (out / "session.log").read_text()
     assert "campaign exit 0" in log and "from this device" in log
     check_rows = json.loads((out / "device-check.json").read_text())  # the exact-fp32 device check ran too
