@@ -12,7 +12,7 @@ from coatnet.models import build_on_meta, count_params, get_config
 from coatnet.study import LAYOUT_MODELS, get_study, plan, write_report
 from coatnet.study.definitions import BASE_MODEL, STUDIES, Recipe
 from coatnet.study.report import at_train_loss, compare_chain, equal_loss_accuracy, aggregate, parse_chain, seed_sd
-from coatnet.study.runner import ROW_FIELDS, loss_change_last20, model_config_dict
+from coatnet.study.runner import ROW_FIELDS, RunOptions, loss_change_last20, model_config_dict, row_command
 
 NEEDS_FMNIST = pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
                                   reason="no Fashion-MNIST")
@@ -227,6 +227,16 @@ def test_parallel_rows_in_their_own_processes_equal_rows_run_here(tmp_path, caps
     assert json.loads((tmp_path / "par" / "layouts.json").read_text())[0]["reused_from"] == "norms"
 
 
+@pytest.mark.parametrize("out,named", [(None, "runs/study-rerun"), ("docs/results", "runs/study-rerun"),
+                                       ("docs/results/cpu", "runs/study-rerun"), ("/tmp/x", "/tmp/x")])
+def test_a_rows_command_never_names_the_folder_it_is_recorded_in(out, named):
+    """Re-running a recorded row's command must train it, not skip it as already recorded there."""
+    spec = plan(get_study("norms"))[0]
+    command = row_command("norms", spec, RunOptions(out=out, parallel=2))
+    assert command == (f"coatnet study norms --variants {spec.variant.name} --sizes {spec.train_size} "
+                       f"--seeds {spec.seed} --device cpu --out {named}")
+
+
 @NEEDS_FMNIST
 def test_time_limit_and_plan(tmp_path, capsys):
     assert main(["study", "attention", "--quick", "--time-limit", "0", "--out", str(tmp_path), "--no-report"]) == 0
@@ -236,6 +246,19 @@ def test_time_limit_and_plan(tmp_path, capsys):
     out = capsys.readouterr().out
     assert sum(line.endswith("  to run") for line in out.splitlines()) == 4
     assert "total" in out and "training img/s measured here" in out
+
+
+@NEEDS_FMNIST
+def test_a_parallel_plan_times_the_rows_side_by_side(tmp_path, capsys):
+    """With --parallel 2 on the CPU the speed is measured with two timing processes at once, and the plan's
+    wall time is the rows' summed seconds over 2."""
+    assert main(["study", "norms", "--quick", "--plan", "--parallel", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "training img/s measured here (each of 2 rows timed at once)" in out
+    row_seconds = [float(line.split()[5]) for line in out.splitlines() if line.endswith("  to run")]
+    total = next(line for line in out.splitlines() if line.startswith("total "))
+    assert "2 rows at a time (timed side by side" in total
+    assert float(total.split()[1]) == pytest.approx(sum(row_seconds) / 2 / 3600, abs=0.006)
 
 
 def test_cli_rejects_bad_arguments(capsys):

@@ -152,8 +152,12 @@ def _print_plan(studies, specs, out: str, options) -> int:
             print(f"{study.name:<10} {spec.variant.name:<14} {spec.train_size:>7,} {spec.seed:>4} "
                   f"{study.recipe.images(spec.train_size):>9,} {seconds:>8.0f}  {status}")
     per = " / ".join(f"{k} {1 / v:.0f}" for k, v in per_image.items() if ":" not in k)
-    print(f"training img/s measured here: {per}")
-    print(f"total {total / 3600:.2f} h for the whole plan; {todo_total / 3600:.2f} h left to run "
-          f"({options.parallel} at a time: about {todo_total / 3600 / options.parallel:.2f} h if they share "
-          f"nothing)")
+    side_by_side = options.parallel > 1 and options.device == "cpu"
+    print(f"training img/s measured here{f' (each of {options.parallel} rows timed at once)' * side_by_side}: {per}")
+    if options.parallel == 1:
+        print(f"total {total / 3600:.2f} h for the whole plan; {todo_total / 3600:.2f} h left to run")
+    else:
+        p, shared = options.parallel, "timed side by side" if side_by_side else "if they share nothing"
+        print(f"total {total / 3600 / p:.2f} h for the whole plan, {todo_total / 3600 / p:.2f} h left to run, {p} rows "
+              f"at a time ({shared}; one after another: {total / 3600:.2f} h and {todo_total / 3600:.2f} h)")
     return 0

@@ -139,7 +139,8 @@ def machine_load() -> dict:
 
 def row_command(study: str, spec: RowSpec, options: RunOptions) -> str:
     """The command that trains this row again (into another folder, so that it is not skipped as recorded)."""
-    out = options.out if options.out not in (None, "docs/results") else "runs/study-rerun"
+    recorded_here = options.out is None or Path(options.out).as_posix().split("/")[:2] == ["docs", "results"]
+    out = "runs/study-rerun" if recorded_here else options.out
     return " ".join(["coatnet", "study", study, "--variants", shlex.quote(spec.variant.name), "--sizes",
                      str(spec.train_size), "--seeds", str(spec.seed), "--device", torch.device(options.device).type,
                      *(["--deterministic"] if options.deterministic else []), "--out", shlex.quote(out)])
@@ -488,19 +489,52 @@ def write_speed(out_dir: str | os.PathLike, study_name: str, speed: dict, option
 
 
 # -- the plan's cost -------------------------------------------------------------------------------------
+def _timed_in_process(variants: tuple[Variant, ...], recipe: Recipe, rounds: int, device: str, threads: int,
+                      results: "multiprocessing.Queue") -> None:
+    results.put(time_variants(variants, recipe, rounds=rounds, steps=2, batch_size=recipe.batch_size,
+                              device=device, threads=threads))
+
+
+def _time_side_by_side(variants: tuple[Variant, ...], recipe: Recipe, options: RunOptions,
+                       rounds: int) -> dict[str, dict]:
+    """time_variants as `options.parallel` rows run: that many spawned processes timing at once, each with
+    the row's threads; the mean of their rates (each row runs at one process's rate while the others run)."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_timed_in_process, daemon=True,
+                         args=(variants, recipe, rounds, options.device, options.row_threads(), results))
+             for _ in range(options.parallel)]
+    for p in procs:
+        p.start()
+    try:
+        speeds = [results.get(timeout=1800) for _ in procs]
+    except queue.Empty:
+        raise RuntimeError("timing the variants side by side did not finish in 30 minutes") from None
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+    return {name: {key: statistics.fmean(s[name][key] for s in speeds) for key in ("train_img_s", "infer_img_s")}
+            for name in speeds[0]}
+
+
 def estimate_costs(studies: list[Study], specs: dict[str, list[RowSpec]], options: RunOptions,
                    rounds: int = 3) -> dict[str, float]:
     """{variant name: seconds per training image} of every variant in `specs`, measured here: training steps
     of the recipe's batch (time_variants), plus the per-epoch precise BatchNorm pass and test scoring and
-    the final scoring, spread over the images of a row."""
+    the final scoring, spread over the images of a row. With `options.parallel` > 1 on the CPU the rows share
+    the cores, so the speed is measured that way: that many processes timing at once."""
     per_image: dict[str, float] = {}
     for study in studies:
         names = {s.variant.name for s in specs.get(study.name, [])}
         variants = tuple(v for v in study.variants if v.name in names and v.name not in per_image)
         if not variants:
             continue
-        speed = time_variants(variants, study.recipe, rounds=rounds, steps=2, batch_size=study.recipe.batch_size,
-                              device=options.device, threads=options.threads)
+        if options.parallel > 1 and options.device == "cpu":
+            speed = _time_side_by_side(variants, study.recipe, options, rounds)
+        else:
+            speed = time_variants(variants, study.recipe, rounds=rounds, steps=2,
+                                  batch_size=study.recipe.batch_size, device=options.device,
+                                  threads=options.threads)
         for name, v in speed.items():
             per_image[name] = 1.0 / v["train_img_s"]
             per_image[name + ":infer"] = 1.0 / v["infer_img_s"]
