@@ -152,7 +152,7 @@ def _print_plan(studies, specs, out: str, options) -> int:
             print(f"{study.name:<10} {spec.variant.name:<14} {spec.train_size:>7,} {spec.seed:>4} "
                   f"{study.recipe.images(spec.train_size):>9,} {seconds:>8.0f}  {status}")
     per = " / ".join(f"{k} {1 / v:.0f}" for k, v in per_image.items() if ":" not in k)
-    side_by_side = options.parallel > 1 and options.device == "cpu"
+    side_by_side = options.rows_share_cores()
     print(f"training img/s measured here{f' (each of {options.parallel} rows timed at once)' * side_by_side}: {per}")
     if options.parallel == 1:
         print(f"total {total / 3600:.2f} h for the whole plan; {todo_total / 3600:.2f} h left to run")

@@ -77,6 +77,10 @@ class RunOptions:
     def row_threads(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // max(1, self.parallel))
 
+    def rows_share_cores(self) -> bool:
+        """Several rows at a time on the CPU: they divide its cores, so their speed is timed side by side."""
+        return self.parallel > 1 and self.device == "cpu"
+
 
 def model_config_dict(overrides: dict, recipe: Recipe) -> dict:
     """The resolved model config of a study model (as the engine builds it for Fashion-MNIST)."""
@@ -489,10 +493,15 @@ def write_speed(out_dir: str | os.PathLike, study_name: str, speed: dict, option
 
 
 # -- the plan's cost -------------------------------------------------------------------------------------
+def _time_recipe(variants: tuple[Variant, ...], recipe: Recipe, rounds: int, device: str,
+                 threads: Optional[int]) -> dict[str, dict]:
+    return time_variants(variants, recipe, rounds=rounds, steps=2, batch_size=recipe.batch_size, device=device,
+                         threads=threads)
+
+
 def _timed_in_process(variants: tuple[Variant, ...], recipe: Recipe, rounds: int, device: str, threads: int,
                       results: "multiprocessing.Queue") -> None:
-    results.put(time_variants(variants, recipe, rounds=rounds, steps=2, batch_size=recipe.batch_size,
-                              device=device, threads=threads))
+    results.put(_time_recipe(variants, recipe, rounds, device, threads))
 
 
 def _time_side_by_side(variants: tuple[Variant, ...], recipe: Recipe, options: RunOptions,
@@ -529,12 +538,10 @@ def estimate_costs(studies: list[Study], specs: dict[str, list[RowSpec]], option
         variants = tuple(v for v in study.variants if v.name in names and v.name not in per_image)
         if not variants:
             continue
-        if options.parallel > 1 and options.device == "cpu":
+        if options.rows_share_cores():
             speed = _time_side_by_side(variants, study.recipe, options, rounds)
         else:
-            speed = time_variants(variants, study.recipe, rounds=rounds, steps=2,
-                                  batch_size=study.recipe.batch_size, device=options.device,
-                                  threads=options.threads)
+            speed = _time_recipe(variants, study.recipe, rounds, options.device, options.threads)
         for name, v in speed.items():
             per_image[name] = 1.0 / v["train_img_s"]
             per_image[name + ":infer"] = 1.0 / v["infer_img_s"]
