@@ -62,13 +62,15 @@ echo "campaign exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 # the files this device added rows to, in one file (studies.json: {study: rows}; scripts/merge_rows.py merges it)
 python3 - "$WORK/studies" "$OUT/studies.json" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, sys, pathlib
+sys.path.insert(0, "scripts")
+from merge_rows import row_key  # what makes a row new is what merge_rows merges by
 bundle = {}
 for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     rows = json.loads(p.read_text())
     recorded = pathlib.Path("docs/results") / p.name
-    old = {json.dumps(r, sort_keys=True) for r in json.loads(recorded.read_text())} if recorded.exists() else set()
+    old = {row_key(r) for r in json.loads(recorded.read_text())} if recorded.exists() else set()
     if isinstance(rows, list):
-        new = [r for r in rows if json.dumps(r, sort_keys=True) not in old]
+        new = [r for r in rows if isinstance(r, dict) and row_key(r) not in old]
         print(f"{p.name}: {len(rows)} rows, {len(new)} from this device")
         if new:
             bundle[p.stem] = rows
