@@ -158,6 +158,10 @@ def test_evaluating_on_data_of_other_classes_is_one_error_line(files, capsys):
     (["train", "--img-size", "100"], "error: img_size=100: coatnet_micro takes sides that are multiples of 8 (its "
                                      "total stride); nearest: 96 or 104"),
     (["train", "--epochs", "0"], "error: epochs=0 must be positive"),
+    (["train", "--translate", "-1"], "error: translate=-1 must be in [0, img_size / 2) pixels"),
+    (["train", "--translate", "16", "--img-size", "32"], "error: translate=16 must be in [0, img_size / 2) pixels "
+                                                         "(img_size 32)"),
+    (["train", "--translate", "16"], "error: translate=16 must be in [0, img_size / 2) pixels (img_size 32)"),
     (["train", "--model", "coatnet_99"], "error: unknown model 'coatnet_99'"),
     (["train", "--device", "warp-drive"], "error: device='warp-drive' is not a device name"),
     (["train", "--resume", "/nonexistent/run"], "error: --resume /nonexistent/run: no config.json there"),

@@ -324,3 +324,32 @@ def test_a_training_batch_in_the_worker_crops_as_its_images_one_by_one(tmp_path)
     assert [b[1:] for b in batched] == [s[1:] for s in single] and batched[2][0] is None and batched[2][4]
     assert all(torch.equal(b[0], s[0]) for b, s in zip(batched, single) if s[0] is not None)
     assert not torch.equal(batched[0][0], dataset[(5, 0)][0])  # the draws follow the epoch
+
+
+def test_translate_shifts_by_whole_pixels_with_zeros_alike_in_memory_and_in_the_folder_worker():
+    """--translate N: each training image moves by -N..N whole output pixels along x and y (every shift drawn,
+    the draws a function of seed, epoch and index), zeros filling in: the pad-and-crop of CIFAR training. The
+    in-memory grid_sample and the workers' Pillow resampling give the same pixels."""
+    from coatnet.data.datasets import transform_images
+    from coatnet.data.transforms import shift_boxes
+
+    n, size, pixels = 200, 32, 3
+    imgs = torch.randint(1, 256, (n, 1, size, size), dtype=torch.uint8)  # no zero pixel: the fill is visible
+    spec = DataSpec("t", tuple("ab"), 1, size, 1.0, (0.5,), (0.5,))
+    aug = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0, translate=pixels)
+    (batch,) = list(TensorSource(imgs, torch.zeros(n, dtype=torch.long)).batches([torch.arange(n)], spec,
+                                                                                 train=True, aug=aug, seed=5, epoch=2))
+    full = torch.tensor([[0.0, 0.0, size, size]]).expand(n, 4)
+    dx, dy = shift_boxes(full, 5, 2, torch.arange(n), pixels, size)[:, :2].round().long().T
+    assert set(dx.tolist()) == set(dy.tolist()) == set(range(-pixels, pixels + 1))
+    padded = torch.nn.functional.pad(imgs, (pixels,) * 4)
+    expected = torch.stack([padded[i, :, pixels + dy[i]:pixels + dy[i] + size, pixels + dx[i]:pixels + dx[i] + size]
+                            for i in range(n)])
+    torch.testing.assert_close(batch.images, expected.float() / 255, atol=1e-6, rtol=0)
+    pil = [Image.fromarray(im[0].numpy()) for im in imgs]
+    worker = torch.stack(transform_images(pil, list(range(n)), spec, True, aug, 5, 2))
+    assert torch.equal(worker, expected)
+    moved = list(TensorSource(imgs, torch.zeros(n, dtype=torch.long)).batches([torch.arange(n)], spec, train=True,
+                                                                              aug=aug, seed=5, epoch=3))[0]
+    assert not torch.equal(moved.images, batch.images)  # the next epoch draws anew
+

@@ -12,9 +12,11 @@ roundings of that one rule exist, each kept for the numbers that were measured w
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,8 +31,12 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 def resize_crop(img: Image.Image, box, size: int, flip: bool = False) -> torch.Tensor:
     """The float box (x0, y0, w, h) of `img` resampled bilinearly to size x size in one pass (no rounding
-    of an intermediate size), mirrored when `flip`: uint8 (C, size, size)."""
+    of an intermediate size), mirrored when `flip`: uint8 (C, size, size). Where the box leaves the image
+    (a translated crop) the image is taken as surrounded by zeros."""
     x0, y0, w, h = box
+    pad = math.ceil(max(0.0, -x0, -y0, x0 + w - img.width, y0 + h - img.height))
+    if pad:  # Pillow resamples only boxes inside the image
+        img, x0, y0 = ImageOps.expand(img, border=pad, fill=0), x0 + pad, y0 + pad
     img = img.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)

@@ -114,8 +114,9 @@ class TensorSource:
             sample = idx % len(self)  # an index past the end is a repeat of this sample (module docstring)
             x = images[sample.to(images.device, non_blocking=True)].to(torch.float32).div_(255)
             if train and aug.enabled:
-                boxes, flips = crop_params(seed, epoch, idx.to(images.device, non_blocking=True), height, width, aug)
-                x = resized_crop(x, boxes, size, flips)
+                boxes, flips = crop_params(seed, epoch, idx.to(images.device, non_blocking=True), height, width, aug,
+                                           spec.img_size)
+                x = resized_crop(x, boxes, size, flips, outside="zeros" if aug.translate else "border")
             elif (height, width) != size or spec.crop_fraction != 1.0:
                 box = torch.tensor(center_crop_box(height, width, spec.crop_fraction, *size)).expand(len(idx), 4)
                 x = resized_crop(x, box, size)
@@ -196,7 +197,7 @@ def transform_images(images: list[Image.Image], indices: list[int], spec: DataSp
     if not images:
         return []
     boxes, flips = crop_params(seed, epoch, torch.tensor(indices), torch.tensor([img.height for img in images]),
-                               torch.tensor([img.width for img in images]), aug)
+                               torch.tensor([img.width for img in images]), aug, spec.img_size)
     return [resize_crop(img, box.tolist(), spec.img_size, flip=bool(flip))
             for img, box, flip in zip(images, boxes, flips)]
 

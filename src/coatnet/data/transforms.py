@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .random import numpy_rng, uniform, uniform_streams
 
 # Streams: independent random numbers per purpose (any distinct integers).
-_S_CROP, _S_FLIP, _S_RA, _S_MIX, _S_ERASE = 100, 200, 300, 400, 500
+_S_CROP, _S_FLIP, _S_RA, _S_MIX, _S_ERASE, _S_SHIFT = 100, 200, 300, 400, 500, 600
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class AugmentConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop: area fraction range
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random resized crop: aspect ratio range
     hflip: float = 0.5  # probability of a horizontal flip
+    # Random translation by a whole number of output pixels in -translate..translate along each axis, after the
+    # crop; what leaves the image is zero (black): the pad-and-crop of CIFAR and Fashion-MNIST training. 0: off
+    translate: int = 0
     randaugment_n: int = 0  # RandAugment: ops per image (paper: 2); 0 disables
     randaugment_m: float = 15.0  # RandAugment magnitude on the 0..30 scale (paper: 15)
     mixup_alpha: float = 0.0  # Beta(alpha, alpha) for Mixup (paper: 0.8); 0 disables
@@ -68,18 +71,32 @@ def center_crop_box(height: int, width: int, crop_fraction: float, out_h: int, o
 
 
 def crop_params(seed: int, epoch: int, index: torch.Tensor, height: int | torch.Tensor, width: int | torch.Tensor,
-                aug: AugmentConfig) -> tuple:
-    """Per-sample random-resized-crop boxes (B, 4) and flip flags (B,) bool for samples `index`."""
+                aug: AugmentConfig, out_size: int) -> tuple:
+    """Per-sample random-resized-crop boxes (B, 4), shifted by `aug.translate` pixels of the out_size x out_size
+    output, and flip flags (B,) bool for samples `index`."""
     u = torch.stack([uniform(seed, epoch, index, _S_CROP + k) for k in range(4)], dim=1)
     boxes = random_crop_boxes(u, height, width, aug.crop_scale, aug.crop_ratio)
+    if aug.translate:
+        boxes = shift_boxes(boxes, seed, epoch, index, aug.translate, out_size)
     flips = uniform(seed, epoch, index, _S_FLIP) < aug.hflip
     return boxes, flips
 
 
-def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], flips: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+def shift_boxes(boxes: torch.Tensor, seed: int, epoch: int, index: torch.Tensor, pixels: int, out_size: int
+                ) -> torch.Tensor:
+    """Boxes (B, 4) moved by whole output pixels, uniform in -pixels..pixels along x and y: a box of w source
+    pixels resampled to out_size moves its output by k pixels when it moves by k * w / out_size."""
+    k = torch.stack([(uniform(seed, epoch, index, _S_SHIFT + a) * (2 * pixels + 1)).floor().clamp_max(2 * pixels)
+                     - pixels for a in range(2)], dim=1).to(boxes.dtype)
+    step = boxes[:, 2:] / out_size
+    return torch.cat([boxes[:, :2] + k * step, boxes[:, 2:]], dim=1)
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], flips: torch.Tensor | None = None,
+                 outside: str = "border") -> torch.Tensor:
     """Crop boxes (B, 4) (x0, y0, w, h) out of x (B, C, H, W) float and resize them bilinearly to `size`,
-    mirrored where `flips` (B,) is set: (B, C, *size)."""
+    mirrored where `flips` (B,) is set: (B, C, *size). Samples outside the image take the nearest edge pixel
+    (`outside="border"`) or zero ("zeros": boxes shifted past the edge, AugmentConfig.translate)."""
     b, _, height, width = x.shape
     x0, y0, w, h = boxes.to(device=x.device, dtype=x.dtype, non_blocking=True).unbind(1)
     sx = w / width
@@ -90,7 +107,7 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], fl
     theta[:, 1, 1], theta[:, 1, 2] = h / height, (2 * y0 + h) / height - 1
     grid = F.affine_grid(theta, [b, x.shape[1], *size], align_corners=False)
     # Downscaling by more than 2x aliases; smooth first (rare here: crops are resized near their own size).
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=outside, align_corners=False)
 
 
 # -- RandAugment -----------------------------------------------------------------------------------

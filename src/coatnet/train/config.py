@@ -149,6 +149,9 @@ class TrainConfig:
     crop_scale: tuple[float, float] = setting((1.0, 1.0), "--crop-scale", "random resized crop area range "
                                               "(paper/ImageNet: 0.08 1)", metavar=("LO", "HI"))
     hflip: float = setting(0.5, "--hflip", "horizontal flip probability")
+    translate: int = setting(0, "--translate", "shift each training image by -N..N whole pixels along x and y "
+                             "after the crop, zeros filling in (the pad-and-crop of CIFAR and Fashion-MNIST; not "
+                             "in the paper); 0: off", metavar="N")
     randaugment_n: int = setting(0, "--randaugment", "RandAugment ops per image and magnitude 0..30 (paper: 2 "
                                  "15); 0 ops: off", metavar="N")
     randaugment_m: float = setting(15.0, "--randaugment", "RandAugment magnitude 0..30 (paper: 15)", metavar="M")
@@ -241,6 +244,13 @@ class TrainConfig:
                              f"{did_you_mean(unknown[0], sorted(known)) if len(unknown) == 1 else ''}")
         return dataclasses.replace(self, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in changes.items()})
 
+    def check_translate(self, img_size: Optional[int]) -> None:
+        """translate must leave most of the image in view: 0 <= translate < img_size / 2 (img_size None: not
+        known yet, the data decides it; run_data.load_data checks again)."""
+        if self.translate < 0 or (img_size is not None and self.translate >= img_size / 2):
+            raise ValueError(f"translate={self.translate} must be in [0, img_size / 2) pixels"
+                             f"{'' if img_size is None else f' (img_size {img_size})'}")
+
     def validate(self) -> "TrainConfig":
         self._check_types()
 
@@ -277,6 +287,7 @@ class TrainConfig:
         for name in ("hflip", "random_erase"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a probability in [0, 1]")
+        self.check_translate(self.img_size)
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale={self.crop_scale} must satisfy 0 < low <= high <= 1")
         positive("img_size")  # and a multiple of the model's total stride: engine.check_model, with the registry

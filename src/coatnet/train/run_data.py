@@ -67,7 +67,7 @@ class EpochData:
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
     """The training augmentation `cfg` asks for."""
     return AugmentConfig(enabled=cfg.augment, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
-                         randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
+                         translate=cfg.translate, randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
                          mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                          erase_prob=cfg.random_erase)
 
@@ -80,6 +80,7 @@ def load_data(cfg: TrainConfig) -> tuple[TrainConfig, RunData]:
     _note_size(cfg, spec, stride)
     spec = _published_preprocessing(cfg, spec)
     cfg = cfg.replace(img_size=spec.img_size, crop_fraction=spec.crop_fraction)
+    cfg.check_translate(cfg.img_size)
     workers = min(4, os.cpu_count() or 1) if cfg.workers is None else cfg.workers
     train_idx = subset_indices(len(train_src), cfg.train_subset, cfg.seed, stream=1)
     val_idx = subset_indices(len(val_src), cfg.val_subset, cfg.seed, stream=2)
