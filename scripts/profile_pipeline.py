@@ -53,7 +53,8 @@ def main() -> None:
     per_image("decode (load_image)", files, lambda i, path: load_image(path))
     images = [load_image(path) for path in files]
     per_image("crop draws (crop_params, 1 image)", files,
-              lambda i, path: crop_params(0, 0, torch.tensor([i]), images[i].height, images[i].width, aug, args.img_size))
+              lambda i, path: crop_params(0, 0, torch.tensor([i]), images[i].height, images[i].width, aug,
+                                          args.img_size))
     per_image("box resample (resize_crop)", files,
               lambda i, path: resize_crop(images[i], (10.0, 20.0, 300.0, 250.0), args.img_size, True))
     per_image("transform_image (draws + resample)", files,
