@@ -118,3 +118,27 @@ def test_the_runtime_swaps_the_kernels_in_only_for_emulated_bf16(monkeypatch, pr
     monkeypatch.setattr(bf16_cpu, "emulated_bf16_cpu", lambda: emulated)
     model = setup_runtime("cpu", precision).prepare(coatnet.create_model("coatnet_pico", num_classes=10))
     assert (type(model.head) is Linear) == swapped
+
+
+def test_compiling_under_cpu_bf16_autocast_warns_nothing_and_breaks_no_graph():
+    # `coatnet train --compile` in bf16 on a CPU: the kernel choice is read as a constant, not traced through a
+    # cache wrapper (which made torch.compile print a UserWarning to the user in every compiled run).
+    import warnings
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.warn_once_cache.clear()
+    layer = Linear(16, 8)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=BF16):
+            return layer(x)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explained = torch._dynamo.explain(step)(torch.randn(4, 16))
+        out = torch.compile(step, backend="eager")(torch.randn(4, 16))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    assert out.dtype == BF16
+    assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]

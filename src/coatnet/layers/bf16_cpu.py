@@ -56,11 +56,17 @@ def bf16_matmul_speedup(repeats: int = 5) -> float:
     return times[torch.float32] / times[BF16]
 
 
-@functools.cache
+_EMULATED: dict[str, bool] = {}
+
+
+@torch.compiler.assume_constant_result
 def emulated_bf16_cpu() -> bool:
     """Whether bf16 linears and dense convolutions go through fp32 kernels here: on a CPU without bf16
-    instructions, unless COATNET_NATIVE_BF16=1."""
-    return os.environ.get("COATNET_NATIVE_BF16") != "1" and not cpu_has_native_bf16()
+    instructions, unless COATNET_NATIVE_BF16=1. Decided once per process; torch.compile takes it as a constant
+    (through functools.cache it warned the user on every compiled run and broke the graph at the CPU check)."""
+    if "cpu" not in _EMULATED:
+        _EMULATED["cpu"] = os.environ.get("COATNET_NATIVE_BF16") != "1" and not cpu_has_native_bf16()
+    return _EMULATED["cpu"]
 
 
 def _bf16_autocast_on_emulating_cpu(x: torch.Tensor) -> bool:
