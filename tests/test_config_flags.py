@@ -78,13 +78,14 @@ def test_the_help_states_each_fields_default():
     assert _help(parser, actions["randaugment_n"]).endswith("(default: 0 15.0)")
     assert _help(parser, actions["channels_last"]).endswith("(default: on)")
     assert _help(parser, actions["train_subset"]).endswith("(default: all)")  # what None means
+    assert _help(parser, actions["model_args"]).endswith("the flag may repeat) (default: none)")  # an empty tuple
     assert _help(parser, actions["out"]).endswith("(default: runs/<recipe>-<time>)")  # what the command does
     for field, action in actions.items():
         s = TrainConfig.settings()[field]
         if not s.flags or action.nargs == 0 or len(getattr(action, "fields", ())) > 1 or field == "out":
             continue
         value = getattr(d, field)
-        shown = s.none if value is None else ("on" if value else "off") if isinstance(value, bool) else (
+        shown = s.none if value is None or value == () else ("on" if value else "off") if isinstance(value, bool) else (
             " ".join(map(str, value)) if isinstance(value, tuple) else str(value))
         assert action.help.endswith(f"(default: {shown})"), field
     finetune = _command("finetune")

@@ -211,7 +211,8 @@ def train_command(run: dict) -> str:
     if run.get("recipe") == "finetune" and run.get("pretrained"):
         words = ["coatnet", "finetune", "--checkpoint", str(run["pretrained"])]
         base = TrainConfig().replace(**FINETUNE_RECIPE, model=settings.model, pretrained=settings.pretrained,
-                                     eval_before=True, recipe="finetune", layout=settings.layout)
+                                     eval_before=True, recipe="finetune", layout=settings.layout,
+                                     model_args=settings.model_args)
     else:
         recipe = run.get("recipe") if run.get("recipe") in RECIPES else None
         words = ["coatnet", "train"] + (["--recipe", recipe] if recipe and recipe != "default" else [])

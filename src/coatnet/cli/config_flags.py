@@ -47,6 +47,8 @@ def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[str], def
                                     const=not s.flags[0].startswith("--no-"), **kwargs)
         else:
             convert, nargs = _value_type(s, hints[name])
+            if nargs == "+":  # tuple[X, ...]: one or more words, and the flag may repeat (--model-arg)
+                kwargs["action"] = "extend"
             target.add_argument(*s.flags, dest=name, type=convert, nargs=nargs, choices=s.choices,
                                 metavar=s.metavar, **kwargs)
 
@@ -64,14 +66,16 @@ def _is_switch(s: Setting, hint: Any) -> bool:
     return hint is bool and len(s.flags) == 1
 
 
-def _value_type(s: Setting, hint: Any) -> tuple[Callable[[str], Any], int | None]:
+def _value_type(s: Setting, hint: Any) -> tuple[Callable[[str], Any], int | str | None]:
     """(the converter of one command-line word, nargs) for a field of type `hint`: Optional[X] takes an X,
-    tuple[X, X] two; a value equal to `none_as` becomes None (--clip-grad 0: off)."""
+    tuple[X, X] two, tuple[X, ...] one or more ("+"); a value equal to `none_as` becomes None (--clip-grad 0:
+    off)."""
     if typing.get_origin(hint) is typing.Union:  # Optional[X]
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     nargs = None
     if typing.get_origin(hint) is tuple:
-        nargs, hint = len(typing.get_args(hint)), typing.get_args(hint)[0]
+        items = typing.get_args(hint)
+        nargs, hint = ("+" if items[-1] is Ellipsis else len(items)), items[0]
     if s.none_as is None:
         return hint, nargs
 
@@ -85,7 +89,7 @@ def _value_type(s: Setting, hint: Any) -> tuple[Callable[[str], Any], int | None
 
 def _shown(value: Any, s: Setting) -> str:
     """A default as --help states it: what None means, on/off for a pair of switches, tuples as their words."""
-    if value is None:
+    if value is None or value == ():
         return s.none or "none"
     if isinstance(value, bool):
         return "on" if value else "off"

@@ -205,6 +205,9 @@ class CoAtNetConfig:
             for v in _flatten(getattr(self, name)):
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise ValueError(f"{name}={getattr(self, name)!r}: every entry must be a positive integer")
+        if not isinstance(self.strides, (tuple, list)) or len(self.strides) != 4 \
+                or any(isinstance(v, bool) or v not in (1, 2) for v in self.strides):
+            raise ValueError(f"strides={self.strides!r} must be four values of 1 or 2 (S1..S4)")
         self.mbconv.validate()
         self.transformer.validate()
         head_dim = self.transformer.head_dim
@@ -220,9 +223,6 @@ class CoAtNetConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}={v!r} must be a non-negative integer")
         _check_choice("shortcut_projection", self.shortcut_projection, ("strided", "width_change"))
-        if not isinstance(self.strides, (tuple, list)) or len(self.strides) != 4 \
-                or any(isinstance(v, bool) or v not in (1, 2) for v in self.strides):
-            raise ValueError(f"strides={self.strides!r} must be four values of 1 or 2 (S1..S4)")
         if self.stem_stride not in (1, 2):
             raise ValueError(f"stem_stride={self.stem_stride!r} must be 1 or 2")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:

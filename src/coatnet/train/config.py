@@ -5,6 +5,7 @@ fields and defaults in a fraction of a second. Whether `model` names a registere
 registry is loaded: `train()`, `finetune_config` and the CLI, before anything is written."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 import typing
@@ -31,11 +32,43 @@ def parse_log(log: str | None) -> tuple[str, ...]:
     return kinds
 
 
+# Model config fields that other settings decide: the data (classes, channels, size) and their own flags.
+_MODEL_ARGS_SET_ELSEWHERE = {"num_classes": "the data's class count", "in_chans": "the data's channels",
+                             "img_size": "--img-size", "drop_path_rate": "--drop-path", "layout": "--layout"}
+
+
+def parse_model_args(model_args: tuple[str, ...]) -> dict[str, Any]:
+    """("stem_stride=1", "strides=2,2,2,1", "transformer.norm=layernorm") -> {"stem_stride": 1, "strides":
+    (2, 2, 2, 1), "transformer.norm": "layernorm"}: each value a Python literal (lists become tuples), else the
+    string itself. ValueError, naming the word, for a word without KEY=, a key given twice, or a field that
+    another setting decides. Whether the keys are fields of the model's config is checked with the registry
+    (engine.check_model)."""
+    out: dict[str, Any] = {}
+    for word in model_args:
+        key, eq, text = word.partition("=")
+        key = key.strip()
+        if not eq or not key or not all(part.isidentifier() for part in key.split(".")):
+            raise ValueError(f"model_args: {word!r} is not KEY=VALUE (e.g. stem_stride=1)")
+        if key.rpartition(".")[2] in _MODEL_ARGS_SET_ELSEWHERE:
+            raise ValueError(f"model_args: {key} is set by {_MODEL_ARGS_SET_ELSEWHERE[key.rpartition('.')[2]]}, "
+                             f"not --model-arg")
+        if key in out:
+            raise ValueError(f"model_args: {key} is given twice")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            value = text.strip()
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
 def _is_a(value: Any, hint: Any) -> bool:
     """isinstance for the field types of TrainConfig: bool, int, float (an int is a float, a bool is neither a
-    float nor an int), str, and tuple[X, ...]."""
+    float nor an int), str, tuple[X, Y] and tuple[X, ...]."""
     if typing.get_origin(hint) is tuple:
         items = typing.get_args(hint)
+        if len(items) == 2 and items[1] is Ellipsis:
+            return isinstance(value, tuple) and all(_is_a(v, items[0]) for v in value)
         return (isinstance(value, tuple) and len(value) == len(items)
                 and all(_is_a(v, t) for v, t in zip(value, items)))
     if hint is float:
@@ -103,6 +136,10 @@ class TrainConfig:
     model: str = setting("coatnet_micro", "--model", "registered variant (see `coatnet models`)", section="model")
     layout: Optional[str] = setting(None, "--layout", "block types of S1..S4 instead of the model's, e.g. "
                                     "C-T-T-T (C: MBConv, T: Transformer)", none="the model's")
+    model_args: tuple[str, ...] = setting((), "--model-arg", "set fields of the model's config, each KEY=VALUE: "
+                                          "e.g. stem_stride=1 strides=2,2,2,1 transformer.norm=layernorm (the "
+                                          "fields: `coatnet models --config NAME`; values are Python literals, "
+                                          "else strings; the flag may repeat)", metavar="KEY=VALUE", none="none")
     drop_path: float = setting(0.0, "--drop-path", "stochastic depth: the maximum rate, reached at the last "
                                "block")
     pretrained: Optional[str] = setting(None, None, "start from these weights (ours, timm's, or a tag): "
@@ -229,6 +266,10 @@ class TrainConfig:
             out[f.name] = dataclasses.replace(s, section=section)
         return out
 
+    def model_overrides(self) -> dict[str, Any]:
+        """The model config fields this run changes (create_model's overrides): --layout and --model-arg."""
+        return {**parse_model_args(self.model_args), "layout": self.layout}
+
     @property
     def tta_flip_in_eval(self) -> bool:
         """Whether evaluation averages each image with its mirror (tta_flip, when training flips images)."""
@@ -288,6 +329,7 @@ class TrainConfig:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a probability in [0, 1]")
         self.check_translate(self.img_size)
+        self.model_overrides()
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale={self.crop_scale} must satisfy 0 < low <= high <= 1")
         positive("img_size")  # and a multiple of the model's total stride: engine.check_model, with the registry

@@ -58,10 +58,10 @@ __all__ = ["NonFiniteLossError", "check_model", "idle_settings", "interrupted_no
 
 # -- the run -------------------------------------------------------------------------------------------------
 def check_model(cfg: TrainConfig) -> None:
-    """ValueError unless cfg.model is registered, cfg.layout fits it, and cfg.img_size (when given) is a side it
-    takes: a multiple of its total stride (32 with the paper's strides; 8 for coatnet_micro, whose S3 and S4 keep
-    S2's map)."""
-    stride = get_config(cfg.model, layout=cfg.layout).reduction
+    """ValueError unless cfg.model is registered, cfg.layout and cfg.model_args fit it, and cfg.img_size (when
+    given) is a side it takes: a multiple of its total stride (32 with the paper's strides; 8 for coatnet_micro,
+    whose S3 and S4 keep S2's map)."""
+    stride = get_config(cfg.model, **cfg.model_overrides()).reduction
     if cfg.img_size is not None and cfg.img_size % stride:
         nearest = " or ".join(map(str, nearest_valid(cfg.img_size, stride)))
         raise ValueError(f"img_size={cfg.img_size}: {cfg.model} takes sides that are multiples of {stride} (its total "
@@ -161,7 +161,8 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
     steps_per_epoch = math.ceil(data.epoch_images / cfg.batch_size)
     settings = StepSettings.from_config(cfg, steps_per_epoch)
     run_info = {"data": cfg.data, "data_dir": cfg.data_dir, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
-                "model": cfg.model, "layout": cfg.layout, "tta_flip": cfg.tta_flip_in_eval}
+                "model": cfg.model, "layout": cfg.layout, "model_args": list(cfg.model_args),
+                "tta_flip": cfg.tta_flip_in_eval}
     checkpointer = Checkpointer(cfg.out, model, optimizer, ema, cfg.fsdp,
                                 {"model_config": model.config.to_dict(), "data": data.spec.to_dict(), "run": run_info})
     state = _initial_state(cfg, checkpointer, runtime, resuming, settings)
@@ -247,8 +248,8 @@ def _build_model(cfg: TrainConfig, data: RunData, runtime: Runtime, resuming: bo
     sharded under FSDP, as cfg says."""
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=len(data.spec.classes), img_size=data.spec.img_size,
-                         in_chans=data.spec.in_chans, drop_path_rate=cfg.drop_path, layout=cfg.layout,
-                         pretrained=cfg.pretrained)
+                         in_chans=data.spec.in_chans, drop_path_rate=cfg.drop_path, pretrained=cfg.pretrained,
+                         **cfg.model_overrides())
     runtime.prepare(model)
     if cfg.recalibrate_bn and not resuming:  # before freezing: frozen stages keep the statistics of the new size
         calib_idx = data.train_idx[subset_indices(len(data.train_idx), cfg.recalibrate_bn, cfg.seed, stream=3)]

@@ -74,7 +74,7 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig:
 
 def load_data(cfg: TrainConfig) -> tuple[TrainConfig, RunData]:
     """The run's data, and `cfg` with img_size and crop_fraction resolved from it."""
-    stride = get_config(cfg.model, layout=cfg.layout).reduction
+    stride = get_config(cfg.model, **cfg.model_overrides()).reduction
     train_src, val_src, spec = build_data(cfg.data, cfg.data_dir, cfg.val_fraction, cfg.img_size,
                                           cfg.crop_fraction, cfg.seed, size_multiple=stride)
     _note_size(cfg, spec, stride)
