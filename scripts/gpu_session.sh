@@ -79,7 +79,7 @@ if bundle:
 EOF
 
 # 3. the long recipe's variants in parallel, each in its own process and folder, until LONG_SECONDS
-LONG_VARIANTS=${LONG_VARIANTS:-"mini40:|rrc:--crop-scale 0.6 1 --translate 0|mini80:--epochs 80|wide26:--model coatnet_mini_wide --epochs 26|deep80:--model coatnet_mini_deep --epochs 80"}
+LONG_VARIANTS=${LONG_VARIANTS:-"mini40:|rrc:--crop-scale 0.6 1 --translate 0|mini80:--epochs 80|wide26:--model coatnet_mini_wide --epochs 26|stem40:--model-arg stem_stride=1 strides=2,2,2,1"}
 LEFT=$((TOTAL - ($(date +%s) - START) - 15))
 LONG_SECONDS=${LONG_SECONDS:-$LEFT}
 [ "$LONG_SECONDS" -gt "$LEFT" ] && LONG_SECONDS=$LEFT
