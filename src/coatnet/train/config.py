@@ -49,9 +49,9 @@ def parse_model_args(model_args: tuple[str, ...]) -> dict[str, Any]:
         key = key.strip()
         if not eq or not key or not all(part.isidentifier() for part in key.split(".")):
             raise ValueError(f"model_args: {word!r} is not KEY=VALUE (e.g. stem_stride=1)")
-        if key.rpartition(".")[2] in _MODEL_ARGS_SET_ELSEWHERE:
-            raise ValueError(f"model_args: {key} is set by {_MODEL_ARGS_SET_ELSEWHERE[key.rpartition('.')[2]]}, "
-                             f"not --model-arg")
+        field = key.rpartition(".")[2]
+        if field in _MODEL_ARGS_SET_ELSEWHERE:
+            raise ValueError(f"model_args: {key} is set by {_MODEL_ARGS_SET_ELSEWHERE[field]}, not --model-arg")
         if key in out:
             raise ValueError(f"model_args: {key} is given twice")
         try:

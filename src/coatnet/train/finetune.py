@@ -51,10 +51,9 @@ def finetune_config(checkpoint: str, model: str | None = None, num_classes: int 
     name = model or run.get("model") or (published.model if published else None)
     if name is None:
         raise ValueError(f"{checkpoint}: no model name recorded in it; pass the model (--model NAME)")
-    if model is None and run.get("layout") and settings.get("layout") is None:
-        settings["layout"] = run["layout"]  # the architecture it was trained with
-    if model is None and run.get("model_args") and settings.get("model_args") is None:
-        settings["model_args"] = tuple(run["model_args"])
+    for key in ("layout", "model_args"):  # the architecture it was trained with
+        if model is None and run.get(key) and settings.get(key) is None:
+            settings[key] = run[key]
     if settings.get("data") is None:  # one of our checkpoints: by default its own data, split and size
         for key in ("data", "data_dir", "val_fraction"):
             if settings.get(key) is None and run.get(key) is not None:
