@@ -434,7 +434,7 @@ def main_job_summary(out: Path) -> dict:
         return {"epochs_done": 0}
     last = records[-1]
     return {"epochs_done": len(records), "val_top1": last["val_top1"], "val_top5": last["val_top5"],
-            "best_val_top1": max(r["val_top1"] for r in records),
+            "best_val_top1": max(r["val_top1"] for r in records if "val_top1" in r),
             "img_per_s_mean": statistics.mean(r["img_per_s"] for r in records),
             "seconds_total": sum(r["seconds"] for r in records)}
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 import coatnet
 from coatnet.data import build_data
 from coatnet.train import TrainConfig, get_recipe, list_recipes, train
-from coatnet.train.checkpoint import load_model, read_checkpoint, save_weights_checkpoint
+from coatnet.train.checkpoint import load_model, read_checkpoint, read_checkpoint_info, save_weights_checkpoint
 from coatnet.train.evaluate import evaluate, subset_indices
 from coatnet.train.optim import WeightEMA, param_groups
 from coatnet.train.redundant import redundant_parameters
@@ -122,6 +122,30 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     keys = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")
     assert [[r[k] for k in keys] for r in ma] == [[r[k] for k in keys] for r in mb]
     assert full["val_top1"] == resumed["val_top1"]
+
+
+@needs_fmnist
+def test_eval_every_scores_every_nth_epoch_and_the_last_and_leaves_training_alone(tmp_path, caplog):
+    cfg = TrainConfig(**{**TINY, "epochs": 5, "quiet": False}, ema_decay=0.9)
+    every = train(cfg.replace(out=str(tmp_path / "every")))
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        sparse = train(cfg.replace(out=str(tmp_path / "sparse"), eval_every=2))
+    printed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    ma, mb = ([json.loads(s) for s in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("every", "sparse"))
+    assert [r["epoch"] for r in mb if "val_top1" in r] == [2, 4, 5]
+    assert all(not {"val_loss", "val_top1", "val_top5"} & set(r) for r in mb if r["epoch"] in (1, 3))
+    assert ["val_top1" in line for line in printed] == [False, True, False, True, True]
+    # Evaluating is not training: the same losses every epoch, the same scores where both evaluated.
+    assert [r["train_loss"] for r in ma] == [r["train_loss"] for r in mb]
+    assert [(r["val_loss"], r["val_top1"]) for r in ma if r["epoch"] in (2, 4, 5)] == \
+        [(r["val_loss"], r["val_top1"]) for r in mb if "val_top1" in r]
+    assert sparse["val_top1"] == every["val_top1"] == mb[-1]["val_top1"]
+    best = max((r for r in mb if "val_top1" in r), key=lambda r: r["val_top1"])
+    assert read_checkpoint_info(tmp_path / "sparse" / "checkpoint-best.safetensors")["epoch"] == best["epoch"]
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig(eval_every=0).validate()
 
 
 @needs_fmnist

@@ -115,7 +115,8 @@ def model_card(model, config: dict, info: dict, run: dict, metrics: list[dict], 
     fashion = spec["name"] == "fashion-mnist"
     dataset = "Fashion-MNIST" if fashion else Path(spec["name"]).name
     last = metrics[-1] if metrics else (info.get("metrics") or {})
-    best = max(metrics, key=lambda r: r.get("val_top1", float("-inf"))) if metrics else None
+    scored = [r for r in metrics if "val_top1" in r]  # --eval-every leaves epochs without validation scores
+    best = max(scored, key=lambda r: r["val_top1"]) if scored else None
     own = info.get("metrics") or {}
     size = "x".join(map(str, cfg.image_size))
     lines = ["---", f"license: {license}", "library_name: coatnet", "pipeline_tag: image-classification",
@@ -168,11 +169,14 @@ def model_card(model, config: dict, info: dict, run: dict, metrics: list[dict], 
         lines += ["| epoch | train loss | train top-1 (%) | val loss | val top-1 (%) | val top-5 (%) | lr | img/s |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in metrics:
-            lines.append(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_top1']:.2f} | {r['val_loss']:.4f} | "
-                         f"{r['val_top1']:.2f} | {r['val_top5']:.2f} | {r['lr']:.2e} | {r.get('img_per_s', 0):.0f} |")
+            val = (f"{r['val_loss']:.4f} | {r['val_top1']:.2f} | {r['val_top5']:.2f}" if "val_top1" in r
+                   else "not evaluated | | ")
+            lines.append(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_top1']:.2f} | {val} | {r['lr']:.2e} | "
+                         f"{r.get('img_per_s', 0):.0f} |")
         lines.append("")
+        final = f" Final epoch: {last['val_top1']:.2f}% top-1." if "val_top1" in last else ""
         lines.append("Train loss and top-1 are running values over each epoch, with augmentation; validation is "
-                     "in eval mode." + (" Final epoch: " f"{last['val_top1']:.2f}% top-1." if last else ""))
+                     "in eval mode." + final)
         lines.append("")
     else:
         lines += ["No metrics.jsonl was found next to the checkpoint: per-epoch metrics are not available.", ""]

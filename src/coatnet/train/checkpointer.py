@@ -68,8 +68,9 @@ class Checkpointer:
             return float(info["metrics"]["val_top1"]), int(info["epoch"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             best, epoch = state.best_val_top1, state.best_epoch
-            if best is None and state.records:  # a resume state written before it recorded the best
-                record = max(state.records, key=lambda r: r["val_top1"])
+            scored = [r for r in state.records if "val_top1" in r]
+            if best is None and scored:  # a resume state written before it recorded the best
+                record = max(scored, key=lambda r: r["val_top1"])
                 best, epoch = record["val_top1"], record["epoch"]
             warn(f"warning: cannot read {path} ({e}): kept unless an epoch beats val_top1 {best} (epoch {epoch}, "
                  f"as the resume state records it)")

@@ -205,11 +205,16 @@ class TrainConfig:
     # judge them (tta_flip_in_eval).
     tta_flip: bool = setting(True, "--no-tta", "score images alone (default: averaged with their mirror image "
                              "when training flips)")
+    # Evaluation (precise BN, flip averaging, the whole validation set) costs about a tenth of an epoch of a
+    # small model on a 2-core CPU; a long run may spend that every few epochs instead.
+    eval_every: int = setting(1, "--eval-every", "evaluate (precise BN, validation scores, best checkpoint) after "
+                              "every N-th epoch and the last; the epochs between record the training loss and "
+                              "accuracy only", metavar="N")
     # Statistics re-estimated so that no checkpoint carries ones that lag its weights (they trail by ~1/momentum
     # steps).
     precise_bn: int = setting(2048, "--precise-bn", "re-estimate BatchNorm statistics on N training images "
-                              "(eval transform, train/recalibrate.py) before each evaluation and checkpoint; "
-                              "0: off", metavar="N")
+                              "(eval transform, train/recalibrate.py) before each evaluation (the checkpoint "
+                              "written after it holds them); 0: off", metavar="N")
 
     precision: str = setting("auto", "--precision", "bf16 (autocast on CPU and GPU), fp32, or auto: bf16 where "
                              "the hardware has it natively (CUDA; CPUs with AVX512-BF16 or AMX), else fp32 "
@@ -301,7 +306,7 @@ class TrainConfig:
                 raise ValueError(f"{name}={v!r} must be {'non-negative' if allow_zero else 'positive'}")
 
         for name in ("epochs", "batch_size", "micro_batch_size", "lr", "train_subset", "val_subset", "eval_batch_size",
-                     "threads", "stop_at_step"):
+                     "threads", "stop_at_step", "eval_every"):
             positive(name)
         for name in ("min_lr", "warmup_epochs", "weight_decay", "ema_decay", "mixup", "cutmix", "save_every",
                      "randaugment_n", "randaugment_m", "drop_path", "label_smoothing", "workers", "recalibrate_bn",
@@ -312,7 +317,7 @@ class TrainConfig:
                              f"(a folder with train/ and val/ ignores it)")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay={self.layer_decay} must be in (0, 1]")
-        for name in ("freeze_stages", "recalibrate_bn", "precise_bn", "min_epoch_images"):
+        for name in ("freeze_stages", "recalibrate_bn", "precise_bn", "min_epoch_images", "eval_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}={v!r} must be a non-negative integer")

@@ -49,7 +49,7 @@ from .run_data import RunData, epoch_data, load_data
 from .runfolder import prepare_run_folder, remove_stale_temp_files, run_folder_lock, writing
 from .runtime import Runtime, setup_runtime
 from .schedule import lr_at
-from .scoring import epoch_record, eval_forward_on, refresh_batchnorm, score
+from .scoring import epoch_record, eval_forward_on, evaluates_after, refresh_batchnorm, score, train_record
 from .state import TrainState
 from .tracking import Tracker, make_tracker, sample_predictions
 
@@ -198,14 +198,19 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
         if stats is None:  # stopped at cfg.stop_at_step
             checkpointer.save(state, mid_epoch=True)
             return result(stopped=True)
-        if ema is not None:
-            eval_model.load_state_dict(ema.state)
-        refresh_batchnorm(cfg, eval_model, ema, data, runtime)
-        rec = epoch_record(cfg, *eval_forward_on(cfg, eval_model, eval_forward, runtime), data, state, epoch, stats)
+        if evaluates_after(cfg, epoch, settings.stops_at(state.global_step)):
+            if ema is not None:
+                eval_model.load_state_dict(ema.state)
+            refresh_batchnorm(cfg, eval_model, ema, data, runtime)
+            rec = epoch_record(cfg, *eval_forward_on(cfg, eval_model, eval_forward, runtime), data, state, epoch,
+                               stats)
+        else:
+            rec = train_record(state, epoch, stats)
         rec["seconds"] = time.time() - t_epoch
         rec["elapsed"] = time.time() - t_start
         if cfg.log:  # before the checkpoint: a run killed in between repeats the epoch, and its events with it
             tracker.log_epoch(state.global_step, rec)
+        if cfg.log and "val_top1" in rec:
             tracker.log_predictions(state.global_step, *sample_predictions(eval_model, data.val_src, data.val_idx[:8],
                                                                            data.spec, runtime.device))
         _end_epoch(cfg, state, rec, checkpointer)

@@ -47,6 +47,8 @@ def summary_line(rec: dict, epochs: int) -> str:
              f"train_top1 {rec['train_top1']:.2f}"]
     if "train_eval_top1" in rec:
         parts.append(f"train_eval_top1 {rec['train_eval_top1']:.2f}")
-    parts += [f"val_loss {rec['val_loss']:.4f}", f"val_top1 {rec['val_top1']:.2f}", f"val_top5 {rec['val_top5']:.2f}",
-              f"lr {rec['lr']:.2e}", f"{rec['img_per_s']:.0f} img/s", f"{rec['seconds']:.1f}s"]
+    if "val_top1" in rec:  # not on the epochs that --eval-every skips
+        parts += [f"val_loss {rec['val_loss']:.4f}", f"val_top1 {rec['val_top1']:.2f}",
+                  f"val_top5 {rec['val_top5']:.2f}"]
+    parts += [f"lr {rec['lr']:.2e}", f"{rec['img_per_s']:.0f} img/s", f"{rec['seconds']:.1f}s"]
     return "  ".join(parts)

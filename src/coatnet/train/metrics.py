@@ -30,17 +30,14 @@ def plot_curves(records: list[dict], path: str | os.PathLike, title: str | None 
     a note on what the two curves measure."""
     from matplotlib.ticker import MaxNLocator
 
-    epochs = [r["epoch"] for r in records]
     fig = figure(figsize=(10, 4))
     ax_loss, ax_acc = fig.subplots(1, 2)
     for key, label, style in (("train_loss", "train", "-o"), ("val_loss", "val", "-s"),
                               ("train_eval_loss", "train (eval mode)", "--")):
-        if any(key in r for r in records):
-            ax_loss.plot(epochs, [r.get(key) for r in records], style, label=label, markersize=3)
+        _plot_key(ax_loss, records, key, label, style)
     for key, label, style in (("train_top1", "train", "-o"), ("val_top1", "val", "-s"),
                               ("train_eval_top1", "train (eval mode)", "--")):
-        if any(key in r for r in records):
-            ax_acc.plot(epochs, [r.get(key) for r in records], style, label=label, markersize=3)
+        _plot_key(ax_acc, records, key, label, style)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
@@ -53,3 +50,10 @@ def plot_curves(records: list[dict], path: str | os.PathLike, title: str | None 
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
+
+
+def _plot_key(ax, records: list[dict], key: str, label: str, style: str) -> None:
+    """One curve: `key` over the epochs whose records have it (the evaluated ones, with --eval-every)."""
+    points = [(r["epoch"], r[key]) for r in records if key in r]
+    if points:
+        ax.plot(*zip(*points), style, label=label, markersize=3)

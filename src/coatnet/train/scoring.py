@@ -58,10 +58,23 @@ def eval_forward_on(cfg: TrainConfig, eval_model: nn.Module, eval_forward: nn.Mo
     return inference_model(eval_model), dataclasses.replace(runtime, precision="fp32", channels_last=False)
 
 
+def evaluates_after(cfg: TrainConfig, epoch: int, stopping: bool) -> bool:
+    """Whether the 0-based `epoch` just trained is evaluated: every cfg.eval_every-th, the last of the run, and
+    the last before a stop (`stopping`), so that the run's final record always has its validation scores."""
+    return (epoch + 1) % cfg.eval_every == 0 or epoch + 1 >= cfg.epochs or stopping
+
+
+def train_record(state: TrainState, epoch: int, stats: dict) -> dict:
+    """The metrics.jsonl line of an epoch trained and not evaluated (all but its times): `stats` from
+    train_one_epoch."""
+    return {"epoch": epoch + 1, "train_loss": stats["train_loss"], "train_top1": stats["train_top1"],
+            "lr": stats["lr"], "img_per_s": stats["img_per_s"], "step": state.global_step}
+
+
 def epoch_record(cfg: TrainConfig, eval_forward: nn.Module, runtime: Runtime, data: RunData, state: TrainState,
                  epoch: int, stats: dict) -> dict:
-    """The metrics.jsonl line of the epoch just trained (all but its times): `stats` from train_one_epoch,
-    scores on the validation set and, with cfg.eval_train, on the training set."""
+    """The metrics.jsonl line of the epoch just trained and evaluated (all but its times): `stats` from
+    train_one_epoch, scores on the validation set and, with cfg.eval_train, on the training set."""
     val = score(cfg, eval_forward, data.val_src, data.val_idx, data, runtime, state)
     rec = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "train_top1": stats["train_top1"],
            "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"], "lr": stats["lr"],

@@ -58,10 +58,13 @@ class TrainState:
 
     def end_epoch(self, record: dict) -> bool:
         """Close epoch record["epoch"]: keep its record, reset the position in the epoch and the running
-        sums, and track the best val_top1 (the first epoch that reached it). Returns whether it improved."""
+        sums, and track the best val_top1 (the first epoch that reached it; an epoch not evaluated has none).
+        Returns whether it improved."""
         self.records.append(record)
         self.epoch, self.step_in_epoch = record["epoch"], 0
         self.loss_sum = self.correct = self.images = 0.0
+        if "val_top1" not in record:
+            return False
         improved = self.best_val_top1 is None or record["val_top1"] > self.best_val_top1
         if improved:
             self.best_val_top1, self.best_epoch = record["val_top1"], record["epoch"]
