@@ -173,3 +173,20 @@ def test_two_launchers_as_two_nodes_train_the_weights_of_one_process(tmp_path, u
     err, key = worst_rel_err(load_file(str(run / "checkpoint-last.safetensors")),
                              load_file(str(uninterrupted / "checkpoint-last.safetensors")))
     assert err < 1e-3, f"relative difference {err:.2e} in {key}"
+
+
+def test_auto_resume_accepts_the_same_list_valued_flags_and_refuses_others(tmp_path):
+    # config.json stores --model-arg and --crop-scale as lists; the command line repeats them: not a change.
+    from coatnet.cli import CliError, build_parser
+    from coatnet.cli.train import build_config
+    from coatnet.train import TrainConfig, get_recipe
+
+    saved = TrainConfig().replace(**get_recipe("fashion-mnist-full")).replace(
+        model_args=("stem_stride=1", "strides=2,2,2,1"), crop_scale=(0.5, 1.0))
+    (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
+    line = ["train", "--recipe", "fashion-mnist-full", "--out", str(tmp_path), "--auto-resume", "--crop-scale", "0.5",
+            "1", "--model-arg", "stem_stride=1", "strides=2,2,2,1"]
+    cfg = build_config(build_parser().parse_args(line))
+    assert cfg.resume and cfg.model_args == ("stem_stride=1", "strides=2,2,2,1") and cfg.crop_scale == (0.5, 1.0)
+    with pytest.raises(CliError, match="cannot change --model-arg when resuming"):
+        build_config(build_parser().parse_args([*line[:-1], "strides=2,2,2,2"]))

@@ -150,7 +150,9 @@ def _resumed_config(run_dir: Path, flags: dict, recipe: str | None, how: str):
     cfg = TrainConfig.from_dict(saved)
     if recipe is not None and recipe != cfg.recipe:
         raise CliError(f"{how}: {run_dir} holds a run of recipe {cfg.recipe!r}, not {recipe!r}")
-    fixed = sorted(k for k, v in flags.items() if k not in _RESUME_CHANGEABLE and getattr(cfg, k) != v)
+    # Compared as settings (replace coerces): a flag's list is the tuple that config.json's list was read as.
+    given = cfg.replace(**{k: v for k, v in flags.items() if k not in _RESUME_CHANGEABLE})
+    fixed = sorted(k for k in flags if k not in _RESUME_CHANGEABLE and getattr(given, k) != getattr(cfg, k))
     if fixed:
         raise CliError(f"cannot change {flag_names(fixed)} when resuming {run_dir} (these may change: "
                        f"{flag_names(_RESUME_CHANGEABLE)})")
