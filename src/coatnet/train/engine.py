@@ -210,9 +210,9 @@ def _train(cfg: TrainConfig, tracker: Tracker = Tracker()) -> dict:
         rec["elapsed"] = time.time() - t_start
         if cfg.log:  # before the checkpoint: a run killed in between repeats the epoch, and its events with it
             tracker.log_epoch(state.global_step, rec)
-        if cfg.log and "val_top1" in rec:
-            tracker.log_predictions(state.global_step, *sample_predictions(eval_model, data.val_src, data.val_idx[:8],
-                                                                           data.spec, runtime.device))
+            if "val_top1" in rec:  # the evaluated weights' predictions: epochs --eval-every skips have none
+                tracker.log_predictions(state.global_step, *sample_predictions(
+                    eval_model, data.val_src, data.val_idx[:8], data.spec, runtime.device))
         _end_epoch(cfg, state, rec, checkpointer)
         if settings.stops_at(state.global_step) and epoch + 1 < cfg.epochs:
             return result(stopped=True)

@@ -76,9 +76,10 @@ def epoch_record(cfg: TrainConfig, eval_forward: nn.Module, runtime: Runtime, da
     """The metrics.jsonl line of the epoch just trained and evaluated (all but its times): `stats` from
     train_one_epoch, scores on the validation set and, with cfg.eval_train, on the training set."""
     val = score(cfg, eval_forward, data.val_src, data.val_idx, data, runtime, state)
-    rec = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "train_top1": stats["train_top1"],
-           "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"], "lr": stats["lr"],
-           "img_per_s": stats["img_per_s"], "step": state.global_step}
+    trained = train_record(state, epoch, stats)
+    # The validation scores after the training ones and before lr (metrics.jsonl's order since its first line).
+    head = {k: trained[k] for k in ("epoch", "train_loss", "train_top1")}
+    rec = head | {"val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"]} | trained
     if cfg.eval_train:
         tr = score(cfg, eval_forward, data.train_src, data.train_idx, data, runtime, state)
         rec.update(train_eval_loss=tr["loss"], train_eval_top1=tr["top1"], train_eval_top5=tr["top5"])
