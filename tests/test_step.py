@@ -4,6 +4,7 @@ augmentation that now runs on the device giving each sample what it gave before.
 from __future__ import annotations
 
 import socket
+import sys
 
 import pytest
 import torch
@@ -69,16 +70,33 @@ def test_twenty_compiled_training_steps_compile_once(colour_images, monkeypatch)
 
 
 # -- no read-back inside a step -------------------------------------------------------------------------------
+def _in_kornia_cpu_check() -> bool:
+    """Whether the caller is kornia's _check_async (kornia >= 0.9.2 checks equalize's input range with it).
+    It reads the check's verdict with bool() only for a CPU tensor; for a CUDA tensor it calls
+    torch._assert_async, which does not wait for the device. On the CPU that read is no device sync."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "_check_async" and frame.f_globals.get("__name__", "").startswith("kornia"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _Reads(TorchDispatchMode):
-    """Counts the ops that copy one number from a tensor to Python (.item(), bool(t), float(t), ...)."""
+    """Counts the ops that copy one number from a tensor to Python (.item(), bool(t), float(t), ...), except
+    kornia's range check, which makes that read on the CPU only (see _in_kornia_cpu_check)."""
 
     def __init__(self):
         super().__init__()
         self.count = 0
+        self.kornia_checks = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
+            if args[0].device.type == "cpu" and _in_kornia_cpu_check():
+                self.kornia_checks += 1
+            else:
+                self.count += 1
         return func(*args, **(kwargs or {}))
 
 
