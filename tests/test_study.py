@@ -53,6 +53,22 @@ def test_the_convergence_rule_gives_small_sets_as_many_steps_as_8000_images():
     assert loss_change_last20([5.0] * 16 + [1.0, 1.0, 0.9, 0.9]) == pytest.approx(-0.1)  # 20 epochs: pairs
 
 
+def test_a_cpu_rows_device_names_its_vector_instructions(monkeypatch):
+    """Two "AMD EPYC" machines differ (AVX2 only, or AVX512-BF16), and so do their rows' speeds: the device name
+    says which kind measured a row; a CPU without bf16 instructions is not said to have them."""
+    import torch
+    from coatnet.layers import bf16_cpu
+    from coatnet.study.runner import device_name
+
+    name = device_name("cpu")
+    assert name.endswith(f"; {bf16_cpu.cpu_features()})") and torch.backends.cpu.get_cpu_capability() in name
+    assert ("BF16" in name or "AMX" in name) == bf16_cpu.cpu_has_native_bf16()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert bf16_cpu.cpu_features() == "AVX512, AVX512-BF16"
+
+
 def test_plan_counts_and_order():
     layouts = plan(get_study("layouts"))
     assert len(layouts) == 5 * 4 * 3 - 5  # every layout at 4 sizes with 3 seeds, but 2 at 60,000 (the CPU budget)

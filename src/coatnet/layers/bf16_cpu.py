@@ -37,6 +37,19 @@ def cpu_has_native_bf16() -> bool:
     return any(check() for check in checks if check is not None)
 
 
+def cpu_features() -> str:
+    """This CPU's vector instructions as torch's kernels use them: "AVX2", "AVX512", "AVX512, AVX512-BF16" or
+    "AVX512, AVX512-BF16, AMX" (rows and speeds measured on different kinds differ, and a CPU's name does not
+    tell them apart: one "AMD EPYC" has AVX512-BF16, another only AVX2)."""
+    cpu = getattr(torch, "cpu", None)
+    features = [torch.backends.cpu.get_cpu_capability()]
+    for name, label in (("_is_avx512_bf16_supported", "AVX512-BF16"), ("_is_amx_tile_supported", "AMX")):
+        check = getattr(cpu, name, None)
+        if check is not None and check():
+            features.append(label)
+    return ", ".join(features)
+
+
 @functools.cache
 def bf16_matmul_speedup(repeats: int = 5) -> float:
     """How many times faster this CPU multiplies bf16 matrices than fp32 ones (fp32 time / bf16 time, median

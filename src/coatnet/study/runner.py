@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from ..data import build_data
+from ..layers.bf16_cpu import cpu_features
 from ..models import build_on_meta, count_params, get_config
 from ..models import variants as registry
 from ..train import TrainConfig, train
@@ -124,10 +125,10 @@ def cpu_name() -> str:
 
 
 def device_name(device: str) -> str:
-    """The GPU's name, or the CPU's model and count."""
+    """The GPU's name, or the CPU's model, count and vector instructions."""
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{cpu_name()} ({os.cpu_count()} CPUs)"
+    return f"{cpu_name()} ({os.cpu_count()} CPUs; {cpu_features()})"
 
 
 def machine_description(device: str = "cpu") -> str:
