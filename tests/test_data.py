@@ -137,6 +137,23 @@ def test_rand_augment_is_per_sample_and_stays_in_range():
     torch.testing.assert_close(rand_augment(x[4:10], 0, 1, idx[4:10], n=2, m=15), out[4:10])
 
 
+@pytest.mark.parametrize("height,width", [(224, 224), (7, 12), (1, 5)])
+def test_randaugments_affine_grid_is_torchs(height, width):
+    """The broadcast grid of the geometric ops is F.affine_grid's (align_corners=False) for any theta and size;
+    a rotation by 90 degrees of a square image moves its pixels as torch.rot90 does."""
+    from coatnet.data.transforms import affine_grid
+
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(height))
+    ref = torch.nn.functional.affine_grid(theta, [5, 3, height, width], align_corners=False)
+    got = affine_grid(theta, height, width)
+    assert got.shape == ref.shape == (5, height, width, 2)
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+    x = torch.rand(1, 3, 8, 8)
+    quarter = torch.tensor([[[0.0, -1.0, 0.0], [1.0, 0.0, 0.0]]])
+    turned = torch.nn.functional.grid_sample(x, affine_grid(quarter, 8, 8), align_corners=False)
+    torch.testing.assert_close(turned, torch.rot90(x, 1, (2, 3)), rtol=0, atol=1e-6)
+
+
 def test_in_place_augmentation_computes_the_same_numbers_and_leaves_a_float_batch_intact():
     """rand_augment/normalize with inplace=True: the same numbers as the copying forms, on the caller's tensor;
     train_inputs changes in place only the float copy it made of uint8 images, never float images it was given
