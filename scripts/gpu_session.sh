@@ -11,9 +11,10 @@
 #    CHECK_PARTS=env,sync_debug,pipeline,parity,speed_eager CHECK_BUDGET=360 (less time for the campaign);
 # 2. the study campaign: every row of `coatnet study all` not yet in docs/results (the rows already recorded
 #    travel with the checkout and are skipped), PARALLEL rows at a time on the one GPU, each in its own process,
-#    until TOTAL seconds from the start; each finished row is written at once to $OUT/<study>.json.
+#    until DEVCHECK_SECONDS before TOTAL; each finished row is written at once to $OUT/<study>.json.
 # 3. the long recipe (issue 22 item 6): LONG_VARIANTS of `coatnet train --recipe fashion-mnist-full` as parallel
-#    processes on the one GPU for LONG_SECONDS (default: the time left), each logging every epoch; the per-epoch
+#    processes on the one GPU for LONG_SECONDS (default and at most: the time left but DEVCHECK_SECONDS, which
+#    step 4 keeps: unfinished long runs would otherwise take all of it), each logging every epoch; the per-epoch
 #    val top-1 of each, finished or not, goes to $OUT/long-recipe.json (a screen of which model and schedule to
 #    run on the CPU, where the issue's 2.5 hours hold);
 # 4. with the time left (over 60 s), the device check: C-C-T-T at 1,000 and 4,000 images, three seeds, in exact
@@ -25,12 +26,13 @@ set -u
 cd "$(dirname "$0")/.."
 TOTAL=${TOTAL:-545}          # seconds for everything (the call's limit is 590 s)
 CHECK_BUDGET=${CHECK_BUDGET:-240}
+DEVCHECK_SECONDS=${DEVCHECK_SECONDS:-90}  # kept for step 4
 CHECK_PARTS=${CHECK_PARTS:-env,sync_debug,pipeline,speed_eager}
 PARALLEL=${PARALLEL:-12}
 DEVICE=cuda
 EXTRA=()
 if [ "${1:-}" = "--tiny" ]; then  # the CPU rehearsal: tiny sizes, two rows at a time
-    TOTAL=${TOTAL_TINY:-300} CHECK_BUDGET=120 PARALLEL=2 DEVICE=cpu EXTRA=(--quick)
+    TOTAL=${TOTAL_TINY:-300} CHECK_BUDGET=120 PARALLEL=2 DEVICE=cpu EXTRA=(--quick) DEVCHECK_SECONDS=75
 fi
 START=$(date +%s)
 OUT="${OUT:-$PWD/gpu_session_out}"
@@ -50,11 +52,11 @@ cp "$WORK"/check/gpu_check.json "$WORK"/check/gpu_check.md "$OUT"/ 2>/dev/null
 cat "$WORK"/check/gpu_check.log >>"$LOG" 2>/dev/null
 cat "$OUT/gpu_check.md" 2>/dev/null
 
-# 2. the campaign, until TOTAL: the rows recorded so far are copied in, so that only missing rows run
+# 2. the campaign, until DEVCHECK_SECONDS before TOTAL: the rows recorded so far are copied in, so that only missing rows run
 mkdir -p "$WORK/studies"
 cp docs/results/layouts.json docs/results/attention.json docs/results/norms.json "$WORK/studies/" 2>/dev/null
 [ "$DEVICE" = cpu ] && rm -f "$WORK"/studies/*.json
-LEFT=$((TOTAL - ($(date +%s) - START) - 15))
+LEFT=$((TOTAL - ($(date +%s) - START) - 15 - DEVCHECK_SECONDS))
 echo "campaign: $LEFT s, $PARALLEL rows at a time" | tee -a "$LOG"
 timeout -k 10 $((LEFT + 25)) python3 -m coatnet study all --device "$DEVICE" --parallel "$PARALLEL" --threads 1 \
     --time-limit "$LEFT" --out "$WORK/studies" --no-report "${EXTRA[@]}" "${DATA[@]}" 2>&1 | tee -a "$LOG" | tail -40
@@ -85,7 +87,7 @@ EOF
 # seed 1 on the AMD EPYC; stem64s1 reruns that command on the GPU, a cross-device check of the same seed).
 STEM="--model-arg stem_stride=1 strides=2,2,2,1"
 LONG_VARIANTS=${LONG_VARIANTS:-"mini40s1:--seed 1|stem40s1:$STEM --seed 1|mini80:--epochs 80|stem80:$STEM --epochs 80|stem64s1:$STEM --epochs 64 --seed 1"}
-LEFT=$((TOTAL - ($(date +%s) - START) - 15))
+LEFT=$((TOTAL - ($(date +%s) - START) - 15 - DEVCHECK_SECONDS))
 LONG_SECONDS=${LONG_SECONDS:-$LEFT}
 [ "$LONG_SECONDS" -gt "$LEFT" ] && LONG_SECONDS=$LEFT
 if [ "$LONG_SECONDS" -gt 30 ]; then
