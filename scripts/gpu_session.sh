@@ -52,7 +52,8 @@ cp "$WORK"/check/gpu_check.json "$WORK"/check/gpu_check.md "$OUT"/ 2>/dev/null
 cat "$WORK"/check/gpu_check.log >>"$LOG" 2>/dev/null
 cat "$OUT/gpu_check.md" 2>/dev/null
 
-# 2. the campaign, until DEVCHECK_SECONDS before TOTAL: the rows recorded so far are copied in, so that only missing rows run
+# 2. the campaign, until DEVCHECK_SECONDS before TOTAL: the rows recorded so far are copied in, so that only
+# missing rows run
 mkdir -p "$WORK/studies"
 cp docs/results/layouts.json docs/results/attention.json docs/results/norms.json "$WORK/studies/" 2>/dev/null
 [ "$DEVICE" = cpu ] && rm -f "$WORK"/studies/*.json

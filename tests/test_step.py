@@ -89,14 +89,11 @@ class _Reads(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.count = 0
-        self.kornia_checks = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            if args[0].device.type == "cpu" and _in_kornia_cpu_check():
-                self.kornia_checks += 1
-            else:
-                self.count += 1
+        if func is torch.ops.aten._local_scalar_dense.default and not (
+                args[0].device.type == "cpu" and _in_kornia_cpu_check()):
+            self.count += 1
         return func(*args, **(kwargs or {}))
 
 

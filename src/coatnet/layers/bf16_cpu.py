@@ -30,24 +30,26 @@ from .squeeze_excite import SqueezeExcite
 BF16 = torch.bfloat16
 
 
+_BF16_INSTRUCTIONS = (("_is_avx512_bf16_supported", "AVX512-BF16"), ("_is_amx_tile_supported", "AMX"))
+
+
+def _native_bf16_instructions() -> list[str]:
+    """The bf16 instruction sets torch detects on this CPU (its checks, where this torch has them)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [(getattr(cpu, name, None), label) for name, label in _BF16_INSTRUCTIONS]
+    return [label for check, label in checks if check is not None and check()]
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), as torch detects them."""
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
+    return bool(_native_bf16_instructions())
 
 
 def cpu_features() -> str:
     """This CPU's vector instructions as torch's kernels use them: "AVX2", "AVX512", "AVX512, AVX512-BF16" or
     "AVX512, AVX512-BF16, AMX" (rows and speeds measured on different kinds differ, and a CPU's name does not
     tell them apart: one "AMD EPYC" has AVX512-BF16, another only AVX2)."""
-    cpu = getattr(torch, "cpu", None)
-    features = [torch.backends.cpu.get_cpu_capability()]
-    for name, label in (("_is_avx512_bf16_supported", "AVX512-BF16"), ("_is_amx_tile_supported", "AMX")):
-        check = getattr(cpu, name, None)
-        if check is not None and check():
-            features.append(label)
-    return ", ".join(features)
+    return ", ".join([torch.backends.cpu.get_cpu_capability(), *_native_bf16_instructions()])
 
 
 @functools.cache
