@@ -35,6 +35,8 @@ if [ "${1:-}" = "--tiny" ]; then  # the CPU rehearsal: tiny sizes, two rows at a
     TOTAL=${TOTAL_TINY:-300} CHECK_BUDGET=120 PARALLEL=2 DEVICE=cpu EXTRA=(--quick) DEVCHECK_SECONDS=75
 fi
 START=$(date +%s)
+# seconds left of TOTAL, less the margin and the reserve given (in seconds)
+seconds_left() { echo $((TOTAL - ($(date +%s) - START) - $1 - ${2:-0})); }
 OUT="${OUT:-$PWD/gpu_session_out}"
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -57,7 +59,7 @@ cat "$OUT/gpu_check.md" 2>/dev/null
 mkdir -p "$WORK/studies"
 cp docs/results/layouts.json docs/results/attention.json docs/results/norms.json "$WORK/studies/" 2>/dev/null
 [ "$DEVICE" = cpu ] && rm -f "$WORK"/studies/*.json
-LEFT=$((TOTAL - ($(date +%s) - START) - 15 - DEVCHECK_SECONDS))
+LEFT=$(seconds_left 15 "$DEVCHECK_SECONDS")
 echo "campaign: $LEFT s, $PARALLEL rows at a time" | tee -a "$LOG"
 timeout -k 10 $((LEFT + 25)) python3 -m coatnet study all --device "$DEVICE" --parallel "$PARALLEL" --threads 1 \
     --time-limit "$LEFT" --out "$WORK/studies" --no-report "${EXTRA[@]}" "${DATA[@]}" 2>&1 | tee -a "$LOG" | tail -40
@@ -88,7 +90,7 @@ EOF
 # seed 1 on the AMD EPYC; stem64s1 reruns that command on the GPU, a cross-device check of the same seed).
 STEM="--model-arg stem_stride=1 strides=2,2,2,1"
 LONG_VARIANTS=${LONG_VARIANTS:-"mini40s1:--seed 1|stem40s1:$STEM --seed 1|mini80:--epochs 80|stem80:$STEM --epochs 80|stem64s1:$STEM --epochs 64 --seed 1"}
-LEFT=$((TOTAL - ($(date +%s) - START) - 15 - DEVCHECK_SECONDS))
+LEFT=$(seconds_left 15 "$DEVCHECK_SECONDS")
 LONG_SECONDS=${LONG_SECONDS:-$LEFT}
 [ "$LONG_SECONDS" -gt "$LEFT" ] && LONG_SECONDS=$LEFT
 if [ "$LONG_SECONDS" -gt 30 ]; then
@@ -126,7 +128,7 @@ fi
 
 # 4. the device check, with what is left: C-C-T-T's small cells in exact fp32 (--deterministic: no TF32), to
 # compare with the campaign's TF32 rows and the CPU's (docs/results/device-check.json, layouts.notes.md)
-LEFT=$((TOTAL - ($(date +%s) - START) - 10))
+LEFT=$(seconds_left 10)
 if [ "$LEFT" -gt 60 ]; then
     sizes=(1000 4000); [ "$DEVICE" = cpu ] && sizes=(64)
     echo "device check: $LEFT s" | tee -a "$LOG"

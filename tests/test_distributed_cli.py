@@ -116,17 +116,23 @@ def test_fsdp_trains_the_same_weights_and_its_checkpoint_resumes_unsharded(runs)
 def test_bf16_processes_agree_in_their_scores(tmp_path):
     """The same runs in bf16 (what `auto` takes on a CPU with fast bf16, forced here on every CPU; emulated where
     the CPU lacks bf16 instructions): one process against two. bf16 rounds every product to 8 significant bits,
-    so weights that the summation order alone moves are not comparable (0.8 relative in a BatchNorm bias,
-    measured on an AVX512-BF16 EPYC), but the losses are: measured within 0.6% of each other per epoch, held to
-    2%. Top-1 on 40 images moves in steps of 2.5 points and is not compared."""
+    so a change of summation order alone moves the trajectory: weights are not comparable (0.8 relative in a
+    BatchNorm bias, measured on an AVX512-BF16 EPYC) and the losses drift by an amount that depends on the CPU
+    (one process against two: 0.6% on that EPYC, 2.4% in the second epoch's val loss with emulated bf16 on an
+    AVX512 Xeon, where one process with 2 threads against 1 thread moved it 1.5%; fp32 runs agree to 1e-5).
+    So the yardstick is measured here: the same one-process run with 2 threads instead of 1, where only the
+    summation order changes. The two-process run must lie within 3x that spread (at least 1% of the loss) of the
+    one-process run. Top-1 on 40 images moves in steps of 2.5 points and is not compared."""
     bf16 = [*ARGS, "--precision", "bf16"]  # the last value wins
     coatnet(*bf16, "--out", str(tmp_path / "one"), "--threads", "1")
+    coatnet(*bf16, "--out", str(tmp_path / "one_t2"), "--threads", "2")
     coatnet(*bf16, "--out", str(tmp_path / "two"), nproc=2)
-    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-                for run in ("one", "two"))
-    assert len(one) == len(two) == 2
-    for a, b in zip(one, two):
+    one, one_t2, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                        for run in ("one", "one_t2", "two"))
+    assert len(one) == len(one_t2) == len(two) == 2
+    for a, t, b in zip(one, one_t2, two):
         for k in ("train_loss", "val_loss"):
-            assert b[k] == pytest.approx(a[k], rel=0.02), k
-    for run in ("one", "two"):
+            spread = max(abs(t[k] - a[k]), 0.01 * a[k])
+            assert abs(b[k] - a[k]) <= 3 * spread, (k, a[k], t[k], b[k])
+    for run in ("one", "one_t2", "two"):
         assert json.loads((tmp_path / run / "config.json").read_text())["precision"] == "bf16"
