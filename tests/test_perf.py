@@ -135,6 +135,29 @@ def test_flops_of_a_linear_layer_forward_and_training_step():
     assert count_step_flops(layer, x, train=True) == 2 * 2 * 5 * 64 * 32
 
 
+@pytest.mark.parametrize("groups", [1, 8])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_grouped_convolutions_weight_gradient_costs_what_its_forward_does(groups, transposed):
+    # torch's own formula counted a depthwise convolution's weight gradient as a dense one's (groups times
+    # too many): coatnet_mini's training step came to 10.3x its forward instead of 3x.
+    conv = (torch.nn.ConvTranspose2d(8, 16, 3, stride=2, groups=groups) if transposed
+            else torch.nn.Conv2d(8, 16, 3, padding=1, groups=groups))
+    x = torch.randn(2, 8, 6, 6)
+    forward = count_step_flops(conv, x, train=False)
+    # 2 FLOPs x batch 2 x 6x6 positions (the input's, for the transposed one) x 3x3 taps x 16 x 8 / groups channel pairs
+    assert forward == 2 * 2 * 6 * 6 * 9 * 16 * 8 // groups
+    # the input needs no gradient: forward + the weight gradient, which costs what the forward does
+    assert count_step_flops(conv, x, train=True) == 2 * forward
+
+
+def test_a_coatnet_training_step_counts_three_forwards():
+    model = coatnet.create_model("coatnet_mini")
+    x = torch.randn(1, model.in_chans, 32, 32)
+    forward, training = count_step_flops(model, x, train=False), count_step_flops(model, x, train=True)
+    # forward, input gradients and weight gradients, less the stem's input gradient (the image needs none)
+    assert 2.9 * forward < training <= 3 * forward
+
+
 def test_time_interleaved_alternates_the_steps():
     calls = []
     steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
