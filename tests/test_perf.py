@@ -144,7 +144,7 @@ def test_a_grouped_convolutions_weight_gradient_costs_what_its_forward_does(grou
             else torch.nn.Conv2d(8, 16, 3, padding=1, groups=groups))
     x = torch.randn(2, 8, 6, 6)
     forward = count_step_flops(conv, x, train=False)
-    # 2 FLOPs x batch 2 x 6x6 positions (the input's, for the transposed one) x 3x3 taps x 16 x 8 / groups channel pairs
+    # 2 FLOPs x batch 2 x 6x6 positions (the input's, for the transposed one) x 3x3 taps x 16 x 8 / groups pairs
     assert forward == 2 * 2 * 6 * 6 * 9 * 16 * 8 // groups
     # the input needs no gradient: forward + the weight gradient, which costs what the forward does
     assert count_step_flops(conv, x, train=True) == 2 * forward
