@@ -207,6 +207,24 @@ def test_bench_cli_prints_json(capsys):
     assert all(d["ours"]["images_per_s"] > 0 and d["settings"]["threads"] == 1 for d in lines)
 
 
+def test_bench_model_args_change_the_model_it_times(capsys):
+    # the Fashion-MNIST recipe's full-resolution stem, as `coatnet train --model-arg` builds it
+    args = ["bench", "--model", "coatnet_mini", "--img-size", "32", "--repeats", "1", "--warmup", "0", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(args + ["--model-arg", "stem_stride=1", "strides=2,2,2,1", "--model-arg", "num_classes=10"]) == 0
+    stem = json.loads(capsys.readouterr().out)
+    assert stem["settings"]["overrides"] == {"stem_stride": 1, "strides": [2, 2, 2, 1], "num_classes": 10}
+    # S0 at 32x32 instead of 16x16 (63.6M against 46.1M multiply-adds with 3 channels and 1,000 classes)
+    assert stem["ours"]["macs_per_image"] > 1.3 * plain["ours"]["macs_per_image"]
+    # one setting, one flag: the stride's place and the input size have their own
+    assert main(["bench", "--model", "coatnet_mini", "--downsample", "dwconv", "--model-arg",
+                 "mbconv.downsample=conv1x1"]) == 1
+    assert "mbconv.downsample is set by --downsample" in capsys.readouterr().err
+    assert main(["bench", "--model", "coatnet_mini", "--model-arg", "stem_stride"]) == 1
+    assert "is not KEY=VALUE" in capsys.readouterr().err
+
+
 def test_bench_input_pipeline_times_a_jpeg_folder_and_shards_per_worker(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as where timm is not installed: its side is skipped, said why
     assert main(["bench", "--input-pipeline", "--images", "8", "--img-size", "32", "--batch", "2", "--workers", "1",

@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--downsample", choices=("conv1x1", "dwconv"), default=None,
                    help="where MBConv's stride sits (dwconv: timm's paper-style coatnet_N_224; default: the model's)")
+    p.add_argument("--model-arg", nargs="+", action="extend", default=None, metavar="KEY=VALUE",
+                   help="set fields of the model's config, as `coatnet train --model-arg` does (e.g. stem_stride=1 "
+                        "strides=2,2,2,1; the flag may repeat; default: none)")
     p.add_argument("--compare-timm", action="store_true", help="time timm's matching model interleaved (needs timm)")
     p.add_argument("--timm-model", default=None, help="the timm model to compare with (default: the matching one)")
     p.add_argument("--reuse-memory", action="store_true",
@@ -100,18 +103,21 @@ def run_input_pipeline_bench(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     from ..bench import benchmark
+    from ..train.config import parse_model_args
 
     if args.input_pipeline:
         return run_input_pipeline_bench(args)
     if not args.model:
         raise ValueError("coatnet bench needs --model (or --input-pipeline)")
+    overrides = {"downsample": args.downsample,
+                 **parse_model_args(tuple(args.model_arg or ()), {"img_size": "--img-size", "downsample": "--downsample"})}
     for batch in args.batch or [8]:
         if batch < 1:
             raise ValueError(f"--batch {batch} must be at least 1")
         result = benchmark(args.model, batch=batch, img_size=args.img_size, precision=args.precision,
                            train=args.train, compile=args.compile, channels_last=args.channels_last,
                            threads=args.threads, device=args.device, compare_timm=args.compare_timm,
-                           timm_name=args.timm_model, overrides={"downsample": args.downsample},
+                           timm_name=args.timm_model, overrides=overrides,
                            warmup=args.warmup, repeats=args.repeats,
                            reuse_memory=args.reuse_memory)
         if args.json:

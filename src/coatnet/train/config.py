@@ -37,12 +37,13 @@ _MODEL_ARGS_SET_ELSEWHERE = {"num_classes": "the data's class count", "in_chans"
                              "img_size": "--img-size", "drop_path_rate": "--drop-path", "layout": "--layout"}
 
 
-def parse_model_args(model_args: tuple[str, ...]) -> dict[str, Any]:
+def parse_model_args(model_args: tuple[str, ...], set_elsewhere: dict[str, str] | None = None) -> dict[str, Any]:
     """("stem_stride=1", "strides=2,2,2,1", "transformer.norm=layernorm") -> {"stem_stride": 1, "strides":
     (2, 2, 2, 1), "transformer.norm": "layernorm"}: each value a Python literal (lists become tuples), else the
     string itself. ValueError, naming the word, for a word without KEY=, a key given twice, or a field that
-    another setting decides. Whether the keys are fields of the model's config is checked with the registry
-    (engine.check_model)."""
+    another setting decides (`set_elsewhere`: field -> that setting; default: training's). Whether the keys are
+    fields of the model's config is checked with the registry (engine.check_model)."""
+    set_elsewhere = _MODEL_ARGS_SET_ELSEWHERE if set_elsewhere is None else set_elsewhere
     out: dict[str, Any] = {}
     for word in model_args:
         key, eq, text = word.partition("=")
@@ -50,8 +51,8 @@ def parse_model_args(model_args: tuple[str, ...]) -> dict[str, Any]:
         if not eq or not key or not all(part.isidentifier() for part in key.split(".")):
             raise ValueError(f"model_args: {word!r} is not KEY=VALUE (e.g. stem_stride=1)")
         field = key.rpartition(".")[2]
-        if field in _MODEL_ARGS_SET_ELSEWHERE:
-            raise ValueError(f"model_args: {key} is set by {_MODEL_ARGS_SET_ELSEWHERE[field]}, not --model-arg")
+        if field in set_elsewhere:
+            raise ValueError(f"model_args: {key} is set by {set_elsewhere[field]}, not --model-arg")
         if key in out:
             raise ValueError(f"model_args: {key} is given twice")
         try:
