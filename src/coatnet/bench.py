@@ -16,7 +16,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -25,6 +24,7 @@ from .export import onnx_session
 from .layers import bf16_cpu
 from .layers.bf16_cpu import cpu_has_native_bf16
 from .models import create_model, inference_model
+from .models.flops import conv_backward_flops
 from .train.runtime import autocast, resolve_device
 from .utils import reuse_freed_memory
 
@@ -132,35 +132,14 @@ def peak_memory_bytes(step: Callable[[], None], device: torch.device) -> int:
     return tracker.peak
 
 
-def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                         _output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
-    """FLOPs of aten.convolution_backward. torch's own formula (torch 2.13) ignores `groups` in the weight
-    gradient and counts it as a dense convolution's: `groups` times too many, 192x for a depthwise convolution
-    over 192 channels, which made coatnet_mini's training step count 3.4x its true FLOPs. Each output channel's
-    weight gradient sums over its group's input channels only, as the forward and the input gradient do."""
-    flops = 0
-    if output_mask[0]:  # the input gradient: a transposed convolution of grad_out with the weight
-        flops += flop_counter.conv_flop_count(grad_out_shape, w_shape, x_shape, not transposed)
-    if output_mask[1]:  # the weight gradient: per group, a convolution of the input with grad_out
-        count = (flop_counter.conv_flop_count(_swap01(grad_out_shape), _swap01(x_shape), _swap01(w_shape))
-                 if transposed else
-                 flop_counter.conv_flop_count(_swap01(x_shape), _swap01(grad_out_shape), _swap01(w_shape)))
-        flops += count // groups
-    return flops
-
-
-def _swap01(shape) -> list[int]:
-    return [shape[1], shape[0], *shape[2:]]
-
-
 def count_step_flops(model: nn.Module, batch: torch.Tensor, train: bool) -> int:
     """Floating-point operations (2 per multiply-add) of one inference forward, or of one training step's
     forward and backward, counted by torch's FlopCounterMode on `batch` (with grouped convolutions' weight
-    gradients counted per group: see _conv_backward_flops)."""
+    gradients counted per group: see models.flops.conv_backward_flops)."""
     was_training = model.training
     model.train(train)
     with FlopCounterMode(display=False,
-                         custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops}) as counter:
+                         custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}) as counter:
         if train:
             model(batch).float().logsumexp(1).sum().backward()
             model.zero_grad(set_to_none=True)

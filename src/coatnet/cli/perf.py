@@ -109,8 +109,8 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_input_pipeline_bench(args)
     if not args.model:
         raise ValueError("coatnet bench needs --model (or --input-pipeline)")
-    overrides = {"downsample": args.downsample,
-                 **parse_model_args(tuple(args.model_arg or ()), {"img_size": "--img-size", "downsample": "--downsample"})}
+    set_by_flags = {"img_size": "--img-size", "downsample": "--downsample"}
+    overrides = {"downsample": args.downsample, **parse_model_args(tuple(args.model_arg or ()), set_by_flags)}
     for batch in args.batch or [8]:
         if batch < 1:
             raise ValueError(f"--batch {batch} must be at least 1")

@@ -41,6 +41,29 @@ for _op, _formula in ((torch.ops.aten._scaled_dot_product_flash_attention_for_cp
         flop_counter.register_flop_formula(_op)(_formula)
 
 
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
+    """FLOPs of aten.convolution_backward. torch's own formula (torch 2.13) ignores `groups` in the weight
+    gradient and counts it as a dense convolution's: `groups` times too many, 192x for a depthwise convolution
+    over 192 channels, which made coatnet_mini's training step count 3.4x its true FLOPs. Each output channel's
+    weight gradient sums over its group's input channels only, as the forward and the input gradient do. Given to
+    FlopCounterMode as a custom_mapping (bench.count_step_flops), not registered like the attention formulas above:
+    torch has a formula for this op, and replacing it would change every counter in the caller's process."""
+    flops = 0
+    if output_mask[0]:  # the input gradient: a transposed convolution of grad_out with the weight
+        flops += flop_counter.conv_flop_count(grad_out_shape, w_shape, x_shape, not transposed)
+    if output_mask[1]:  # the weight gradient: per group, a convolution of the input with grad_out
+        count = (flop_counter.conv_flop_count(_swap01(grad_out_shape), _swap01(x_shape), _swap01(w_shape))
+                 if transposed else
+                 flop_counter.conv_flop_count(_swap01(x_shape), _swap01(grad_out_shape), _swap01(w_shape)))
+        flops += count // groups
+    return flops
+
+
+def _swap01(shape) -> list[int]:
+    return [shape[1], shape[0], *shape[2:]]
+
+
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
